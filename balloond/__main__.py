@@ -1,0 +1,5 @@
+import sys
+
+from .services.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The balloon device: what the daemon does with what the guest puts on its queues."""

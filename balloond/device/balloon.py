@@ -1,0 +1,458 @@
+"""BalloonDevice: the virtio-balloon device model behind one connection.
+
+Fed by the engine through the `VirtioDevice` seam: it maps queue indices to
+roles from the negotiated features, turns buffers into tracker updates and
+discards, keeps the config space, and answers stats requests on a timer.
+
+Per-queue handling (each pass takes every chain the guest has made available,
+does the work once for the whole batch, then returns the buffers):
+  inflate    PFNs enter the tracker; those newly ballooned are discarded
+  deflate    PFNs leave the tracker (nothing to do on the host: the memory
+             comes back on the guest's next touch)
+  stats      the buffer is read and held; returning it is how the device
+             asks for the next sample, every `stats_interval` seconds
+  reporting  free ranges are discarded, unless the guest poisons free pages
+             with a non-zero value (it expects that pattern back)
+  migrate    balloond's extension: membership moves old → new in one step
+
+Buffers are returned only after their discards completed: that is the whole
+of the ordering rule between discards and deflates (see releaser.py).
+
+Driver reset: QEMU does not tell a vhost-user backend that the guest reset
+its device, but a reset driver starts its inflate queue from avail index 0,
+while a paused-and-resumed one resumes where it was. An inflate queue that
+starts at 0 therefore means a new driver, whose balloon is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from protocol import balloon as vb
+from protocol import extension as ext
+from protocol.balloon import BalloonConfig, Feature, QueueRole
+from protocol.errors import GuestError, ProtocolError
+from protocol.virtqueue import Chain, walk_chain
+
+from ..engine.device_api import DeviceHost
+from ..engine.memory import GuestMemory
+from ..engine.vring import Vring
+from ..logs import RateLimited
+from .releaser import MemoryReleaser, ReleasableRegion
+from .tracker import PfnTracker
+
+#: Largest inflate/deflate/stats/migrate buffer read (Linux uses 1 KiB).
+MAX_BUFFER_BYTES = 64 * 1024
+
+BASE_FEATURES = (
+    (1 << Feature.VERSION_1)
+    | (1 << Feature.RING_INDIRECT_DESC)
+    | (1 << Feature.RING_EVENT_IDX)
+    | (1 << Feature.MUST_TELL_HOST)
+    | (1 << Feature.STATS_VQ)
+    | (1 << Feature.DEFLATE_ON_OOM)
+    | (1 << Feature.PAGE_POISON)
+    | (1 << Feature.REPORTING)
+)
+
+
+@dataclass
+class DeviceSettings:
+    stats_interval: float = 5.0
+    deflate_on_oom: bool = True
+    free_page_reporting: bool = True
+    migrate_extension: bool = True
+
+    def features(self) -> int:
+        features = BASE_FEATURES
+        if not self.deflate_on_oom:
+            features &= ~(1 << Feature.DEFLATE_ON_OOM)
+        if not self.free_page_reporting:
+            features &= ~(1 << Feature.REPORTING)
+        if self.migrate_extension:
+            features |= 1 << Feature.BALLOOND_MIGRATE_VQ
+        return features
+
+
+@dataclass
+class DeviceCounters:
+    inflate_buffers: int = 0
+    deflate_buffers: int = 0
+    stats_buffers: int = 0
+    report_buffers: int = 0
+    migrate_buffers: int = 0
+    guest_errors: int = 0
+    balloon_freed_bytes: int = 0  # measured drop of allocated size from balloon discards
+    reported_freed_bytes: int = 0  # same, from free page reporting
+    reported_bytes: int = 0  # bytes the guest reported free
+    reports_skipped_poison: int = 0
+    discard_errors: int = 0
+    driver_resets: int = 0
+    config_changes_sent: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StatsSample:
+    values: dict[str, int] = field(default_factory=dict)
+    updated_at: float | None = None  # wall-clock time of the last sample
+
+
+class BalloonDevice:
+    def __init__(self, settings: DeviceSettings | None = None, *, target_pages: int = 0, log: Any = None) -> None:
+        self.settings = settings or DeviceSettings()
+        self.features = self.settings.features()
+        self.log = log or structlog.get_logger()
+        self.limited = RateLimited(self.log)
+        self.config = BalloonConfig(num_pages=target_pages)
+        self.acked = 0
+        self.roles: dict[int, QueueRole] = {}
+        self.memory: GuestMemory | None = None
+        self.tracker = PfnTracker()
+        self.releaser = MemoryReleaser([])
+        self.counters = DeviceCounters()
+        self.stats = StatsSample()
+        self.host: DeviceHost | None = None
+        self.running = False
+        self._config_dirty = False
+        self._stats_held: tuple[Vring, int] | None = None
+        self._stats_timer: asyncio.TimerHandle | None = None
+        self.connected_at = time.time()
+
+    # ================================================================ seam
+
+    def attach(self, host: DeviceHost) -> None:
+        self.host = host
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.config.read(offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        changed = self.config.driver_write(offset, data)
+        if "actual" in changed:
+            self.log.debug("guest reports balloon size", actual_pages=self.config.actual)
+        if "poison_val" in changed:
+            self.log.info("guest poison value", poison_val=hex(self.config.poison_val))
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+        self.roles = dict(enumerate(vb.queue_roles(features)))
+        self.log.info("balloon queues", roles={i: r.value for i, r in self.roles.items()})
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        dropped = self.tracker.resize(memory.ram_ranges())
+        if dropped:
+            self.log.warning("ballooned frames left guest RAM with a memory change", frames=len(dropped))
+        self.releaser = MemoryReleaser(
+            [
+                ReleasableRegion(r.gpa, r.size, r.fd, r.file_offset, r.mapping, r.file_offset)
+                for r in memory.regions
+            ]
+        )
+        # Rebuild huge-page fill counts from the tracker for the new regions.
+        for region in self.releaser.regions:
+            if region.huge_fill is not None:
+                for i in range(len(region.huge_fill)):
+                    first = region.first_pfn + i * region.frames_per_page
+                    region.huge_fill[i] = self.tracker.count_in(first, region.frames_per_page)
+
+    def queue_started(self, vring: Vring) -> None:
+        role = self.roles.get(vring.index)
+        if role is QueueRole.INFLATE and vring.base == 0 and len(self.tracker):
+            held = self.tracker.clear()
+            self._reset_huge_fill()
+            self.counters.driver_resets += 1
+            self.log.info("driver restarted its inflate queue: balloon emptied", frames=held)
+        self.queue_kicked(vring)
+
+    def queue_kicked(self, vring: Vring) -> None:
+        role = self.roles.get(vring.index)
+        if role is None or vring.queue is None or self.memory is None:
+            return
+        handler = {
+            QueueRole.INFLATE: self._inflate,
+            QueueRole.DEFLATE: self._deflate,
+            QueueRole.STATS: self._stats,
+            QueueRole.REPORTING: self._report,
+            QueueRole.MIGRATE: self._migrate,
+        }.get(role)
+        if handler is None:
+            self._drain_unused(vring)
+            return
+        chains = self._pop_all(vring)
+        if chains:
+            handler(vring, chains)
+            vring.queue.set_avail_event()
+            vring.notify()
+
+    def queue_stopped(self, vring: Vring) -> int:
+        if self._stats_held is not None and self._stats_held[0] is vring:
+            self._stats_held = None
+            return 1
+        return 0
+
+    def started(self) -> None:
+        self.running = True
+        self._arm_stats_timer()
+        if self._config_dirty:
+            self._send_config_change()
+
+    def stopped(self) -> None:
+        self.running = False
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+
+    def disconnected(self) -> None:
+        self.stopped()
+        self._stats_held = None
+        self.memory = None
+        self.releaser = MemoryReleaser([])
+
+    # ============================================================= control
+
+    @property
+    def target_pages(self) -> int:
+        return self.config.num_pages
+
+    def set_target(self, pages: int) -> None:
+        """Ask the guest for a balloon of `pages` 4 KiB frames."""
+        if pages == self.config.num_pages:
+            return
+        self.config.num_pages = pages
+        self._send_config_change()
+
+    def set_stats_interval(self, seconds: float) -> None:
+        self.settings.stats_interval = seconds
+        if self.running:
+            self._arm_stats_timer()
+
+    def _send_config_change(self) -> None:
+        if self.host is not None and self.host.config_changed():
+            self._config_dirty = False
+            self.counters.config_changes_sent += 1
+        else:
+            # Told at the next start; before the first start the driver
+            # reads num_pages at probe anyway.
+            self._config_dirty = True
+
+    # =========================================================== the queues
+
+    def _pop_all(self, vring: Vring) -> list[Chain]:
+        q, memory = vring.queue, self.memory
+        assert q is not None and memory is not None
+        chains = []
+        while True:
+            try:
+                head = q.pop_head()
+            except GuestError as exc:
+                # The avail index itself is nonsense: nothing on this ring can
+                # be trusted until the driver resets it.
+                self._guest_error(vring, exc)
+                break
+            if head is None:
+                break
+            try:
+                chain = walk_chain(q.desc, q.num, head, memory, q.indirect)
+            except GuestError as exc:
+                self._guest_error(vring, exc)
+                if head < q.num:
+                    q.push(head, 0)  # returned empty, so the driver does not leak it
+                continue
+            chains.append(chain)
+            vring.counters.chains += 1
+        return chains
+
+    def _guest_error(self, vring: Vring, exc: ProtocolError) -> None:
+        self.counters.guest_errors += 1
+        vring.counters.guest_errors += 1
+        role = self.roles.get(vring.index)
+        self.limited.warning("bad buffer from guest", queue=role.value if role else vring.index, reason=str(exc))
+
+    def _read(self, vring: Vring, chain: Chain) -> bytes | None:
+        assert self.memory is not None
+        try:
+            return chain.read_bytes(self.memory, MAX_BUFFER_BYTES)
+        except ProtocolError as exc:
+            self._guest_error(vring, exc)
+            return None
+
+    def _pfns_of(self, vring: Vring, chains: list[Chain]) -> list[int]:
+        pfns: list[int] = []
+        for chain in chains:
+            data = self._read(vring, chain)
+            if data is None:
+                continue
+            try:
+                pfns.extend(vb.decode_pfns(data))
+            except GuestError as exc:
+                self._guest_error(vring, exc)
+        return pfns
+
+    def _return(self, vring: Vring, chains: list[Chain]) -> None:
+        assert vring.queue is not None
+        for chain in chains:
+            vring.queue.push(chain.head, 0)
+
+    def _inflate(self, vring: Vring, chains: list[Chain]) -> None:
+        self.counters.inflate_buffers += len(chains)
+        pfns = self._pfns_of(vring, chains)
+        before = self.tracker.counters.invalid_pfn, self.tracker.counters.double_inflate
+        added = self.tracker.inflate(pfns)
+        self._report_refusals(before, "inflate")
+        self._release(added)
+        self._return(vring, chains)
+
+    def _deflate(self, vring: Vring, chains: list[Chain]) -> None:
+        self.counters.deflate_buffers += len(chains)
+        pfns = self._pfns_of(vring, chains)
+        before = self.tracker.counters.invalid_pfn, self.tracker.counters.stray_deflate
+        removed = self.tracker.deflate(pfns)
+        self._report_refusals(before, "deflate")
+        self.releaser.frames_returned(removed)
+        self._return(vring, chains)
+
+    def _report_refusals(self, before: tuple[int, int], op: str) -> None:
+        c = self.tracker.counters
+        invalid = c.invalid_pfn - before[0]
+        repeated = (c.double_inflate if op == "inflate" else c.stray_deflate) - before[1]
+        if invalid:
+            self.limited.warning(f"{op}: frames outside guest RAM ignored", frames=invalid)
+        if repeated:
+            what = "already ballooned" if op == "inflate" else "not in the balloon"
+            self.limited.warning(f"{op}: frames {what} ignored", frames=repeated)
+
+    def _release(self, pfns: list[int]) -> None:
+        if not pfns:
+            return
+        result = self.releaser.release_frames(pfns)
+        self.counters.balloon_freed_bytes += result.freed_bytes
+        if result.errors:
+            self.counters.discard_errors += result.errors
+            self.limited.warning("discard failed", error=self.releaser.last_error)
+
+    def _migrate(self, vring: Vring, chains: list[Chain]) -> None:
+        self.counters.migrate_buffers += len(chains)
+        entered: list[int] = []
+        left: list[int] = []
+        for chain in chains:
+            data = self._read(vring, chain)
+            if data is None:
+                continue
+            try:
+                records = ext.decode_migrations(data)
+            except GuestError as exc:
+                self._guest_error(vring, exc)
+                continue
+            for record in records:
+                if self.tracker.migrate(record.old_pfn, record.new_pfn):
+                    entered.append(record.new_pfn)
+                    left.append(record.old_pfn)
+                else:
+                    self.limited.warning("migration refused", old_pfn=record.old_pfn, new_pfn=record.new_pfn)
+        self.releaser.frames_returned(left)
+        self._release(entered)
+        self._return(vring, chains)
+
+    def _report(self, vring: Vring, chains: list[Chain]) -> None:
+        self.counters.report_buffers += len(chains)
+        poisoned = vb.has(self.acked, Feature.PAGE_POISON) and self.config.poison_val != 0
+        for chain in chains:
+            for seg in chain.segments:
+                self.counters.reported_bytes += seg.length
+                if poisoned:
+                    self.counters.reports_skipped_poison += 1
+                    continue
+                try:
+                    assert self.memory is not None
+                    self.memory.view(seg.addr, seg.length)  # bounds check
+                except ProtocolError as exc:
+                    self._guest_error(vring, exc)
+                    continue
+                result = self.releaser.release_free_range(seg.addr, seg.length)
+                self.counters.reported_freed_bytes += result.freed_bytes
+                self.counters.discard_errors += result.errors
+        self._return(vring, chains)
+
+    def _stats(self, vring: Vring, chains: list[Chain]) -> None:
+        assert vring.queue is not None
+        for chain in chains:
+            self.counters.stats_buffers += 1
+            data = self._read(vring, chain)
+            if data is not None:
+                try:
+                    values = vb.decode_stats(data)
+                except GuestError as exc:
+                    self._guest_error(vring, exc)
+                else:
+                    self.stats = StatsSample(values, time.time())
+            if self._stats_held is not None:
+                # The driver keeps one buffer in flight; hand back an older one.
+                vring.queue.push(self._stats_held[1], 0)
+            self._stats_held = (vring, chain.head)
+
+    def _request_stats(self) -> None:
+        self._stats_timer = None
+        held = self._stats_held
+        if held is not None and self.running:
+            vring, head = held
+            if vring.queue is not None:
+                self._stats_held = None
+                vring.queue.push(head, 0)
+                vring.queue.set_avail_event()
+                vring.notify()
+        self._arm_stats_timer()
+
+    def _arm_stats_timer(self) -> None:
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        if not self.running or self.settings.stats_interval <= 0 or not vb.has(self.acked, Feature.STATS_VQ):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._stats_timer = loop.call_later(self.settings.stats_interval, self._request_stats)
+
+    def _drain_unused(self, vring: Vring) -> None:
+        """Buffers on a queue we do not implement (free page hints) go back unused."""
+        chains = self._pop_all(vring)
+        if chains:
+            self._return(vring, chains)
+            assert vring.queue is not None
+            vring.queue.set_avail_event()
+            vring.notify()
+
+    def _reset_huge_fill(self) -> None:
+        for region in self.releaser.regions:
+            if region.huge_fill is not None:
+                region.huge_fill = [0] * len(region.huge_fill)
+
+    # ============================================================ reporting
+
+    def snapshot(self) -> dict[str, Any]:
+        memory = self.memory
+        return {
+            "features": vb.feature_names(self.acked),
+            "guest_ram_bytes": memory.total_bytes if memory else 0,
+            "target_bytes": self.config.num_pages * vb.PAGE_SIZE,
+            "actual_bytes": self.config.actual * vb.PAGE_SIZE,
+            "ballooned_bytes": len(self.tracker) * vb.PAGE_SIZE,
+            "host_freed_bytes": self.counters.balloon_freed_bytes,
+            "reported_freed_bytes": self.counters.reported_freed_bytes,
+            "resident_bytes": self.releaser.allocated_bytes() if memory else 0,
+            "stats": dict(self.stats.values),
+            "stats_updated_at": self.stats.updated_at,
+            "migrations": self.tracker.counters.migrations,
+            "running": self.running,
+            "counters": {**self.counters.as_dict(), **self.tracker.counters.as_dict()},
+        }

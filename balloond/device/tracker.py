@@ -1,0 +1,235 @@
+"""PfnTracker: exactly which guest page frames are in the balloon right now.
+
+One bit per 4 KiB frame of guest RAM (32 KiB per GiB, the bound the design
+asks for), kept per RAM range so holes in the guest-physical map (the VGA hole
+below 1 MiB, the PCI hole below 4 GiB) cost nothing. Every update is O(1).
+
+The tracker is the authority on what may be discarded: the device asks it
+which frames of an inflate are newly ballooned, and discards only those. A
+frame outside guest RAM, an inflate of a frame already in the balloon and a
+deflate of a frame not in it are refused and counted; the caller logs them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrackerCounters:
+    inflated: int = 0  # frames that entered the balloon
+    deflated: int = 0  # frames that left it
+    migrations: int = 0  # frames whose membership moved (either detection path)
+    invalid_pfn: int = 0  # outside guest RAM
+    double_inflate: int = 0  # inflate of a frame already ballooned
+    stray_deflate: int = 0  # deflate of a frame not ballooned
+    bad_migration: int = 0  # migration whose old/new frames did not fit
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Range:
+    first: int
+    count: int
+    bits: bytearray = field(repr=False)
+
+
+class PfnTracker:
+    """The set of ballooned frames over the guest's RAM ranges."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        """`ranges`: (first_pfn, page_count) of guest RAM, non-overlapping."""
+        self._ranges: list[_Range] = []
+        self._firsts: list[int] = []
+        self.count = 0
+        self.counters = TrackerCounters()
+        # Stock-driver migration detection: a 1-frame inflate immediately
+        # followed by a 1-frame deflate is how Linux reports a compaction move.
+        self._single_inflate: int | None = None
+        self.resize(ranges)
+
+    # ----------------------------------------------------------- layout
+
+    def resize(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """Adopt a new RAM layout, keeping the bits of frames still in RAM.
+
+        Returns the ballooned frames that fell outside the new layout (they
+        are dropped from the balloon).
+        """
+        old = self._ranges
+        new = [_Range(first, count, bytearray((count + 7) // 8)) for first, count in sorted(ranges) if count > 0]
+        for a, b in zip(new, new[1:]):
+            if a.first + a.count > b.first:
+                raise ValueError("guest RAM ranges overlap")
+        self._ranges = new
+        self._firsts = [r.first for r in new]
+        self.count = 0
+        dropped = []
+        for r in old:
+            for pfn in _iter_bits(r):
+                if self._locate(pfn) is not None:
+                    self._set(pfn)
+                else:
+                    dropped.append(pfn)
+        return dropped
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(r.first, r.count) for r in self._ranges]
+
+    @property
+    def ram_pages(self) -> int:
+        return sum(r.count for r in self._ranges)
+
+    def bitmap_bytes(self) -> int:
+        return sum(len(r.bits) for r in self._ranges)
+
+    def _locate(self, pfn: int) -> tuple[_Range, int] | None:
+        i = bisect.bisect_right(self._firsts, pfn) - 1
+        if i < 0:
+            return None
+        r = self._ranges[i]
+        off = pfn - r.first
+        if off >= r.count:
+            return None
+        return r, off
+
+    def _set(self, pfn: int) -> None:
+        r, off = self._locate(pfn)  # type: ignore[misc]
+        r.bits[off >> 3] |= 1 << (off & 7)
+        self.count += 1
+
+    # ----------------------------------------------------------- queries
+
+    def in_ram(self, pfn: int) -> bool:
+        return self._locate(pfn) is not None
+
+    def __contains__(self, pfn: int) -> bool:
+        hit = self._locate(pfn)
+        if hit is None:
+            return False
+        r, off = hit
+        return bool(r.bits[off >> 3] & (1 << (off & 7)))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        for r in self._ranges:
+            yield from _iter_bits(r)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The ballooned frames as (first_pfn, count) runs, ascending."""
+        out: list[tuple[int, int]] = []
+        for pfn in self:
+            if out and out[-1][0] + out[-1][1] == pfn:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((pfn, 1))
+        return out
+
+    def count_in(self, first: int, count: int) -> int:
+        """How many frames of [first, first+count) are ballooned."""
+        n = 0
+        for pfn in range(first, first + count):
+            if pfn in self:
+                n += 1
+        return n
+
+    # ----------------------------------------------------------- updates
+
+    def inflate(self, pfns: Iterable[int]) -> list[int]:
+        """Add frames; return those newly ballooned (the ones to discard)."""
+        added = []
+        pfns = list(pfns)
+        for pfn in pfns:
+            hit = self._locate(pfn)
+            if hit is None:
+                self.counters.invalid_pfn += 1
+                continue
+            r, off = hit
+            byte, bit = off >> 3, 1 << (off & 7)
+            if r.bits[byte] & bit:
+                self.counters.double_inflate += 1
+                continue
+            r.bits[byte] |= bit
+            added.append(pfn)
+        self.count += len(added)
+        self.counters.inflated += len(added)
+        self._single_inflate = added[0] if len(pfns) == 1 and len(added) == 1 else None
+        return added
+
+    def deflate(self, pfns: Iterable[int]) -> list[int]:
+        """Remove frames; return those that were ballooned."""
+        removed = []
+        pfns = list(pfns)
+        for pfn in pfns:
+            hit = self._locate(pfn)
+            if hit is None:
+                self.counters.invalid_pfn += 1
+                continue
+            r, off = hit
+            byte, bit = off >> 3, 1 << (off & 7)
+            if not r.bits[byte] & bit:
+                self.counters.stray_deflate += 1
+                continue
+            r.bits[byte] &= ~bit & 0xFF
+            removed.append(pfn)
+        self.count -= len(removed)
+        self.counters.deflated += len(removed)
+        if self._single_inflate is not None and len(pfns) == 1 and len(removed) == 1:
+            self.counters.migrations += 1
+        self._single_inflate = None
+        return removed
+
+    def migrate(self, old_pfn: int, new_pfn: int) -> bool:
+        """Move membership from old_pfn to new_pfn atomically.
+
+        Refused (and counted) unless old is ballooned and new is guest RAM
+        that is not.
+        """
+        old_hit, new_hit = self._locate(old_pfn), self._locate(new_pfn)
+        if old_hit is None or new_hit is None:
+            self.counters.bad_migration += 1
+            return False
+        (ro, oo), (rn, on) = old_hit, new_hit
+        if not ro.bits[oo >> 3] & (1 << (oo & 7)) or rn.bits[on >> 3] & (1 << (on & 7)):
+            self.counters.bad_migration += 1
+            return False
+        ro.bits[oo >> 3] &= ~(1 << (oo & 7)) & 0xFF
+        rn.bits[on >> 3] |= 1 << (on & 7)
+        self.counters.migrations += 1
+        self._single_inflate = None
+        return True
+
+    def clear(self) -> int:
+        """Empty the balloon (the driver was reset); return how many frames it held."""
+        held = self.count
+        for r in self._ranges:
+            r.bits[:] = bytes(len(r.bits))
+        self.count = 0
+        self._single_inflate = None
+        return held
+
+
+def _iter_bits(r: _Range) -> Iterator[int]:
+    bits = r.bits
+    # Skip empty stretches 8 bytes at a time: the balloon is usually sparse
+    # relative to RAM or made of long runs.
+    n = len(bits)
+    i = 0
+    while i < n:
+        if i + 8 <= n and not any(bits[i : i + 8]):
+            i += 8
+            continue
+        b = bits[i]
+        if b:
+            base = r.first + i * 8
+            for k in range(8):
+                if b & (1 << k):
+                    yield base + k
+        i += 1

@@ -1,0 +1,213 @@
+"""Daemon settings from the command line and an optional TOML file.
+
+The file and the flags name the same settings; a flag wins over the file.
+Every problem is reported as one `ConfigError` line (the entry point turns it
+into exit code 2), never as a traceback.
+
+Example file:
+
+    api = "/run/balloond/api.sock"
+    stats_interval = 5
+    log_format = "json"
+    socket_group = "kvm"
+
+    [[vm]]
+    name = "web1"
+    socket = "/run/balloond/web1.sock"     # or fd = 3 for an inherited socket
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class VmConfig:
+    name: str
+    socket: str | None = None
+    fd: int | None = None
+    qmp: str | None = None
+
+
+@dataclass
+class Settings:
+    vms: list[VmConfig] = field(default_factory=list)
+    api: str | None = None
+    state_dir: str | None = None
+    stats_interval: float = 5.0
+    log_format: str = "console"
+    log_level: str = "info"
+    socket_group: str | None = None
+    poll_us: float = 200.0
+    migrate_extension: bool = True
+    deflate_on_oom: bool = True
+    free_page_reporting: bool = True
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="balloond",
+        description="virtio-balloon device backend for QEMU (vhost-user)",
+    )
+    p.add_argument("--vm", action="append", default=[], metavar="NAME=SOCKET",
+                   help="serve a VM: NAME=PATH listens on PATH; NAME=fd:N uses inherited listening fd N; "
+                        "append ,qmp=PATH for the VM's QMP socket (repeatable)")
+    p.add_argument("--socket-path", help="vhost-user backend convention: one VM, named 'default', on PATH")
+    p.add_argument("--fd", type=int, help="vhost-user backend convention: one VM, named 'default', on fd N")
+    p.add_argument("--api", metavar="PATH", help="control API Unix socket")
+    p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    p.add_argument("--state-dir", metavar="DIR", help="where per-VM state is kept")
+    p.add_argument("--stats-interval", type=float, metavar="SECONDS",
+                   help="how often to ask guests for statistics (0 = never; default 5)")
+    p.add_argument("--log-format", choices=("json", "console"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--socket-group", metavar="GROUP", help="make VM sockets 0660 and owned by GROUP")
+    p.add_argument("--poll-us", type=float, metavar="MICROSECONDS",
+                   help="after a kick, keep polling the ring this long (default 200; 0 = off)")
+    p.add_argument("--no-migrate-extension", action="store_true",
+                   help="do not offer balloond's migrate-queue extension")
+    p.add_argument("--no-deflate-on-oom", action="store_true", help="do not offer DEFLATE_ON_OOM")
+    p.add_argument("--no-free-page-reporting", action="store_true", help="do not offer free page reporting")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the backend's capabilities as JSON and exit")
+    p.add_argument("--version", action="version", version=f"balloond {__version__}")
+    return p
+
+
+def parse_vm_spec(spec: str) -> VmConfig:
+    name, sep, rest = spec.partition("=")
+    if not sep or not rest:
+        raise ConfigError(f"--vm {spec!r}: expected NAME=SOCKET_PATH")
+    parts = rest.split(",")
+    vm = _vm(name, parts[0])
+    for option in parts[1:]:
+        key, sep, value = option.partition("=")
+        if key == "qmp" and sep and value:
+            vm.qmp = value
+        else:
+            raise ConfigError(f"--vm {spec!r}: unknown option {option!r} (known: qmp=PATH)")
+    return vm
+
+
+def _vm(name: str, where: str) -> VmConfig:
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(f"VM name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if where.startswith("fd:"):
+        try:
+            return VmConfig(name, fd=int(where[3:]))
+        except ValueError:
+            raise ConfigError(f"VM {name}: {where!r} is not fd:NUMBER") from None
+    return VmConfig(name, socket=where)
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+_FILE_KEYS = {
+    "api": str,
+    "state_dir": str,
+    "stats_interval": (int, float),
+    "log_format": str,
+    "log_level": str,
+    "socket_group": str,
+    "poll_us": (int, float),
+    "migrate_extension": bool,
+    "deflate_on_oom": bool,
+    "free_page_reporting": bool,
+}
+
+
+def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    if args.config:
+        data = _from_file(args.config)
+        for key, value in data.items():
+            if key == "vm":
+                if not isinstance(value, list):
+                    raise ConfigError(f"{args.config}: 'vm' must be an array of tables ([[vm]])")
+                for entry in value:
+                    if not isinstance(entry, dict) or "name" not in entry:
+                        raise ConfigError(f"{args.config}: each [[vm]] needs a name")
+                    unknown = set(entry) - {"name", "socket", "fd", "qmp"}
+                    if unknown:
+                        raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: unknown keys {sorted(unknown)}")
+                    if ("socket" in entry) == ("fd" in entry):
+                        raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: give exactly one of socket or fd")
+                    where = f"fd:{entry['fd']}" if "fd" in entry else str(entry["socket"])
+                    vm = _vm(str(entry["name"]), where)
+                    vm.qmp = entry.get("qmp")
+                    settings.vms.append(vm)
+                continue
+            expected = _FILE_KEYS.get(key)
+            if expected is None:
+                raise ConfigError(f"{args.config}: unknown setting {key!r}")
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise ConfigError(f"{args.config}: {key} has the wrong type ({type(value).__name__})")
+            setattr(settings, key, value)
+    for spec in args.vm:
+        settings.vms.append(parse_vm_spec(spec))
+    if args.socket_path:
+        settings.vms.append(VmConfig("default", socket=args.socket_path))
+    if args.fd is not None:
+        settings.vms.append(VmConfig("default", fd=args.fd))
+    for key in ("api", "state_dir", "stats_interval", "log_format", "log_level", "socket_group", "poll_us"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(settings, key, value)
+    if args.no_migrate_extension:
+        settings.migrate_extension = False
+    if args.no_deflate_on_oom:
+        settings.deflate_on_oom = False
+    if args.no_free_page_reporting:
+        settings.free_page_reporting = False
+    validate(settings, args)
+    return settings, args
+
+
+def validate(settings: Settings, args: argparse.Namespace) -> None:
+    if args.print_capabilities:
+        return
+    if not settings.vms:
+        raise ConfigError("no VM to serve: give --vm NAME=SOCKET_PATH (or a config file with [[vm]])")
+    names = [vm.name for vm in settings.vms]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"VM names must be unique; repeated: {', '.join(dupes)}")
+    paths = [vm.socket for vm in settings.vms if vm.socket]
+    if len(paths) != len(set(paths)):
+        raise ConfigError("two VMs cannot share one socket path")
+    if settings.stats_interval < 0:
+        raise ConfigError("--stats-interval must not be negative")
+    if settings.poll_us < 0 or settings.poll_us > 100_000:
+        raise ConfigError("--poll-us must be between 0 and 100000")
+    if settings.log_format not in ("json", "console"):
+        raise ConfigError(f"log_format must be json or console, not {settings.log_format!r}")
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, not {settings.log_level!r}")

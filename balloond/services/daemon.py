@@ -1,0 +1,129 @@
+"""The `balloond` entry point: settings → VMs, listeners and the API, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import structlog
+
+from .. import __version__, logs
+from ..device.balloon import DeviceSettings
+from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_socket, open_listening_socket
+from ..vm import VirtualMachine
+from . import config
+from .api import ControlApi
+
+
+def capabilities() -> dict[str, Any]:
+    """vhost-user backend convention: what this backend is and can do."""
+    return {
+        "type": "balloon",
+        "version": __version__,
+        "features": ["stats", "free-page-reporting", "deflate-on-oom", "page-poison", "migrate-extension"],
+    }
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) how we are doing; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.send(message.encode())
+    except OSError:
+        pass
+
+
+class Daemon:
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.log = structlog.get_logger()
+        self.vms: dict[str, VirtualMachine] = {}
+        self.listeners: list[VhostUserListener] = []
+        self.api = ControlApi(self.vms)
+        self._stop = asyncio.Event()
+
+    def _device_settings(self) -> DeviceSettings:
+        s = self.settings
+        return DeviceSettings(
+            stats_interval=s.stats_interval,
+            deflate_on_oom=s.deflate_on_oom,
+            free_page_reporting=s.free_page_reporting,
+            migrate_extension=s.migrate_extension,
+        )
+
+    def open_sockets(self) -> None:
+        for vmc in self.settings.vms:
+            if vmc.fd is not None:
+                sock = adopt_listening_socket(vmc.fd)
+                path = None
+            else:
+                assert vmc.socket is not None
+                sock = open_listening_socket(vmc.socket, group=self.settings.socket_group)
+                path = vmc.socket
+            vm = VirtualMachine(
+                vmc.name, path or f"fd:{vmc.fd}", self._device_settings(),
+                poll_seconds=self.settings.poll_us / 1e6, log=self.log,
+            )
+            vm.listener = VhostUserListener(sock, path=path, log=vm.log)
+            self.vms[vmc.name] = vm
+            self.listeners.append(vm.listener)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.open_sockets()
+        if self.settings.api:
+            await self.api.start(self.settings.api)
+        tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection)) for vm in self.vms.values()]
+        self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__)
+        sd_notify(f"READY=1\nSTATUS=serving {len(self.vms)} VM(s)")
+        try:
+            await self._stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            self.log.info("shutting down")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for listener in self.listeners:
+                listener.close()
+            await self.api.stop()
+            if self.settings.api:
+                try:
+                    os.unlink(self.settings.api)
+                except OSError:
+                    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings, args = config.load(argv)
+    except config.ConfigError as exc:
+        print(f"balloond: {exc}", file=sys.stderr)
+        return 2
+    if args.print_capabilities:
+        print(json.dumps(capabilities(), indent=2))
+        return 0
+    logs.configure(settings.log_format, settings.log_level)
+    daemon = Daemon(settings)
+    try:
+        asyncio.run(daemon.run())
+    except ListenerError as exc:
+        print(f"balloond: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"balloond: {exc}", file=sys.stderr)
+        return 1
+    return 0

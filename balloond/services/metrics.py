@@ -1,0 +1,83 @@
+"""Prometheus metrics, read from the VMs at scrape time.
+
+A custom collector asks each VM for its summary when scraped, so there is no
+second copy of any number to keep in step with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..vm import VirtualMachine
+
+_GAUGES = {
+    "guest_ram_bytes": "Guest RAM mapped by the frontend",
+    "target_bytes": "Balloon size asked of the guest",
+    "actual_bytes": "Balloon size the guest reports",
+    "ballooned_bytes": "Guest memory the tracker holds in the balloon",
+    "resident_bytes": "Host memory currently allocated to guest RAM",
+}
+_COUNTERS = {
+    "host_freed_bytes": "Host memory released by balloon discards (measured)",
+    "reported_freed_bytes": "Host memory released by free page reporting (measured)",
+    "migrations": "Balloon page migrations seen",
+}
+_DEVICE_COUNTERS = (
+    "guest_errors",
+    "invalid_pfn",
+    "double_inflate",
+    "stray_deflate",
+    "bad_migration",
+    "discard_errors",
+    "inflate_buffers",
+    "deflate_buffers",
+    "report_buffers",
+    "migrate_buffers",
+    "driver_resets",
+    "config_changes_sent",
+)
+
+
+class _VmCollector:
+    def __init__(self, vms: dict[str, VirtualMachine]) -> None:
+        self.vms = vms
+
+    def collect(self) -> Iterator[Any]:
+        summaries = {name: vm.summary() for name, vm in self.vms.items()}
+        up = GaugeMetricFamily("balloond_vm_connected", "1 while a frontend is connected", labels=["vm"])
+        for name, s in summaries.items():
+            up.add_metric([name], 1.0 if s["connected"] else 0.0)
+        yield up
+        for key, doc in _GAUGES.items():
+            g = GaugeMetricFamily(f"balloond_vm_{key}", doc, labels=["vm"])
+            for name, s in summaries.items():
+                g.add_metric([name], float(s.get(key) or 0))
+            yield g
+        for key, doc in _COUNTERS.items():
+            metric = key[: -len("_total")] if key.endswith("_total") else key
+            c = CounterMetricFamily(f"balloond_vm_{metric}", doc, labels=["vm"])
+            for name, s in summaries.items():
+                c.add_metric([name], float(s.get(key) or 0))
+            yield c
+        events = CounterMetricFamily("balloond_vm_events", "Device events and refusals, by kind", labels=["vm", "kind"])
+        for name, s in summaries.items():
+            counters = s.get("counters") or {}
+            for kind in _DEVICE_COUNTERS:
+                events.add_metric([name, kind], float(counters.get(kind, 0)))
+        yield events
+        stats = GaugeMetricFamily("balloond_guest_stat", "Guest statistics from the stats queue", labels=["vm", "stat"])
+        for name, s in summaries.items():
+            for stat, value in (s.get("stats") or {}).items():
+                stats.add_metric([name, stat], float(value))
+        yield stats
+
+
+def render_metrics(vms: dict[str, VirtualMachine]) -> tuple[bytes, str]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_VmCollector(vms))  # type: ignore[arg-type]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

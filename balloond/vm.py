@@ -1,0 +1,146 @@
+"""VirtualMachine: one configured VM — its socket, its current frontend
+connection and balloon device, and the target the operator asked for.
+
+The target belongs to the VM, not to a connection: a QEMU that restarts
+finds the same target waiting, and the driver reads it at probe. Device
+state (the ballooned frames, stats, counters) belongs to the connection: a
+new QEMU means a new guest whose balloon starts empty.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import structlog
+
+from protocol.balloon import PAGE_SIZE
+
+from .device.balloon import BalloonDevice, DeviceSettings
+from .engine.connection import VhostUserConnection
+from .engine.listener import VhostUserListener
+
+
+class TargetError(ValueError):
+    """A requested balloon size the VM cannot take; the message says why."""
+
+
+class VirtualMachine:
+    def __init__(
+        self,
+        name: str,
+        socket_path: str | None,
+        settings: DeviceSettings,
+        *,
+        poll_seconds: float = 0.0,
+        log: Any = None,
+    ) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.settings = settings
+        self.poll_seconds = poll_seconds
+        self.log = (log or structlog.get_logger()).bind(vm=name)
+        self.target_pages = 0
+        self.listener: VhostUserListener | None = None
+        self.connection: VhostUserConnection | None = None
+        self.device: BalloonDevice | None = None
+        self.connections = 0
+        self.last_disconnect: dict[str, Any] | None = None
+        self.guest_ram_bytes = 0  # remembered from the last connection
+
+    # ------------------------------------------------------------ serving
+
+    async def serve_connection(self, sock: socket.socket) -> None:
+        self.connections += 1
+        device = BalloonDevice(
+            DeviceSettings(**self.settings.__dict__), target_pages=self.target_pages, log=self.log
+        )
+        connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds)
+        self.device, self.connection = device, connection
+        try:
+            reason = await connection.run()
+        finally:
+            self.ram_bytes()
+            if self.connection is connection:
+                self.connection = None
+        self.last_disconnect = {"at": time.time(), "reason": reason}
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and self.connection.open
+
+    # ------------------------------------------------------------ control
+
+    def ram_bytes(self) -> int:
+        """Guest RAM of the current connection, or of the last one."""
+        if self.device is not None and self.device.memory is not None and self.device.memory.total_bytes:
+            self.guest_ram_bytes = self.device.memory.total_bytes
+        return self.guest_ram_bytes
+
+    def set_target_bytes(self, value: Any) -> int:
+        """Validate and apply a balloon size in bytes; returns the pages asked for."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TargetError(f"bytes must be a whole number, not {value!r}")
+        if value < 0:
+            raise TargetError(f"bytes must not be negative (got {value})")
+        ram = self.ram_bytes()
+        if ram and value > ram:
+            raise TargetError(f"{value} bytes is more than the guest's {ram} bytes of RAM")
+        pages = value // PAGE_SIZE
+        if pages > 0xFFFFFFFF:
+            raise TargetError("a balloon larger than 2^32 pages cannot be expressed")
+        self.target_pages = pages
+        if self.device is not None:
+            self.device.set_target(pages)
+        self.log.info("target set", target_bytes=pages * PAGE_SIZE)
+        return pages
+
+    def set_stats_interval(self, seconds: Any) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise TargetError(f"seconds must be a non-negative number, not {seconds!r}")
+        self.settings.stats_interval = float(seconds)
+        if self.device is not None:
+            self.device.set_stats_interval(float(seconds))
+
+    # ------------------------------------------------------------ reading
+
+    def summary(self) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "name": self.name,
+            "socket": self.socket_path,
+            "connected": self.connected,
+            "connections": self.connections,
+            "guest_ram_bytes": self.ram_bytes(),
+            "target_bytes": self.target_pages * PAGE_SIZE,
+            "stats_interval": self.settings.stats_interval,
+            "last_disconnect": self.last_disconnect,
+        }
+        if self.device is None:
+            base.update(
+                actual_bytes=0,
+                ballooned_bytes=0,
+                host_freed_bytes=0,
+                reported_freed_bytes=0,
+                resident_bytes=0,
+                features=[],
+                stats={},
+                stats_updated_at=None,
+                migrations=0,
+                running=False,
+                counters={},
+            )
+            return base
+        snap = self.device.snapshot()
+        snap.pop("guest_ram_bytes", None)
+        snap.pop("target_bytes", None)
+        base.update(snap)
+        if not self.connected:
+            base["running"] = False
+        return base
+
+    def pfn_ranges(self) -> dict[str, Any]:
+        if self.device is None:
+            return {"count": 0, "ranges": []}
+        runs = self.device.tracker.runs()
+        return {"count": len(self.device.tracker), "ranges": [list(r) for r in runs]}

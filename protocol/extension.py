@@ -1,0 +1,46 @@
+"""balloond's migrate-queue extension, mirrored from balloond_ext.h.
+
+The C header next to this file is the definition; this module restates it for
+the daemon, and tests/unit/test_extension_header.py compiles the header and
+checks that every constant and offset here matches.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import GuestError
+
+#: Device feature bit announcing the migrate queue (BALLOOND_F_MIGRATE_VQ).
+F_MIGRATE_VQ = 62
+
+#: struct balloond_migration: __le64 old_pfn, __le64 new_pfn.
+MIGRATION = struct.Struct("<QQ")
+MIGRATION_SIZE = MIGRATION.size
+OFFSET_OLD_PFN = 0
+OFFSET_NEW_PFN = 8
+
+#: Frame numbers are 4 KiB frames (BALLOOND_PFN_SHIFT).
+PFN_SHIFT = 12
+
+#: The most records a driver puts in one buffer (BALLOOND_MIGRATIONS_PER_BUFFER).
+MIGRATIONS_PER_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class Migration:
+    old_pfn: int
+    new_pfn: int
+
+
+def decode_migrations(data: bytes) -> list[Migration]:
+    if len(data) % MIGRATION_SIZE:
+        raise GuestError(f"migrate buffer of {len(data)} bytes is not a whole number of records")
+    if len(data) > MIGRATIONS_PER_BUFFER * MIGRATION_SIZE:
+        raise GuestError(f"migrate buffer holds more than {MIGRATIONS_PER_BUFFER} records")
+    return [Migration(old, new) for old, new in MIGRATION.iter_unpack(data)]
+
+
+def encode_migrations(migrations: list[Migration]) -> bytes:
+    return b"".join(MIGRATION.pack(m.old_pfn, m.new_pfn) for m in migrations)

@@ -1,0 +1,267 @@
+"""The split virtqueue: layout, chain walking and used-ring publication.
+
+Everything here works on memory views the caller provides: the three ring
+areas, and a `GuestMemoryAccess` that turns guest-physical addresses into
+views. Nothing here maps memory or signals eventfds.
+
+The guest is untrusted. Every index read from guest memory is checked before
+use, chains are bounded by the queue size (so a looping chain is an error,
+not a hang), and indirect tables are bounded by their own length.
+
+Memory ordering: Python issues no barriers. Publishing a used element and then
+the used index with two plain stores, and reading the avail index before the
+ring entries it covers, is correct on a TSO machine (x86-64), which is what
+this daemon runs on; a port to a weakly ordered machine needs real barriers
+in `SplitQueue.push` and `SplitQueue.pop`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import GuestError
+
+DESC = struct.Struct("<QIHH")
+DESC_SIZE = DESC.size  # 16
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+#: Largest queue size the split ring allows.
+MAX_QUEUE_SIZE = 32768
+
+
+def desc_table_size(num: int) -> int:
+    return DESC_SIZE * num
+
+
+def avail_ring_size(num: int, event_idx: bool = True) -> int:
+    """flags, idx, ring[num], used_event."""
+    return 4 + 2 * num + (2 if event_idx else 0)
+
+
+def used_ring_size(num: int, event_idx: bool = True) -> int:
+    """flags, idx, ring[num] of (id, len), avail_event."""
+    return 4 + 8 * num + (2 if event_idx else 0)
+
+
+def valid_queue_size(num: int) -> bool:
+    return 0 < num <= MAX_QUEUE_SIZE and num & (num - 1) == 0
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """The virtio rule: notify if event_idx lies in [old_idx, new_idx)."""
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+class GuestMemoryAccess(Protocol):
+    """What chain walking needs from guest memory."""
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest-physical [gpa, gpa+length); raises GuestAddressError."""
+        ...
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One descriptor's buffer, in guest-physical addresses."""
+
+    addr: int
+    length: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A descriptor chain popped from the avail ring."""
+
+    head: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def readable(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.segments if not s.writable)
+
+    @property
+    def writable(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.segments if s.writable)
+
+    def read_bytes(self, memory: GuestMemoryAccess, limit: int) -> bytes:
+        """The device-readable bytes of the chain, concatenated, at most `limit`."""
+        out = bytearray()
+        for seg in self.segments:
+            if seg.writable:
+                continue
+            take = min(seg.length, limit - len(out))
+            if take <= 0:
+                break
+            out += memory.view(seg.addr, take)
+        return bytes(out)
+
+
+def walk_chain(
+    desc_table: memoryview,
+    queue_size: int,
+    head: int,
+    memory: GuestMemoryAccess,
+    indirect_allowed: bool,
+) -> Chain:
+    """Follow the descriptor chain starting at `head`.
+
+    Rules enforced (virtio 1.2, 2.7.5): the head and every NEXT index lie in
+    the table; a chain visits at most `queue_size` descriptors (longer means it
+    loops); an INDIRECT descriptor only if negotiated, only as the sole
+    descriptor of the chain, never nested, with a non-empty table whose length
+    is a multiple of 16; device-readable descriptors come before
+    device-writable ones.
+    """
+    if not 0 <= head < queue_size:
+        raise GuestError(f"chain head {head} outside a queue of {queue_size}")
+    segments: list[Segment] = []
+    table, table_len = desc_table, queue_size
+    index = head
+    seen = 0
+    in_indirect = False
+    seen_writable = False
+    while True:
+        seen += 1
+        if seen > table_len:
+            raise GuestError(f"descriptor chain from head {head} loops or exceeds {table_len} descriptors")
+        addr, length, flags, next_index = DESC.unpack_from(table, index * DESC_SIZE)
+        if flags & VRING_DESC_F_INDIRECT:
+            if not indirect_allowed:
+                raise GuestError("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
+            if in_indirect:
+                raise GuestError("nested indirect descriptor")
+            if segments or flags & VRING_DESC_F_NEXT:
+                raise GuestError("indirect descriptor chained with other descriptors")
+            if length == 0 or length % DESC_SIZE:
+                raise GuestError(f"indirect table of {length} bytes")
+            table = memory.view(addr, length)
+            table_len = length // DESC_SIZE
+            in_indirect = True
+            index = 0
+            seen = 0
+            continue
+        writable = bool(flags & VRING_DESC_F_WRITE)
+        if seen_writable and not writable:
+            raise GuestError("device-readable descriptor after a device-writable one")
+        seen_writable = seen_writable or writable
+        segments.append(Segment(addr, length, writable))
+        if not flags & VRING_DESC_F_NEXT:
+            break
+        if not 0 <= next_index < table_len:
+            raise GuestError(f"next index {next_index} outside a table of {table_len}")
+        index = next_index
+    return Chain(head, tuple(segments))
+
+
+class SplitQueue:
+    """The device's side of one split virtqueue over mapped ring memory.
+
+    `last_avail` is the next avail-ring slot the device will consume and
+    `used_idx` the device's used index; both are free-running 16-bit counters,
+    restored with SET_VRING_BASE and reported with GET_VRING_BASE.
+    """
+
+    def __init__(
+        self,
+        num: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        last_avail: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        if not valid_queue_size(num):
+            raise GuestError(f"queue size {num} is not a power of two up to {MAX_QUEUE_SIZE}")
+        if len(desc) < desc_table_size(num) or len(avail) < avail_ring_size(num, event_idx):
+            raise GuestError("ring areas smaller than the queue size needs")
+        if len(used) < used_ring_size(num, event_idx):
+            raise GuestError("used ring smaller than the queue size needs")
+        self.num = num
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail = last_avail & 0xFFFF
+        # On a fresh start the used index equals the avail base; after a
+        # reconnect the guest's used ring is the truth.
+        self.used_idx = self.read_used_idx() if used_idx is None else used_idx & 0xFFFF
+        self.signalled_used = self.used_idx
+        self._signalled_valid = False
+
+    # -- avail side
+
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self.avail, 2)[0]
+
+    def pending(self) -> int:
+        """Chains the guest has made available and the device not yet taken."""
+        count = (self.avail_idx() - self.last_avail) & 0xFFFF
+        if count > self.num:
+            raise GuestError(f"avail index moved {count} entries ahead of a queue of {self.num}")
+        return count
+
+    def pop_head(self) -> int | None:
+        """The next available head index, or None when the ring is empty."""
+        if not self.pending():
+            return None
+        slot = self.last_avail % self.num
+        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return head
+
+    def pop(self, memory: GuestMemoryAccess) -> Chain | None:
+        head = self.pop_head()
+        if head is None:
+            return None
+        return walk_chain(self.desc, self.num, head, memory, self.indirect)
+
+    def set_avail_event(self) -> None:
+        """Ask the guest to kick when it adds the entry after the ones seen."""
+        if self.event_idx:
+            U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+
+    def set_no_notify(self, suppress: bool) -> None:
+        """Without EVENT_IDX: tell the guest whether kicks are wanted."""
+        if not self.event_idx:
+            U16.pack_into(self.used, 0, VRING_USED_F_NO_NOTIFY if suppress else 0)
+
+    # -- used side
+
+    def read_used_idx(self) -> int:
+        return U16.unpack_from(self.used, 2)[0]
+
+    def push(self, head: int, written: int) -> None:
+        """Return a chain to the guest; the element is stored before the index."""
+        slot = self.used_idx % self.num
+        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def should_notify(self) -> bool:
+        """Whether the guest wants an interrupt for what was pushed since the last one."""
+        if self.event_idx:
+            old = self.signalled_used
+            new = self.used_idx
+            valid = self._signalled_valid
+            self.signalled_used = new
+            self._signalled_valid = True
+            if not valid:
+                return True
+            used_event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+            return need_event(used_event, new, old)
+        return not U16.unpack_from(self.avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
