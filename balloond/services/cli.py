@@ -1,0 +1,199 @@
+"""balloonctl: the operator's command line for a running balloond.
+
+    balloonctl [--api PATH] [--json] status [NAME]
+    balloonctl [--api PATH] set NAME SIZE        e.g. 512M, 1G, 0
+    balloonctl [--api PATH] pfns NAME
+    balloonctl [--api PATH] watch NAME [--interval S]
+
+It speaks the control API over its Unix socket with the standard library only,
+so it starts fast and works where the daemon's dependencies are not on the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from .sizes import format_size, parse_size
+
+DEFAULT_API = os.environ.get("BALLOOND_API", "/run/balloond/api.sock")
+
+
+class CliError(Exception):
+    """Something to tell the user in one line; exit code 1."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def request(api: str, method: str, path: str, body: Any = None) -> Any:
+    conn = _UnixHTTPConnection(api)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+    except FileNotFoundError:
+        raise CliError(f"balloond is not running (no API socket at {api}); start it or pass --api PATH") from None
+    except ConnectionRefusedError:
+        raise CliError(f"balloond is not running (nothing listens on {api})") from None
+    except PermissionError:
+        raise CliError(f"permission denied on {api}; run as the daemon's user or root") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise CliError(f"cannot talk to balloond at {api}: {exc}") from None
+    finally:
+        conn.close()
+    try:
+        decoded = json.loads(data) if data else None
+    except json.JSONDecodeError:
+        decoded = data.decode(errors="replace")
+    if response.status >= 400:
+        message = decoded.get("error") if isinstance(decoded, dict) else decoded
+        raise CliError(str(message))
+    return decoded
+
+
+# --------------------------------------------------------------- rendering
+
+_COLUMNS = [
+    ("VM", lambda v: v["name"]),
+    ("CONN", lambda v: "yes" if v["connected"] else "no"),
+    ("RAM", lambda v: format_size(v["guest_ram_bytes"])),
+    ("TARGET", lambda v: format_size(v["target_bytes"])),
+    ("ACTUAL", lambda v: format_size(v["actual_bytes"])),
+    ("BALLOONED", lambda v: format_size(v["ballooned_bytes"])),
+    ("HOST FREED", lambda v: format_size(v["host_freed_bytes"])),
+    ("RESIDENT", lambda v: format_size(v["resident_bytes"])),
+    ("MIGR", lambda v: str(v["migrations"])),
+]
+
+
+def render_table(vms: list[dict[str, Any]]) -> str:
+    rows = [[title for title, _ in _COLUMNS]] + [[fn(vm) for _, fn in _COLUMNS] for vm in vms]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = []
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def render_detail(vm: dict[str, Any]) -> str:
+    lines = [render_table([vm]), ""]
+    if vm.get("features"):
+        lines.append("features: " + ", ".join(vm["features"]))
+    if vm.get("stats"):
+        age = ""
+        if vm.get("stats_updated_at"):
+            age = f" ({time.time() - vm['stats_updated_at']:.0f}s ago)"
+        lines.append("guest stats" + age + ":")
+        for key, value in sorted(vm["stats"].items()):
+            shown = format_size(value) if key.endswith("memory") or key == "disk_caches" else str(value)
+            lines.append(f"  {key:<22} {shown}")
+    return "\n".join(lines)
+
+
+def render_pfns(data: dict[str, Any], limit: int = 50) -> str:
+    lines = [f"{data['count']} pages ballooned in {len(data['ranges'])} ranges"]
+    for first, count in data["ranges"][:limit]:
+        lines.append(f"  {first:#x}-{first + count - 1:#x}  ({count} pages)")
+    if len(data["ranges"]) > limit:
+        lines.append(f"  ... {len(data['ranges']) - limit} more ranges (use --json for all)")
+    return "\n".join(lines)
+
+
+def _progress(vm: dict[str, Any], width: int = 40) -> str:
+    target, actual = vm["target_bytes"], vm["actual_bytes"]
+    scale = max(target, actual, 1)
+    filled = int(width * actual / scale)
+    mark = int(width * target / scale)
+    bar = "".join("#" if i < filled else ("|" if i == mark else ".") for i in range(width))
+    return f"[{bar}] {format_size(actual)} of {format_size(target)}"
+
+
+# --------------------------------------------------------------- commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="balloonctl", description="control a running balloond")
+    parser.add_argument("--api", default=DEFAULT_API, help=f"API socket (default {DEFAULT_API}, or $BALLOOND_API)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="show VMs and their balloons")
+    p.add_argument("name", nargs="?")
+    p = sub.add_parser("set", help="set a VM's balloon size")
+    p.add_argument("name")
+    p.add_argument("size", help="bytes or 256M, 1G, ...")
+    p = sub.add_parser("pfns", help="list the ballooned page frames of a VM")
+    p.add_argument("name")
+    p = sub.add_parser("watch", help="follow a VM's balloon live")
+    p.add_argument("name")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--count", type=int, default=0, help="stop after N refreshes (0 = until Ctrl-C)")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except CliError as exc:
+        print(f"balloonctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    if args.command == "status":
+        data = request(args.api, "GET", f"/v1/vms/{args.name}" if args.name else "/v1/vms")
+        if args.json:
+            print(json.dumps(data, indent=2), file=out)
+        elif args.name:
+            print(render_detail(data), file=out)
+        else:
+            print(render_table(data), file=out)
+        return 0
+    if args.command == "set":
+        try:
+            size = parse_size(args.size)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        data = request(args.api, "PUT", f"/v1/vms/{args.name}/target", {"bytes": size})
+        if args.json:
+            print(json.dumps(data, indent=2), file=out)
+        else:
+            print(f"{args.name}: balloon target set to {format_size(data['target_bytes'])}", file=out)
+        return 0
+    if args.command == "pfns":
+        data = request(args.api, "GET", f"/v1/vms/{args.name}/pfns")
+        print(json.dumps(data) if args.json else render_pfns(data), file=out)
+        return 0
+    if args.command == "watch":
+        n = 0
+        while True:
+            vm = request(args.api, "GET", f"/v1/vms/{args.name}")
+            if args.json:
+                print(json.dumps(vm), file=out, flush=True)
+            else:
+                if out.isatty():
+                    out.write("\x1b[H\x1b[2J")
+                print(render_table([vm]), file=out)
+                print(_progress(vm), file=out, flush=True)
+            n += 1
+            if args.count and n >= args.count:
+                return 0
+            time.sleep(args.interval)
+    return 2  # pragma: no cover
