@@ -197,3 +197,7 @@ def _run(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(args.interval)
     return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

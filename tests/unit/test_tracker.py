@@ -1,0 +1,109 @@
+"""PfnTracker: membership, refusals, migrations, memory bound."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balloond.device.tracker import PfnTracker
+
+# q35 layout: RAM below 640 KiB, then from 768 KiB up (in 4 KiB frames)
+LOW, HIGH = (0, 160), (192, 65536 - 192)
+
+
+def tracker():
+    return PfnTracker([LOW, HIGH])
+
+
+def test_inflate_returns_only_new_frames_and_counts_refusals():
+    t = tracker()
+    assert t.inflate([1, 2, 3]) == [1, 2, 3]
+    assert t.inflate([3, 4]) == [4]
+    assert t.counters.double_inflate == 1
+    assert t.inflate([170]) == []  # in the hole
+    assert t.inflate([10**9]) == []
+    assert t.counters.invalid_pfn == 2
+    assert len(t) == 4 and 3 in t and 170 not in t
+
+
+def test_deflate_of_frames_not_in_balloon_is_refused():
+    t = tracker()
+    t.inflate([5, 6])
+    assert t.deflate([6, 7]) == [6]
+    assert t.counters.stray_deflate == 1
+    assert list(t) == [5]
+
+
+def test_runs_coalesce_across_bytes():
+    t = tracker()
+    t.inflate(range(195, 260))
+    t.inflate([300, 302])
+    assert t.runs() == [(195, 65), (300, 1), (302, 1)]
+
+
+def test_migrate_moves_membership_atomically():
+    t = tracker()
+    t.inflate([200])
+    assert t.migrate(200, 300)
+    assert list(t) == [300] and t.counters.migrations == 1
+    assert not t.migrate(200, 400)  # old not ballooned
+    t.inflate([400])
+    assert not t.migrate(300, 400)  # new already ballooned
+    assert not t.migrate(300, 170)  # new outside RAM
+    assert t.counters.bad_migration == 3
+    assert sorted(t) == [300, 400]
+
+
+def test_stock_driver_migration_pattern_is_counted():
+    t = tracker()
+    t.inflate(range(200, 456))  # ordinary inflate
+    t.inflate([1000])  # compaction: new page in...
+    t.deflate([200])  # ...old page out
+    assert t.counters.migrations == 1
+    t.deflate([201, 202])  # an ordinary deflate is not a migration
+    assert t.counters.migrations == 1
+
+
+def test_resize_keeps_frames_still_in_ram():
+    t = tracker()
+    t.inflate([5, 300, 60000])
+    dropped = t.resize([LOW, (192, 1000)])
+    assert dropped == [60000]
+    assert sorted(t) == [5, 300]
+
+
+def test_bitmap_stays_within_32_kib_per_gib():
+    gib_pages = (1 << 30) >> 12
+    t = PfnTracker([(0, 160), (192, 4 * gib_pages - 192)])
+    assert t.bitmap_bytes() <= 4 * 32 * 1024 + 64
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["in", "out", "mig"]), st.lists(st.integers(0, 2000), max_size=20)), max_size=30))
+def test_tracker_matches_a_reference_set(ops):
+    t = PfnTracker([(0, 160), (192, 2000 - 192)])
+    ram = set(range(0, 160)) | set(range(192, 2000))
+    ref = set()
+    for op, pfns in ops:
+        if op == "in":
+            t.inflate(pfns)
+            ref |= {p for p in pfns if p in ram}
+        elif op == "out":
+            t.deflate(pfns)
+            ref -= set(pfns)
+        elif len(pfns) >= 2:
+            old, new = pfns[0], pfns[1]
+            ok = old in ref and new in ram and new not in ref
+            assert t.migrate(old, new) == ok
+            if ok:
+                ref = (ref - {old}) | {new}
+        assert len(t) == len(ref)
+    assert set(t) == ref
+    assert sum(n for _, n in t.runs()) == len(ref)
+
+
+def test_clear_empties():
+    t = tracker()
+    t.inflate(random.sample(range(200, 60000), 500))
+    assert t.clear() == 500
+    assert len(t) == 0 and list(t) == []
