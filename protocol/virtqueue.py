@@ -145,6 +145,11 @@ def walk_chain(
                 raise GuestError("indirect descriptor chained with other descriptors")
             if length == 0 or length % DESC_SIZE:
                 raise GuestError(f"indirect table of {length} bytes")
+            if length // DESC_SIZE > queue_size:
+                # virtio 1.2, 2.7.5.3.1: no chain longer than the queue size.
+                # Unbounded, one table of millions of looping descriptors
+                # would stall the daemon (every VM) for seconds per chain.
+                raise GuestError(f"indirect table of {length // DESC_SIZE} descriptors exceeds the queue size {queue_size}")
             table = memory.view(addr, length)
             table_len = length // DESC_SIZE
             in_indirect = True

@@ -524,6 +524,7 @@ class VhostUserConnection:
         if self.backend_sock is not None:
             self._loop.remove_reader(self.backend_sock.fileno())
             self.backend_sock.close()
+            self.backend_sock = None  # close() must not touch the closed socket if this request fails
         try:
             sock = socket.socket(fileno=channel.fd)
         except OSError as exc:

@@ -1,0 +1,103 @@
+"""The config space and CONFIG_CHANGE_MSG: targets set through the API reach
+the driver only while the device runs, and a driver's write (QEMU forwards
+its whole, possibly stale, cached copy) changes only what the driver owns."""
+
+from __future__ import annotations
+
+import struct
+
+from protocol import vhost_user as vu
+from protocol.balloon import BalloonConfig
+from tests.daemon.harness import ApiError
+from tests.frontend import PAGE_SIZE
+
+import pytest
+
+
+def test_target_change_notifies_a_running_device(daemon, connect):
+    fe = connect()
+    assert fe.num_pages() == 0
+    daemon.api.set_target("vm0", 8 << 20)
+    assert fe.wait_config_change(3), "no CONFIG_CHANGE_MSG on the backend channel"
+    message = fe.backend_messages[-1]
+    assert message.request == vu.BackendRequest.CONFIG_CHANGE_MSG
+    assert message.flags & vu.FLAG_VERSION_MASK == vu.VERSION
+    assert message.payload == b""
+    assert fe.num_pages() == (8 << 20) // PAGE_SIZE
+    state = daemon.api.vm("vm0")
+    assert state["target_bytes"] == 8 << 20
+    assert state["counters"]["config_changes_sent"] == 1
+    # The same target again is no change.
+    daemon.api.set_target("vm0", 8 << 20)
+    assert not fe.wait_config_change(0.3)
+
+
+def test_no_config_change_while_stopped(daemon, connect):
+    fe = connect()
+    fe.stop()
+    daemon.api.set_target("vm0", 4 << 20)
+    assert not fe.wait_config_change(0.5), "CONFIG_CHANGE_MSG sent to a stopped device"
+    assert fe.num_pages() == 1024  # readable all the same
+    fe.start()
+    assert fe.wait_config_change(3), "the change was not delivered once the device ran again"
+    assert fe.num_pages() == 1024
+
+
+def test_no_config_change_before_the_first_start(daemon, connect):
+    fe = connect(start=False)
+    daemon.api.set_target("vm0", 2 << 20)
+    assert not fe.wait_config_change(0.5)
+    assert fe.num_pages() == 512  # the driver reads it at probe
+    fe.start()
+    fe.poll_backend(0.3)  # a late notification is harmless, none is needed
+
+
+def test_stale_num_pages_in_set_config_only_changes_actual(daemon, connect):
+    fe = connect()
+    assert fe.get_config().num_pages == 0  # QEMU's cache: num_pages 0
+    daemon.api.set_target("vm0", 16 << 20)
+    fe.set_actual(1000)  # SET_CONFIG of the whole cached config: num_pages 0, stale
+    config = fe.get_config()
+    assert config.num_pages == 4096
+    assert config.actual == 1000
+    state = daemon.api.vm("vm0")
+    assert state["actual_bytes"] == 1000 * PAGE_SIZE
+    assert state["target_bytes"] == 16 << 20
+    # A narrow write of only `actual`, as another frontend might send.
+    fe.request(vu.Request.SET_CONFIG, vu.ConfigSpace(BalloonConfig.OFFSET_ACTUAL, 4, 0, struct.pack("<I", 5)).encode())
+    assert fe.get_config().actual == 5
+    # A write that tries to set num_pages alone is ignored.
+    fe.request(vu.Request.SET_CONFIG, vu.ConfigSpace(0, 4, 0, struct.pack("<I", 1)).encode())
+    assert fe.get_config().num_pages == 4096
+
+
+def test_target_outlives_the_connection(daemon, connect):
+    fe = connect()
+    daemon.api.set_target("vm0", 12 << 20)
+    fe.close()
+    daemon.wait_disconnected("vm0")
+    fe2 = connect()
+    assert fe2.num_pages() == 3072
+
+
+def test_target_validation(daemon, connect):
+    fe = connect()
+    for bad in (-1, "1G", 1.5, None, True, fe.ram.size + PAGE_SIZE):
+        with pytest.raises(ApiError) as err:
+            daemon.api.set_target("vm0", bad)
+        assert err.value.status == 400
+    with pytest.raises(ApiError) as err:
+        daemon.api.set_target("nosuchvm", 0)
+    assert err.value.status == 404
+    assert daemon.api.vm("vm0")["target_bytes"] == 0
+
+
+def test_config_windows(daemon, connect):
+    """GET_CONFIG of a window, including past the 16-byte balloon config."""
+    fe = connect()
+    daemon.api.set_target("vm0", 1 << 20)
+    payload = fe.request(vu.Request.GET_CONFIG, vu.ConfigSpace(0, 4, 0, bytes(4)).encode())
+    assert payload[vu.CONFIG_HEAD.size :] == struct.pack("<I", 256)
+    payload = fe.request(vu.Request.GET_CONFIG, vu.ConfigSpace(8, 24, 0, bytes(24)).encode())
+    assert len(payload) == vu.CONFIG_HEAD.size + 24
+    assert payload[vu.CONFIG_HEAD.size + 8 :] == bytes(16)

@@ -1,0 +1,88 @@
+"""Shared fixtures for the end-to-end tests that boot real guests.
+
+Tests marked ``vm`` need the cached QEMU build and guest kernels
+(``sudo scripts/setup.sh``).  When those are missing the tests are skipped
+with the command to run, except under CI (CI=true) where that is an error:
+CI must have run the setup.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import SetupError, Vm, available_kernels, find_qemu
+
+KERNEL_SERIES = ("6.1", "6.12")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vm: boots real QEMU guests (needs scripts/setup.sh; slow)"
+    )
+
+
+def _setup_problem() -> str | None:
+    try:
+        find_qemu()
+        have = {k.series for k in available_kernels()}
+    except SetupError as exc:
+        return str(exc)
+    missing = [s for s in KERNEL_SERIES if s not in have]
+    if missing:
+        return f"guest kernels {missing} missing; run: sudo scripts/build-guest-kit.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def vm_environment() -> None:
+    """Skip (or, under CI, fail) when the VM prerequisites are missing."""
+    problem = _setup_problem()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"VM test prerequisites missing under CI: {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(params=KERNEL_SERIES, ids=lambda s: f"linux-{s}")
+def kernel(request: pytest.FixtureRequest) -> str:
+    """Each guest kernel series in turn."""
+    return request.param
+
+
+@pytest.fixture
+def make_vm(
+    vm_environment: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Vm]]:
+    """Factory: ``make_vm(kernel, **Vm kwargs)`` boots a guest (logs under
+    the test's tmp_path) and shuts it down after the test."""
+    vms: list[Vm] = []
+
+    def factory(kernel: str, **kwargs: object) -> Vm:
+        name = kwargs.pop("name", f"vm{len(vms)}")
+        kwargs.setdefault("log_dir", tmp_path / str(name))
+        vm = Vm(kernel, name=str(name), **kwargs)  # type: ignore[arg-type]
+        vms.append(vm)
+        vm.start()
+        vm.wait_boot()
+        return vm
+
+    yield factory
+    failed = getattr(request.node, "rep_call", None)
+    for vm in vms:
+        if failed is not None and failed.failed:
+            vm.kill()
+            print(f"\nVM logs kept in {vm.log_dir}")
+        else:
+            vm.close()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Expose each phase's report on the item (used to keep failed VMs' logs)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
