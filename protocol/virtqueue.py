@@ -98,11 +98,11 @@ class Chain:
         """The device-readable bytes of the chain, concatenated, at most `limit`."""
         out = bytearray()
         for seg in self.segments:
-            if seg.writable:
+            if seg.writable or not seg.length:
                 continue
-            take = min(seg.length, limit - len(out))
-            if take <= 0:
+            if len(out) >= limit:
                 break
+            take = min(seg.length, limit - len(out))
             out += memory.view(seg.addr, take)
         return bytes(out)
 

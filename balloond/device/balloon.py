@@ -67,6 +67,15 @@ class DeviceSettings:
     deflate_on_oom: bool = True
     free_page_reporting: bool = True
     migrate_extension: bool = True
+    #: Discards of inflated frames wait at most this long (seconds), so those
+    #: of many buffers are coalesced into few calls; 0 discards before each
+    #: buffer is returned. Either way a deflate cancels a pending discard of
+    #: its frames before it is acknowledged.
+    discard_max_delay: float = 0.25
+    #: ... and are done as soon as the inflate queue has been quiet this long.
+    discard_idle: float = 0.005
+    #: ... or as soon as this many frames are pending.
+    discard_max_frames: int = 1 << 18
 
     def features(self) -> int:
         features = BASE_FEATURES
@@ -92,6 +101,7 @@ class DeviceCounters:
     reported_bytes: int = 0  # bytes the guest reported free
     reports_skipped_poison: int = 0
     discard_errors: int = 0
+    discard_calls: int = 0
     driver_resets: int = 0
     config_changes_sent: int = 0
 
@@ -123,7 +133,12 @@ class BalloonDevice:
         self.running = False
         self._config_dirty = False
         self._stats_held: tuple[Vring, int] | None = None
+        self._inflate_stop_base: int | None = None  # inflate ring index reported at the last stop
         self._stats_timer: asyncio.TimerHandle | None = None
+        # Frames in the balloon whose memory is not discarded yet (see _release).
+        self._pending: set[int] = set()
+        self._pending_since = 0.0
+        self._flush_timer: asyncio.TimerHandle | None = None
         self.connected_at = time.time()
 
     # ================================================================ seam
@@ -146,7 +161,14 @@ class BalloonDevice:
         self.roles = dict(enumerate(vb.queue_roles(features)))
         self.log.info("balloon queues", roles={i: r.value for i, r in self.roles.items()})
 
+    def memory_unmapping(self) -> None:
+        """The mappings and fds behind guest RAM are about to go away: finish
+        every pending discard while the fds still name the right files."""
+        self.flush_discards()
+        self.releaser = MemoryReleaser([])
+
     def set_memory(self, memory: GuestMemory) -> None:
+        self.flush_discards()
         self.memory = memory
         dropped = self.tracker.resize(memory.ram_ranges())
         if dropped:
@@ -166,7 +188,8 @@ class BalloonDevice:
 
     def queue_started(self, vring: Vring) -> None:
         role = self.roles.get(vring.index)
-        if role is QueueRole.INFLATE and vring.base == 0 and len(self.tracker):
+        if role is QueueRole.INFLATE and len(self.tracker) and self._driver_was_reset(vring.base):
+            self.flush_discards()
             held = self.tracker.clear()
             self._reset_huge_fill()
             self.counters.driver_resets += 1
@@ -183,17 +206,28 @@ class BalloonDevice:
             QueueRole.STATS: self._stats,
             QueueRole.REPORTING: self._report,
             QueueRole.MIGRATE: self._migrate,
-        }.get(role)
-        if handler is None:
-            self._drain_unused(vring)
-            return
+        }.get(role, self._drain_unused)
+        consumed_from = vring.queue.last_avail
         chains = self._pop_all(vring)
         if chains:
             handler(vring, chains)
+        if vring.queue.last_avail != consumed_from:
+            # Also when every chain was bad and returned empty: the driver
+            # must be told, and asked to kick again, or the ring stalls.
             vring.queue.set_avail_event()
             vring.notify()
 
+    def _driver_was_reset(self, base: int) -> bool:
+        """A resumed ring continues from the index the device reported at its
+        stop; a reset driver starts again from 0. (An index that wrapped to
+        exactly 0 resumes with the 0 that was reported, so it is no reset.)"""
+        if self._inflate_stop_base is None:
+            return base == 0
+        return base != self._inflate_stop_base
+
     def queue_stopped(self, vring: Vring) -> int:
+        if self.roles.get(vring.index) is QueueRole.INFLATE and vring.queue is not None:
+            self._inflate_stop_base = vring.queue.last_avail
         if self._stats_held is not None and self._stats_held[0] is vring:
             self._stats_held = None
             return 1
@@ -207,12 +241,14 @@ class BalloonDevice:
 
     def stopped(self) -> None:
         self.running = False
+        self.flush_discards()
         if self._stats_timer is not None:
             self._stats_timer.cancel()
             self._stats_timer = None
 
     def disconnected(self) -> None:
         self.stopped()
+        self.memory_unmapping()
         self._stats_held = None
         self.memory = None
         self.releaser = MemoryReleaser([])
@@ -317,7 +353,7 @@ class BalloonDevice:
         before = self.tracker.counters.invalid_pfn, self.tracker.counters.stray_deflate
         removed = self.tracker.deflate(pfns)
         self._report_refusals(before, "deflate")
-        self.releaser.frames_returned(removed)
+        self._forget(removed)
         self._return(vring, chains)
 
     def _report_refusals(self, before: tuple[int, int], op: str) -> None:
@@ -331,10 +367,53 @@ class BalloonDevice:
             self.limited.warning(f"{op}: frames {what} ignored", frames=repeated)
 
     def _release(self, pfns: list[int]) -> None:
+        """Frames entered the balloon: discard their memory, now or soon.
+
+        Deferring is safe because the guest may not touch a frame it gave to
+        the balloon until a deflate hands it back, and a deflate cancels the
+        frame's pending discard (`_forget`) before it is acknowledged.
+        """
         if not pfns:
             return
-        result = self.releaser.release_frames(pfns)
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.update(pfns)
+        delay = self.settings.discard_max_delay
+        if delay <= 0 or len(self._pending) >= self.settings.discard_max_frames:
+            self.flush_discards()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_discards()
+            return
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        now = loop.time()
+        oldest = now - (time.monotonic() - self._pending_since)
+        self._flush_timer = loop.call_at(min(now + self.settings.discard_idle, oldest + delay), self.flush_discards)
+
+    def _forget(self, pfns: list[int]) -> None:
+        """Frames left the balloon: cancel pending discards, update huge-page counts."""
+        if not pfns:
+            return
+        if self._pending:
+            discarded = [p for p in pfns if p not in self._pending]
+            self._pending.difference_update(pfns)
+        else:
+            discarded = pfns
+        self.releaser.frames_returned(discarded)
+
+    def flush_discards(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._pending:
+            return
+        pfns, self._pending = self._pending, set()
+        result = self.releaser.release_frames(pfns, self.tracker.__contains__)
         self.counters.balloon_freed_bytes += result.freed_bytes
+        self.counters.discard_calls += result.calls
         if result.errors:
             self.counters.discard_errors += result.errors
             self.limited.warning("discard failed", error=self.releaser.last_error)
@@ -358,7 +437,7 @@ class BalloonDevice:
                     left.append(record.old_pfn)
                 else:
                     self.limited.warning("migration refused", old_pfn=record.old_pfn, new_pfn=record.new_pfn)
-        self.releaser.frames_returned(left)
+        self._forget(left)
         self._release(entered)
         self._return(vring, chains)
 
@@ -423,14 +502,9 @@ class BalloonDevice:
             return
         self._stats_timer = loop.call_later(self.settings.stats_interval, self._request_stats)
 
-    def _drain_unused(self, vring: Vring) -> None:
+    def _drain_unused(self, vring: Vring, chains: list[Chain]) -> None:
         """Buffers on a queue we do not implement (free page hints) go back unused."""
-        chains = self._pop_all(vring)
-        if chains:
-            self._return(vring, chains)
-            assert vring.queue is not None
-            vring.queue.set_avail_event()
-            vring.notify()
+        self._return(vring, chains)
 
     def _reset_huge_fill(self) -> None:
         for region in self.releaser.regions:
@@ -450,6 +524,7 @@ class BalloonDevice:
             "host_freed_bytes": self.counters.balloon_freed_bytes,
             "reported_freed_bytes": self.counters.reported_freed_bytes,
             "resident_bytes": self.releaser.allocated_bytes() if memory else 0,
+            "pending_discard_bytes": len(self._pending) * vb.PAGE_SIZE,
             "stats": dict(self.stats.values),
             "stats_updated_at": self.stats.updated_at,
             "migrations": self.tracker.counters.migrations,

@@ -26,13 +26,16 @@ import ctypes.util
 import errno
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from protocol.balloon import PAGE_SIZE, PFN_SHIFT
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+
+#: The longest stretch of already-ballooned frames bridged between two runs (frames).
+MAX_BRIDGED_GAP = 1 << 16
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -132,12 +135,43 @@ class MemoryReleaser:
 
     # ----------------------------------------------------------- balloon
 
-    def release_frames(self, pfns: Iterable[int]) -> ReleaseResult:
-        """Discard newly ballooned frames (already validated by the tracker)."""
+    def release_frames(
+        self, pfns: Iterable[int], ballooned: Callable[[int], bool] | None = None
+    ) -> ReleaseResult:
+        """Discard newly ballooned frames (already validated by the tracker).
+
+        With `ballooned` (membership in the balloon), two runs are punched as
+        one when every frame between them is already in the balloon: punching
+        a frame the guest gave away twice is harmless, and a scattered inflate
+        into a mostly ballooned range then costs one call instead of hundreds.
+        """
+        runs = coalesce(pfns)
+        if ballooned is not None:
+            runs = self._bridge(runs, ballooned)
         spans: list[tuple[ReleasableRegion, int, int]] = []  # region, gpa offset, length
-        for first, count in coalesce(pfns):
+        for first, count in runs:
             spans.extend(self._split(first, count, entering=True))
         return self._discard(spans)
+
+    def _bridge(self, runs: list[tuple[int, int]], ballooned: Callable[[int], bool]) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for first, count in runs:
+            if out:
+                prev_first, prev_count = out[-1]
+                gap_start = prev_first + prev_count
+                gap = first - gap_start
+                region = self._region_for(prev_first)
+                if (
+                    gap <= MAX_BRIDGED_GAP
+                    and region is not None
+                    and not region.hugetlb  # huge pages count their frames one by one
+                    and region.contains_pfn(first + count - 1)
+                    and all(ballooned(pfn) for pfn in range(gap_start, first))
+                ):
+                    out[-1] = (prev_first, first + count - prev_first)
+                    continue
+            out.append((first, count))
+        return out
 
     def frames_returned(self, pfns: Iterable[int]) -> None:
         """Frames left the balloon: forget them in the huge-page fill counts."""

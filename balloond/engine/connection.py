@@ -314,6 +314,7 @@ class VhostUserConnection:
     def _set_mem_table(self, d: vu.DecodedRequest) -> None:
         table: vu.MemTable = d.payload  # type: ignore[assignment]
         live = self._suspend_rings()
+        self._safe_device_call(self.device.memory_unmapping)
         self.memory.close()
         self.memory = GuestMemory()
         fds = list(table.fds)
@@ -348,6 +349,7 @@ class VhostUserConnection:
         if single.fd is not None:
             _close_fds([single.fd])
         live = self._suspend_rings()
+        self._safe_device_call(self.device.memory_unmapping)
         if not self.memory.remove(single.region):
             self._resume_rings(live)
             raise FrontendError(f"REM_MEM_REG of a region that is not mapped ({single.region})")
@@ -452,6 +454,13 @@ class VhostUserConnection:
         return vu.VringState(state.index, base).encode()
 
     def _try_start(self, vring: Vring) -> None:
+        if vring.live and vring.enabled:
+            # Re-enabled after ENABLE(0) without a GET_VRING_BASE: the ring
+            # kept its state; listen to its kicks again and look at it.
+            self._loop.add_reader(vring.kick_fd, self._kicked, vring)
+            self._safe_device_call(self.device.queue_kicked, vring)
+            self._check_started()
+            return
         if vring.live or not (vring.configured and vring.enabled and self.memory.regions):
             return
         features = self.acked_features or 0
@@ -468,7 +477,10 @@ class VhostUserConnection:
         self._loop.add_reader(vring.kick_fd, self._kicked, vring)
         self.log.debug("ring live", queue=vring.index, num=vring.num, base=vring.base)
         self._safe_device_call(self.device.queue_started, vring)
-        if not self.started and all(v.live for v in self.vrings.values() if v.configured):
+        self._check_started()
+
+    def _check_started(self) -> None:
+        if not self.started and all(v.live and v.enabled for v in self.vrings.values() if v.configured):
             self.started = True
             self.log.info("device started", queues=sorted(i for i, v in self.vrings.items() if v.live))
             self._safe_device_call(self.device.started)

@@ -37,6 +37,9 @@ class VirtioDevice(Protocol):
     def set_features(self, features: int) -> None:
         """The driver's acknowledged features (a subset of `features`)."""
 
+    def memory_unmapping(self) -> None:
+        """Guest RAM's mappings and fds are about to be closed or replaced."""
+
     def set_memory(self, memory: GuestMemory) -> None:
         """Guest RAM was (re)mapped; ring views into the old mapping are gone."""
 

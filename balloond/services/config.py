@@ -51,6 +51,7 @@ class Settings:
     log_level: str = "info"
     socket_group: str | None = None
     poll_us: float = 200.0
+    discard_delay_ms: float = 250.0
     migrate_extension: bool = True
     deflate_on_oom: bool = True
     free_page_reporting: bool = True
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-group", metavar="GROUP", help="make VM sockets 0660 and owned by GROUP")
     p.add_argument("--poll-us", type=float, metavar="MICROSECONDS",
                    help="after a kick, keep polling the ring this long (default 200; 0 = off)")
+    p.add_argument("--discard-delay-ms", type=float, metavar="MS",
+                   help="let discards of inflated pages wait up to MS milliseconds so that many buffers' "
+                        "pages are freed in few calls (default 250; 0 = before each buffer is returned)")
     p.add_argument("--no-migrate-extension", action="store_true",
                    help="do not offer balloond's migrate-queue extension")
     p.add_argument("--no-deflate-on-oom", action="store_true", help="do not offer DEFLATE_ON_OOM")
@@ -137,6 +141,7 @@ _FILE_KEYS = {
     "log_level": str,
     "socket_group": str,
     "poll_us": (int, float),
+    "discard_delay_ms": (int, float),
     "migrate_extension": bool,
     "deflate_on_oom": bool,
     "free_page_reporting": bool,
@@ -177,7 +182,8 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.vms.append(VmConfig("default", socket=args.socket_path))
     if args.fd is not None:
         settings.vms.append(VmConfig("default", fd=args.fd))
-    for key in ("api", "state_dir", "stats_interval", "log_format", "log_level", "socket_group", "poll_us"):
+    for key in ("api", "state_dir", "stats_interval", "log_format", "log_level", "socket_group", "poll_us",
+                "discard_delay_ms"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
@@ -207,6 +213,8 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError("--stats-interval must not be negative")
     if settings.poll_us < 0 or settings.poll_us > 100_000:
         raise ConfigError("--poll-us must be between 0 and 100000")
+    if not 0 <= settings.discard_delay_ms <= 10_000:
+        raise ConfigError("--discard-delay-ms must be between 0 and 10000")
     if settings.log_format not in ("json", "console"):
         raise ConfigError(f"log_format must be json or console, not {settings.log_format!r}")
     if settings.log_level not in ("debug", "info", "warning", "error"):

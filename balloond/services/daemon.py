@@ -60,6 +60,7 @@ class Daemon:
             deflate_on_oom=s.deflate_on_oom,
             free_page_reporting=s.free_page_reporting,
             migrate_extension=s.migrate_extension,
+            discard_max_delay=s.discard_delay_ms / 1000,
         )
 
     def open_sockets(self) -> None:

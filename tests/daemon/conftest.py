@@ -29,7 +29,11 @@ def daemon_options() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, daemon_options: dict[str, Any]) -> Iterator[DaemonProcess]:
+    # Discards happen before each buffer is returned, so memory can be checked
+    # right after an inflate; a module that tests deferred discards passes its
+    # own --discard-delay-ms, which comes later and wins.
     options = {"vms": ("vm0", "vm1"), "stats_interval": 0.2, **daemon_options}
+    options["extra_args"] = ["--discard-delay-ms", "0", *options.get("extra_args", ())]
     proc = DaemonProcess(tmp_path_factory.mktemp("balloond"), **options)
     proc.start()
     yield proc
@@ -51,6 +55,7 @@ def daemon_health(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     proc: DaemonProcess = request.getfixturevalue("daemon")
     start = proc.log_size()
+    proc.test_log_start = start  # type: ignore[attr-defined]
     yield
     if not proc.alive:
         pytest.fail(f"balloond died:\n{proc.log_tail()}")
@@ -82,3 +87,4 @@ def connect(daemon: DaemonProcess) -> Iterator[Callable[..., TestFrontend]]:
     for vm in sorted({vm for vm, _ in made}):
         daemon.wait_disconnected(vm)
         daemon.api.set_target(vm, 0)
+
