@@ -1,0 +1,268 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * balloond_balloon: page layer on top of the kernel's balloon core.
+ *
+ * Used on 6.17 and later, where the kernel picks a page's movable_operations
+ * from its page type and keeps the PageOffline slot for the balloon core, so
+ * a module can no longer register movable_operations of its own.  The core
+ * then owns isolation and putback (balloon_mops) and calls our migratepage
+ * hook to move a page; the list, isolated_pages and page->private are the
+ * core's, under bdev.pages_lock.
+ *
+ * The hook contract this file is written against is the one of 6.1 .. 6.18:
+ * the driver's migratepage inserts the new page (balloon_page_insert,
+ * isolated_pages--) under bdev.pages_lock, finalizes the old page and drops
+ * its reference.  That is also why the same code builds and runs on 6.1 and
+ * 6.12 with BALLOOND_BALLOON_CORE=1, which is how it has been exercised.
+ * Reworks of the balloon core posted for later kernels (a global balloon
+ * lock, list handling and accounting moved into the core, a renamed header)
+ * change that contract; such a kernel fails to build here rather than
+ * silently misbehave, and this file must be revisited for it.
+ */
+#include <linux/mm.h>
+#include <linux/migrate.h>
+#include <linux/pagemap.h>
+#include <linux/sort.h>
+#include <linux/slab.h>
+
+#include "balloond_balloon.h"
+
+#if BALLOOND_USE_BALLOON_CORE
+
+#ifndef CONFIG_BALLOON_COMPACTION
+#error "the balloon-core page layer needs CONFIG_BALLOON_COMPACTION"
+#endif
+
+const char *const bd_page_layer = "balloon-core";
+
+static int bd_core_migratepage(struct balloon_dev_info *bdev,
+			       struct page *newpage, struct page *page,
+			       enum migrate_mode mode)
+{
+	struct balloond *vb = container_of(bdev, struct balloond, bdev);
+	unsigned long flags;
+	int err;
+
+	/* See movable.c: never wait for balloon_lock on this path. */
+	if (!mutex_trylock(&vb->balloon_lock)) {
+		atomic_long_inc(&vb->cnt.migrate_busy);
+		return -EAGAIN;
+	}
+
+	err = bd_report_migration(vb, page, newpage);
+	if (err) {
+		mutex_unlock(&vb->balloon_lock);
+		atomic_long_inc(&vb->cnt.migrate_failures);
+		dev_warn_ratelimited(&vb->vdev->dev,
+				     "migration %lu -> %lu not reported: %d\n",
+				     page_to_pfn(page), page_to_pfn(newpage),
+				     err);
+		return -EAGAIN;
+	}
+
+	get_page(newpage);	/* the balloon's reference */
+	if (page_zone(page) != page_zone(newpage)) {
+		bd_account(vb, page, 1);
+		bd_account(vb, newpage, -1);
+	}
+
+	spin_lock_irqsave(&bdev->pages_lock, flags);
+	balloon_page_insert(bdev, newpage);
+	bdev->isolated_pages--;
+	spin_unlock_irqrestore(&bdev->pages_lock, flags);
+
+	/* Old page: no longer a balloon page (movable state, private and,
+	 * depending on the kernel, the offline type are cleared). */
+	balloon_page_finalize(page);
+
+	mutex_unlock(&vb->balloon_lock);
+
+	atomic_long_inc(&vb->cnt.migrated);
+	bd_count_migrate();
+	wake_up(&vb->drain_wq);
+
+	put_page(page);		/* the balloon's reference */
+	return 0;		/* success */
+}
+
+void bd_pages_init(struct balloond *vb)
+{
+	balloon_devinfo_init(&vb->bdev);
+	vb->bdev.migratepage = bd_core_migratepage;
+}
+
+unsigned int bd_inflate(struct balloond *vb, unsigned int want)
+{
+	LIST_HEAD(fresh);
+	struct page *page, *tmp;
+	unsigned int got, n = 0;
+	int err;
+
+	want = min_t(unsigned int, want, BD_PFNS_PER_BATCH);
+
+	/* Allocated with no lock held (see movable.c). */
+	for (got = 0; got < want; got++) {
+		page = balloon_page_alloc();
+		if (!page)
+			break;
+		list_add(&page->lru, &fresh);
+	}
+	if (got < want) {
+		atomic_long_inc(&vb->cnt.alloc_failures);
+		dev_info_ratelimited(&vb->vdev->dev,
+				     "out of memory: got %u of %u pages\n",
+				     got, want);
+	}
+	if (!got)
+		return 0;
+
+	mutex_lock(&vb->balloon_lock);
+	list_for_each_entry_safe(page, tmp, &fresh, lru) {
+		list_del(&page->lru);
+		/* Counts BALLOON_INFLATE in /proc/vmstat itself. */
+		balloon_page_enqueue(&vb->bdev, page);
+		bd_account(vb, page, -1);
+		vb->pfns[n++] = bd_pfn32(vb, page);
+	}
+	vb->num_pages += n;
+	err = bd_send_pfns(vb, vb->inflate_vq, n);
+	if (err)
+		dev_err_ratelimited(&vb->vdev->dev,
+				    "inflate of %u pages not sent: %d\n", n, err);
+	bd_write_actual(vb);
+	mutex_unlock(&vb->balloon_lock);
+
+	atomic_long_add(n, &vb->cnt.inflated);
+	return n;
+}
+
+unsigned int bd_deflate(struct balloond *vb, unsigned int want)
+{
+	LIST_HEAD(released);
+	struct page *page, *tmp;
+	unsigned int n = 0;
+	size_t got;
+	int err;
+
+	mutex_lock(&vb->balloon_lock);
+	want = min3(want, (unsigned int)BD_PFNS_PER_BATCH, vb->num_pages);
+
+	/* Takes pages off the list and finalizes them; counts
+	 * BALLOON_DEFLATE itself.  Isolated pages are not on the list. */
+	got = balloon_page_list_dequeue(&vb->bdev, &released, want);
+	list_for_each_entry(page, &released, lru)
+		vb->pfns[n++] = bd_pfn32(vb, page);
+	WARN_ON_ONCE(n != got);
+
+	vb->num_pages -= n;
+	/* Host first, then reuse (MUST_TELL_HOST order, always kept). */
+	if (n) {
+		err = bd_send_pfns(vb, vb->deflate_vq, n);
+		if (err)
+			dev_err_ratelimited(&vb->vdev->dev,
+					    "deflate of %u pages not sent: %d\n",
+					    n, err);
+		bd_write_actual(vb);
+	}
+	mutex_unlock(&vb->balloon_lock);
+
+	list_for_each_entry_safe(page, tmp, &released, lru) {
+		list_del(&page->lru);
+		bd_account(vb, page, 1);
+		put_page(page);
+	}
+
+	atomic_long_add(n, &vb->cnt.deflated);
+	return n;
+}
+
+static bool bd_core_list_nonempty(struct balloond *vb)
+{
+	unsigned long flags;
+	bool ret;
+
+	spin_lock_irqsave(&vb->bdev.pages_lock, flags);
+	ret = !list_empty(&vb->bdev.pages) || !vb->bdev.isolated_pages;
+	spin_unlock_irqrestore(&vb->bdev.pages_lock, flags);
+	return ret;
+}
+
+/*
+ * Give every page back.  The core's isolate callback cannot be told to
+ * refuse, so pages may keep being isolated while we drain; each one comes
+ * back through putback (onto the list) or leaves through our migratepage
+ * hook (its replacement goes onto the list), and we keep deflating until
+ * num_pages, which counts isolated pages too, reaches zero.
+ */
+void bd_drain(struct balloond *vb)
+{
+	while (READ_ONCE(vb->num_pages)) {
+		if (bd_deflate(vb, READ_ONCE(vb->num_pages)))
+			continue;
+		wait_event_timeout(vb->drain_wq, bd_core_list_nonempty(vb),
+				   HZ / 10);
+	}
+}
+
+void bd_pages_resume(struct balloond *vb)
+{
+	/* Nothing to undo: the balloon core never refuses isolation. */
+}
+
+void bd_page_counts(struct balloond *vb, unsigned long *on_list,
+		    unsigned long *isolated)
+{
+	unsigned long flags, cnt = 0;
+	struct page *page;
+
+	spin_lock_irqsave(&vb->bdev.pages_lock, flags);
+	list_for_each_entry(page, &vb->bdev.pages, lru)
+		cnt++;
+	*isolated = vb->bdev.isolated_pages;
+	spin_unlock_irqrestore(&vb->bdev.pages_lock, flags);
+	*on_list = cnt;
+}
+
+static int bd_cmp_ulong(const void *a, const void *b)
+{
+	unsigned long x = *(const unsigned long *)a;
+	unsigned long y = *(const unsigned long *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+int bd_pfns_snapshot(struct balloond *vb, unsigned long **pfns, size_t *n)
+{
+	unsigned long *arr, isolated, on_list, flags;
+	struct page *page;
+	size_t cap, cnt;
+
+	for (;;) {
+		bd_page_counts(vb, &on_list, &isolated);
+		cap = on_list + 64;
+		arr = kvmalloc_array(cap, sizeof(*arr), GFP_KERNEL);
+		if (!arr)
+			return -ENOMEM;
+
+		spin_lock_irqsave(&vb->bdev.pages_lock, flags);
+		cnt = 0;
+		list_for_each_entry(page, &vb->bdev.pages, lru)
+			cnt++;
+		if (cnt <= cap)
+			break;
+		/* The list grew past the array meanwhile: try again. */
+		spin_unlock_irqrestore(&vb->bdev.pages_lock, flags);
+		kvfree(arr);
+	}
+	cnt = 0;
+	list_for_each_entry(page, &vb->bdev.pages, lru)
+		arr[cnt++] = page_to_pfn(page);
+	spin_unlock_irqrestore(&vb->bdev.pages_lock, flags);
+
+	sort(arr, cnt, sizeof(*arr), bd_cmp_ulong, NULL);
+	*pfns = arr;
+	*n = cnt;
+	return 0;
+}
+
+#endif /* BALLOOND_USE_BALLOON_CORE */
