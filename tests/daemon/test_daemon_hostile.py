@@ -546,33 +546,26 @@ def test_memory_table_shrinking_under_a_running_device(daemon, victim):
 # ====================================================== known daemon bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG balloond/device/balloon.py queue_kicked: when every popped chain is bad it neither "
-    "updates avail_event nor signals the call fd, so an EVENT_IDX driver never kicks again",
-)
 def test_rejected_chain_keeps_the_ring_alive(daemon, victim):
     """Linux-faithful driver: after the device rejects a buffer, it still must
     ask for the next kick (avail_event) and interrupt the driver."""
     fe = victim
     q = fe.queue(QueueRole.INFLATE)
+    q.rekick_after = None  # exactly Linux: no second chances
+    q.strict_interrupts = True
     buf = fe.aux_gpa(QueueRole.INFLATE)
     idx = q.alloc_desc(1, "bad")
     q.write_desc(idx[0], buf, 4, VRING_DESC_F_NEXT, idx[0])  # a descriptor chained to itself
     q.put_avail(idx[0])
     q.kick()
-    used = q.wait(1, timeout=2)  # strict: the driver asked for an interrupt
+    used = q.wait(1, timeout=2)  # the driver asked for an interrupt
     assert used[0].head == idx[0]
     fe.inflate([fe.first_free_pfn + 304], timeout=2)  # kick decided by avail_event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG balloond/engine/connection.py _set_vring_enable: ENABLE(1) of a ring that is still live "
-    "after ENABLE(0) neither re-adds its kick reader nor restarts the device",
-)
 def test_disable_enable_without_get_vring_base(daemon, victim):
     fe = victim
+    fe.queue(QueueRole.INFLATE).rekick_after = None
     for i in range(fe.num_vqs):
         fe.request(Request.SET_VRING_ENABLE, vu.VringState(i, 0).encode())
     assert not daemon.api.vm("vm0")["running"]

@@ -1,0 +1,119 @@
+"""Our guest driver (guest-driver/) on real guests: compaction moves balloon
+pages, and the daemon's set of ballooned frames follows every move.
+
+Each scenario runs on Debian's 6.1 and 6.12 kernels, with balloond's migrate
+extension (one {old, new} record per move) and without it (the driver falls
+back to the standard inflate-new/deflate-old pair).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from harness import VhostUserBalloon, find_kernel
+from tests.e2e.test_balloon import MIB, daemon, wait_for  # noqa: F401  (daemon is a fixture)
+
+pytestmark = pytest.mark.vm
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "balloond_balloon"
+
+
+@cache
+def build_module(kernel: str) -> Path:
+    release = find_kernel(kernel).release
+    out = subprocess.run(["sh", str(REPO / "guest-driver" / "build.sh"), release],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, f"guest driver build failed for {release}:\n{out.stderr[-3000:]}"
+    log = out.stderr
+    assert "warning:" not in log, f"the guest driver builds with warnings on {release}:\n{log[-3000:]}"
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def guest_stats(vm) -> dict[str, str]:
+    out = vm.sh(f"cat /sys/kernel/debug/balloond/stats")
+    return dict(re.findall(r"^(\w+): (\S+)$", out, re.M))
+
+
+def guest_pfns(vm) -> set[int]:
+    return {int(x) for x in vm.sh("cat /sys/kernel/debug/balloond/pfns", timeout=120).split()}
+
+
+def vmstat(vm, key: str) -> int:
+    m = re.search(rf"^{key} (\d+)$", vm.sh("cat /proc/vmstat"), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def boot_with_driver(make_vm, daemon, kernel: str, ext: bool):
+    ko = build_module(kernel)
+    vm = make_vm(kernel, memory_mib=512, balloon=VhostUserBalloon(daemon.sockets["guest"]), modules=[ko])
+    # the stock virtio_balloon is never loaded in this guest; ours binds the device
+    vm.sh(f"insmod /lib/modules/{MODULE}.ko migrate_ext={1 if ext else 0}")
+    return vm
+
+
+@pytest.mark.parametrize("ext", [True, False], ids=["extension", "fallback"])
+def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, kernel, ext):
+    vm = boot_with_driver(make_vm, daemon, kernel, ext)
+    wait_for("the driver to start the device", lambda: daemon.api.vm("guest")["running"])
+    features = daemon.api.vm("guest")["features"]
+    assert ("BALLOOND_MIGRATE_VQ" in features) == ext
+    assert guest_stats(vm)["ext_negotiated"] == ("yes" if ext else "no")
+
+    pid = vm.start_hold(64)  # checksummed data that must survive everything below
+    vm.sh("guesttool dirty 200", timeout=300)  # make guest RAM resident on the host
+    resident_before = vm.memfd_allocated_bytes()
+    balloon = 96 * MIB
+    daemon.api.set_target("guest", balloon)
+    wait_for("the balloon to reach its target",
+             lambda: (v := daemon.api.vm("guest"))["actual_bytes"] == balloon and v["ballooned_bytes"] == balloon)
+    wait_for("pending discards", lambda: daemon.api.vm("guest")["pending_discard_bytes"] == 0, 10)
+    freed_by_inflate = resident_before - vm.memfd_allocated_bytes()
+    assert freed_by_inflate >= 0.95 * balloon
+
+    # fragment memory around the balloon, then compact, several times
+    vm.sh("guesttool fragment 120 > /tmp/frag.log 2>&1 & "
+          "while ! grep -q READY /tmp/frag.log; do sleep 0.2; done", timeout=300)
+    before = int(guest_stats(vm)["migrated"])
+    for _ in range(4):
+        vm.sh("echo 1 > /proc/sys/vm/compact_memory", timeout=300)
+    stats = guest_stats(vm)
+    migrated = int(stats["migrated"]) - before
+    assert migrated > 0, f"compaction moved no balloon page: {stats}"
+    assert vmstat(vm, "balloon_migrate") >= migrated
+    assert int(stats["migrate_failures"]) == 0
+
+    wait_for("pending discards", lambda: daemon.api.vm("guest")["pending_discard_bytes"] == 0, 10)
+    state = daemon.api.vm("guest")
+    assert state["migrations"] >= migrated
+    if ext:
+        assert int(stats["ext_records"]) >= migrated and int(stats["fallback_pairs"]) == 0
+    else:
+        assert int(stats["fallback_pairs"]) >= migrated and int(stats["ext_records"]) == 0
+    # exactly the same frames on both sides
+    assert daemon.api.pfn_set("guest") == guest_pfns(vm)
+    assert state["ballooned_bytes"] == balloon
+    # every frame that entered the balloon had its host memory released
+    assert state["host_freed_bytes"] >= 0.95 * balloon
+    assert state["counters"]["bad_migration"] == 0 and state["counters"]["guest_errors"] == 0
+
+    ok, bad = vm.verify_hold(pid)
+    assert ok, f"{bad} pages of the guest's data changed"
+    print(f"\n{kernel} {'extension' if ext else 'fallback'}: {migrated} balloon pages migrated, "
+          f"daemon counted {state['migrations']}, PFN sets equal ({len(guest_pfns(vm))} frames)")
+
+
+def test_unloading_with_a_full_balloon_returns_every_page(make_vm, daemon, kernel):
+    vm = boot_with_driver(make_vm, daemon, kernel, ext=True)
+    total = vm.meminfo()["MemTotal"]
+    daemon.api.set_target("guest", 64 * MIB)
+    wait_for("the balloon to fill", lambda: daemon.api.vm("guest")["ballooned_bytes"] == 64 * MIB)
+    vm.sh(f"rmmod {MODULE}", timeout=300)
+    wait_for("the daemon's set to empty", lambda: daemon.api.pfns("guest")["count"] == 0, 60)
+    assert vm.meminfo()["MemTotal"] >= total
+    assert daemon.api.vm("guest")["counters"]["stray_deflate"] == 0
