@@ -217,6 +217,14 @@ class SplitQueue:
         """Chains the guest has made available and the device not yet taken."""
         count = (self.avail_idx() - self.last_avail) & 0xFFFF
         if count > self.num:
+            # Look twice before declaring the ring broken: a 16-bit store by
+            # another process to shared memory has been seen to read back
+            # torn on some virtualised hosts, and a stalled ring costs more
+            # than a second load.
+            for _ in range(3):
+                count = (self.avail_idx() - self.last_avail) & 0xFFFF
+                if count <= self.num:
+                    return count
             raise GuestError(f"avail index moved {count} entries ahead of a queue of {self.num}")
         return count
 

@@ -144,6 +144,19 @@ class VhostUserConnection:
             return
         self.close_reason = reason
         (self.log.error if error else self.log.info)("frontend connection closed", reason=reason)
+        try:
+            self._teardown()
+        except Exception:
+            self.log.exception("error while closing the connection")
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            if not self._closed.done():
+                self._closed.set_result(reason)
+
+    def _teardown(self) -> None:
         for fd in (self.sock.fileno(),):
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
@@ -161,9 +174,6 @@ class VhostUserConnection:
             self.backend_sock.close()
             self.backend_sock = None
         _close_fds(self.reader.take_pending_fds())
-        self.sock.close()
-        if not self._closed.done():
-            self._closed.set_result(reason)
 
     def _safe_device_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Device code must not take the daemon down; a bug there is logged."""
