@@ -142,10 +142,46 @@ class PfnTracker:
 
     # ----------------------------------------------------------- updates
 
+    def _fast_runs(self, pfns: list[int]) -> list[tuple[_Range, int, int]] | None:
+        """`pfns` as (range, first offset, count) runs of whole bytes, if they
+        are exactly that: the common shape of a driver's buffer (a free list
+        hands out neighbouring frames), updated a byte at a time."""
+        if len(pfns) < 64:
+            return None
+        ordered = sorted(pfns)
+        runs = []
+        start = prev = ordered[0]
+        for pfn in ordered[1:]:
+            if pfn != prev + 1:
+                runs.append((start, prev - start + 1))
+                start = pfn
+            prev = pfn
+        runs.append((start, prev - start + 1))
+        if len(runs) > len(pfns) // 32:
+            return None
+        out = []
+        for first, count in runs:
+            hit = self._locate(first)
+            if hit is None:
+                return None
+            r, off = hit
+            if off & 7 or count & 7 or off + count > r.count:
+                return None
+            out.append((r, off, count))
+        return out
+
     def inflate(self, pfns: Iterable[int]) -> list[int]:
         """Add frames; return those newly ballooned (the ones to discard)."""
-        added = []
         pfns = list(pfns)
+        runs = self._fast_runs(pfns)
+        if runs is not None and all(not any(r.bits[o >> 3 : (o + c) >> 3]) for r, o, c in runs):
+            for r, o, c in runs:
+                r.bits[o >> 3 : (o + c) >> 3] = b"\xff" * (c >> 3)
+            self.count += len(pfns)
+            self.counters.inflated += len(pfns)
+            self._single_inflate = None
+            return pfns
+        added = []
         for pfn in pfns:
             hit = self._locate(pfn)
             if hit is None:
@@ -165,8 +201,16 @@ class PfnTracker:
 
     def deflate(self, pfns: Iterable[int]) -> list[int]:
         """Remove frames; return those that were ballooned."""
-        removed = []
         pfns = list(pfns)
+        runs = self._fast_runs(pfns)
+        if runs is not None and all(r.bits[o >> 3 : (o + c) >> 3].count(0xFF) == c >> 3 for r, o, c in runs):
+            for r, o, c in runs:
+                r.bits[o >> 3 : (o + c) >> 3] = bytes(c >> 3)
+            self.count -= len(pfns)
+            self.counters.deflated += len(pfns)
+            self._single_inflate = None
+            return pfns
+        removed = []
         for pfn in pfns:
             hit = self._locate(pfn)
             if hit is None:

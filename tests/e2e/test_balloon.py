@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness import Vm, VhostUserBalloon
-from tests.daemon.harness import DaemonProcess
+from harness.daemon import DaemonProcess
 
 pytestmark = pytest.mark.vm
 

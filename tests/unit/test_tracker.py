@@ -107,3 +107,31 @@ def test_clear_empties():
     t.inflate(random.sample(range(200, 60000), 500))
     assert t.clear() == 500
     assert len(t) == 0 and list(t) == []
+
+
+def test_whole_byte_runs_take_the_fast_path_with_the_same_result():
+    t = tracker()
+    buffer = list(range(256, 512))[::-1]  # one aligned run, in a driver's descending order
+    assert sorted(t.inflate(buffer)) == list(range(256, 512))
+    assert len(t) == 256 and 300 in t and 255 not in t and 512 not in t
+    assert t.inflate(buffer) == [] and t.counters.double_inflate == 256  # slow path refuses each
+    assert sorted(t.deflate(buffer)) == list(range(256, 512)) and len(t) == 0
+    assert t.deflate(buffer) == [] and t.counters.stray_deflate == 256
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(24, 240), st.integers(1, 40)), max_size=20))
+def test_fast_and_slow_paths_agree_with_a_reference(ops):
+    t = PfnTracker([(0, 160), (192, 2048 - 192)])
+    ram = set(range(0, 160)) | set(range(192, 2048))
+    ref = set()
+    for inflate, byte, nbytes in ops:
+        pfns = list(range(byte * 8, min(2048, (byte + nbytes) * 8)))
+        if inflate:
+            assert sorted(t.inflate(pfns)) == sorted(p for p in pfns if p in ram and p not in ref)
+            ref |= {p for p in pfns if p in ram}
+        else:
+            assert sorted(t.deflate(pfns)) == sorted(p for p in pfns if p in ref)
+            ref -= set(pfns)
+        assert len(t) == len(ref)
+    assert set(t) == ref
