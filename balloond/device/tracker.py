@@ -50,6 +50,7 @@ class PfnTracker:
         # Stock-driver migration detection: a 1-frame inflate immediately
         # followed by a 1-frame deflate is how Linux reports a compaction move.
         self._single_inflate: int | None = None
+        self._parked: dict[tuple[int, int], bytearray] = {}
         self.resize(ranges)
 
     # ----------------------------------------------------------- layout
@@ -70,11 +71,26 @@ class PfnTracker:
         self.count = 0
         dropped = []
         for r in old:
+            same = next((n for n in new if (n.first, n.count) == (r.first, r.count)), None)
+            if same is not None:
+                same.bits[:] = r.bits
+                self.count += sum(bin(b).count("1") for b in r.bits if b)
+                continue
             for pfn in _iter_bits(r):
                 if self._locate(pfn) is not None:
                     self._set(pfn)
                 else:
                     dropped.append(pfn)
+        # A range that leaves and comes back unchanged (the frontend re-sends
+        # a memory slot: REM_MEM_REG, then ADD_MEM_REG) keeps its frames.
+        for r in new:
+            parked = self._parked.pop((r.first, r.count), None)
+            if parked is not None and not any(r.bits):
+                r.bits[:] = parked
+                self.count += sum(bin(b).count("1") for b in parked if b)
+        for r in old:
+            if not any((n.first, n.count) == (r.first, r.count) for n in new) and any(r.bits):
+                self._parked[(r.first, r.count)] = r.bits
         return dropped
 
     @property
@@ -252,6 +268,7 @@ class PfnTracker:
 
     def clear(self) -> int:
         """Empty the balloon (the driver was reset); return how many frames it held."""
+        self._parked.clear()
         held = self.count
         for r in self._ranges:
             r.bits[:] = bytes(len(r.bits))

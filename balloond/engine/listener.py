@@ -74,13 +74,13 @@ def adopt_listening_socket(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise ListenerError(f"fd {fd}: {exc.strerror}") from None
+        raise ListenerError(f"fd {fd} is not a listening Unix socket ({exc.strerror})") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
-        raise ListenerError(f"fd {fd} is not a Unix stream socket")
+        raise ListenerError(f"fd {fd} is not a listening Unix socket (wrong socket type)")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()
-        raise ListenerError(f"fd {fd} is not listening")
+        raise ListenerError(f"fd {fd} is not a listening Unix socket (not listening)")
     sock.setblocking(False)
     return sock
 

@@ -135,3 +135,12 @@ def test_fast_and_slow_paths_agree_with_a_reference(ops):
             ref -= set(pfns)
         assert len(t) == len(ref)
     assert set(t) == ref
+
+
+def test_a_range_that_leaves_and_returns_unchanged_keeps_its_frames():
+    t = tracker()
+    t.inflate([5, 300, 60000])
+    t.resize([LOW])  # REM_MEM_REG of the high range
+    assert sorted(t) == [5]
+    t.resize([LOW, HIGH])  # ADD_MEM_REG of the same range
+    assert sorted(t) == [5, 300, 60000] and len(t) == 3
