@@ -67,6 +67,11 @@ def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, 
 
     pid = vm.start_hold(64)  # checksummed data that must survive everything below
     vm.sh("guesttool dirty 200", timeout=300)  # make guest RAM resident on the host
+    # Fragment memory first, so the balloon's pages land in the holes, spread
+    # over the whole zone; freeing the fragmenter's pages afterwards leaves
+    # balloon pages where the compaction scanners find them.
+    vm.sh("guesttool fragment 200 > /tmp/frag.log 2>&1 & echo $! > /tmp/frag.pid; "
+          "while ! grep -q READY /tmp/frag.log; do sleep 0.2; done", timeout=300)
     resident_before = vm.memfd_allocated_bytes()
     balloon = 96 * MIB
     daemon.api.set_target("guest", balloon)
@@ -76,9 +81,7 @@ def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, 
     freed_by_inflate = resident_before - vm.memfd_allocated_bytes()
     assert freed_by_inflate >= 0.95 * balloon
 
-    # fragment memory around the balloon, then compact, several times
-    vm.sh("guesttool fragment 120 > /tmp/frag.log 2>&1 & "
-          "while ! grep -q READY /tmp/frag.log; do sleep 0.2; done", timeout=300)
+    vm.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
     before = int(guest_stats(vm)["migrated"])
     for _ in range(4):
         vm.sh("echo 1 > /proc/sys/vm/compact_memory", timeout=300)
