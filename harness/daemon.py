@@ -12,13 +12,14 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from balloond.services.cli import UnixHTTPConnection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,18 +31,6 @@ class ApiError(Exception):
         self.body = body
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 class ApiClient:
     def __init__(self, path: str | os.PathLike[str], timeout: float = 5.0) -> None:
         self.path = os.fspath(path)
@@ -49,7 +38,7 @@ class ApiClient:
 
     def call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
         """One request on a fresh connection; returns (status, JSON or text)."""
-        conn = _UnixHTTPConnection(self.path, self.timeout)
+        conn = UnixHTTPConnection(self.path, self.timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}

@@ -29,7 +29,9 @@ class CliError(Exception):
     """Something to tell the user in one line; exit code 1."""
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (the API is not on TCP)."""
+
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -42,7 +44,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def request(api: str, method: str, path: str, body: Any = None) -> Any:
-    conn = _UnixHTTPConnection(api)
+    conn = UnixHTTPConnection(api)
     try:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}

@@ -68,7 +68,7 @@ def test_held_stats_buffer_survives_stop_cont(daemon, connect):
     for _ in range(3):  # and across several quick stop/conts in a row
         fe.restart()
     assert fe.serve_stats({StatTag.FREE_MEMORY: 40}, timeout=3)
-    state = daemon.wait_vm("vm0", lambda s: s["stats"].get("free_memory") == 40)
+    daemon.wait_vm("vm0", lambda s: s["stats"].get("free_memory") == 40)
     assert_no_guest_errors(daemon)
 
 

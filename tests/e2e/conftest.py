@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness import SetupError, Vm, available_kernels, find_qemu
+from harness.daemon import DaemonProcess
 
 KERNEL_SERIES = ("6.1", "6.12")
 
@@ -86,3 +87,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
+    """balloond serving one VM named "guest"; a test marked
+    `daemon_args(...)` passes extra options."""
+    marker = request.node.get_closest_marker("daemon_args")
+    args = list(marker.args) if marker else []
+    d = DaemonProcess(tmp_path / "daemon", vms=("guest",), extra_args=args, log_level="info")
+    d.start()
+    yield d
+    d.stop()
+    print(f"\nballoond log: {d.log_path}")

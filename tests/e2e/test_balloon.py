@@ -9,41 +9,17 @@ memfd itself (allocated blocks) or from the daemon's API.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from harness import Vm, VhostUserBalloon
 from harness.daemon import DaemonProcess
+from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
 
-MIB = 1 << 20
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 0.25) -> Any:
-    """Poll until `predicate()` is truthy; fail with `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
-    marker = request.node.get_closest_marker("daemon_args")
-    args = list(marker.args) if marker else []
-    d = DaemonProcess(tmp_path / "daemon", vms=("guest",), extra_args=args, log_level="info")
-    d.start()
-    yield d
-    d.stop()
-    print(f"\nballoond log: {d.log_path}")
 
 
 def boot(make_vm: Callable[..., Vm], daemon: DaemonProcess, kernel: str, **kwargs: Any) -> Vm:

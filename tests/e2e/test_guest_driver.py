@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import VhostUserBalloon, find_kernel
-from tests.e2e.test_balloon import MIB, daemon, wait_for  # noqa: F401  (daemon is a fixture)
+from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -36,7 +36,7 @@ def build_module(kernel: str) -> Path:
 
 
 def guest_stats(vm) -> dict[str, str]:
-    out = vm.sh(f"cat /sys/kernel/debug/balloond/stats")
+    out = vm.sh("cat /sys/kernel/debug/balloond/stats")
     return dict(re.findall(r"^(\w+): (\S+)$", out, re.M))
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from protocol import balloon as vb
 from protocol import extension as ext
-from protocol.balloon import Feature, QueueRole
+from protocol.balloon import Feature
 from protocol.errors import GuestError
 
 
