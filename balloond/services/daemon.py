@@ -88,6 +88,11 @@ class Daemon:
         if self.settings.api:
             await self.api.start(self.settings.api)
         tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection)) for vm in self.vms.values()]
+        if self.settings.state_dir:
+            self.log.warning(
+                "state-dir is accepted but not used yet: a restarted daemon starts with empty balloons",
+                state_dir=self.settings.state_dir,
+            )
         self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__)
         sd_notify(f"READY=1\nSTATUS=serving {len(self.vms)} VM(s)")
         try:
