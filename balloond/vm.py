@@ -18,6 +18,7 @@ import structlog
 from protocol.balloon import PAGE_SIZE
 
 from .device.balloon import BalloonDevice, DeviceSettings
+from .device.journal import BalloonJournal
 from .engine.connection import VhostUserConnection
 from .engine.listener import VhostUserListener
 
@@ -35,13 +36,15 @@ class VirtualMachine:
         *,
         poll_seconds: float = 0.0,
         log: Any = None,
+        journal: BalloonJournal | None = None,
     ) -> None:
         self.name = name
+        self.journal = journal
         self.socket_path = socket_path
         self.settings = settings
         self.poll_seconds = poll_seconds
         self.log = (log or structlog.get_logger()).bind(vm=name)
-        self.target_pages = 0
+        self.target_pages = journal.state.target_pages if journal is not None else 0
         self.listener: VhostUserListener | None = None
         self.connection: VhostUserConnection | None = None
         self.device: BalloonDevice | None = None
@@ -54,7 +57,8 @@ class VirtualMachine:
     async def serve_connection(self, sock: socket.socket) -> None:
         self.connections += 1
         device = BalloonDevice(
-            DeviceSettings(**self.settings.__dict__), target_pages=self.target_pages, log=self.log
+            DeviceSettings(**self.settings.__dict__), target_pages=self.target_pages, log=self.log,
+            journal=self.journal,
         )
         connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds)
         self.device, self.connection = device, connection
@@ -91,6 +95,8 @@ class VirtualMachine:
         if pages > 0xFFFFFFFF:
             raise TargetError("a balloon larger than 2^32 pages cannot be expressed")
         self.target_pages = pages
+        if self.journal is not None:
+            self.journal.target(pages)
         if self.device is not None:
             self.device.set_target(pages)
         self.log.info("target set", target_bytes=pages * PAGE_SIZE)

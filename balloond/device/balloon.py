@@ -27,6 +27,7 @@ starts at 0 therefore means a new driver, whose balloon is empty.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from ..engine.device_api import DeviceHost
 from ..engine.memory import GuestMemory
 from ..engine.vring import Vring
 from ..logs import RateLimited
+from .journal import BalloonJournal
 from .releaser import MemoryReleaser, ReleasableRegion
 from .tracker import PfnTracker
 
@@ -116,7 +118,14 @@ class StatsSample:
 
 
 class BalloonDevice:
-    def __init__(self, settings: DeviceSettings | None = None, *, target_pages: int = 0, log: Any = None) -> None:
+    def __init__(
+        self,
+        settings: DeviceSettings | None = None,
+        *,
+        target_pages: int = 0,
+        log: Any = None,
+        journal: BalloonJournal | None = None,
+    ) -> None:
         self.settings = settings or DeviceSettings()
         self.features = self.settings.features()
         self.log = log or structlog.get_logger()
@@ -139,6 +148,9 @@ class BalloonDevice:
         self._pending: set[int] = set()
         self._pending_since = 0.0
         self._flush_timer: asyncio.TimerHandle | None = None
+        # The balloon on disk (--state-dir); consulted once, at the first mapping.
+        self.journal = journal
+        self._journal_adopted = False
         self.connected_at = time.time()
 
     # ================================================================ seam
@@ -179,18 +191,35 @@ class BalloonDevice:
                 for r in memory.regions
             ]
         )
+        reassert = False
+        if self.journal is not None and not self._journal_adopted and memory.regions:
+            self._journal_adopted = True
+            st = os.fstat(memory.regions[0].fd)
+            restored = self.journal.adopt((st.st_dev, st.st_ino))
+            if restored:
+                # The same guest, reconnecting to a restarted daemon: its
+                # balloon is what the journal says. Discard those frames
+                # again: discards still pending at the crash were lost.
+                self.tracker.inflate(restored)
+                self.tracker.counters.inflated = 0
+                reassert = True
+                self.log.info("balloon restored from the state directory", frames=len(self.tracker))
         # Rebuild huge-page fill counts from the tracker for the new regions.
         for region in self.releaser.regions:
             if region.huge_fill is not None:
                 for i in range(len(region.huge_fill)):
                     first = region.first_pfn + i * region.frames_per_page
                     region.huge_fill[i] = self.tracker.count_in(first, region.frames_per_page)
+        if reassert and not any(r.hugetlb for r in self.releaser.regions):
+            self._release(list(self.tracker))
 
     def queue_started(self, vring: Vring) -> None:
         role = self.roles.get(vring.index)
         if role is QueueRole.INFLATE and len(self.tracker) and self._driver_was_reset(vring.base):
             self.flush_discards()
             held = self.tracker.clear()
+            if self.journal is not None:
+                self.journal.cleared()
             self._reset_huge_fill()
             self.counters.driver_resets += 1
             self.log.info("driver restarted its inflate queue: balloon emptied", frames=held)
@@ -344,6 +373,8 @@ class BalloonDevice:
         before = self.tracker.counters.invalid_pfn, self.tracker.counters.double_inflate
         added = self.tracker.inflate(pfns)
         self._report_refusals(before, "inflate")
+        if self.journal is not None:
+            self.journal.inflated(added)
         self._release(added)
         self._return(vring, chains)
 
@@ -353,6 +384,8 @@ class BalloonDevice:
         before = self.tracker.counters.invalid_pfn, self.tracker.counters.stray_deflate
         removed = self.tracker.deflate(pfns)
         self._report_refusals(before, "deflate")
+        if self.journal is not None:
+            self.journal.deflated(removed)
         self._forget(removed)
         self._return(vring, chains)
 
@@ -437,6 +470,8 @@ class BalloonDevice:
                     left.append(record.old_pfn)
                 else:
                     self.limited.warning("migration refused", old_pfn=record.old_pfn, new_pfn=record.new_pfn)
+        if self.journal is not None:
+            self.journal.migrated(list(zip(left, entered)))
         self._forget(left)
         self._release(entered)
         self._return(vring, chains)

@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", metavar="PATH", help="control API Unix socket")
     p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     p.add_argument("--state-dir", metavar="DIR",
-                   help="where per-VM state will be kept across daemon restarts (accepted, not used yet: "
-                        "the daemon warns at start)")
+                   help="keep each VM's balloon (ballooned frames, target) here, so a restarted daemon "
+                        "carries on where it stopped")
     p.add_argument("--stats-interval", type=float, metavar="SECONDS",
                    help="how often to ask guests for statistics (0 = never; default 5)")
     p.add_argument("--log-format", choices=("json", "console"))

@@ -14,6 +14,7 @@ import structlog
 
 from .. import __version__, logs
 from ..device.balloon import DeviceSettings
+from ..device.journal import BalloonJournal, JournalError
 from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_socket, open_listening_socket
 from ..vm import VirtualMachine
 from . import config
@@ -72,10 +73,14 @@ class Daemon:
                 assert vmc.socket is not None
                 sock = open_listening_socket(vmc.socket, group=self.settings.socket_group)
                 path = vmc.socket
+            journal = BalloonJournal(self.settings.state_dir, vmc.name) if self.settings.state_dir else None
             vm = VirtualMachine(
                 vmc.name, path or f"fd:{vmc.fd}", self._device_settings(),
-                poll_seconds=self.settings.poll_us / 1e6, log=self.log,
+                poll_seconds=self.settings.poll_us / 1e6, log=self.log, journal=journal,
             )
+            if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
+                vm.log.info("state found", target_pages=journal.state.target_pages,
+                            ballooned_frames=len(journal.state.frames))
             vm.listener = VhostUserListener(sock, path=path, log=vm.log)
             self.vms[vmc.name] = vm
             self.listeners.append(vm.listener)
@@ -88,11 +93,6 @@ class Daemon:
         if self.settings.api:
             await self.api.start(self.settings.api)
         tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection)) for vm in self.vms.values()]
-        if self.settings.state_dir:
-            self.log.warning(
-                "state-dir is accepted but not used yet: a restarted daemon starts with empty balloons",
-                state_dir=self.settings.state_dir,
-            )
         self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__)
         sd_notify(f"READY=1\nSTATUS=serving {len(self.vms)} VM(s)")
         try:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(settings)
     try:
         asyncio.run(daemon.run())
-    except ListenerError as exc:
+    except (ListenerError, JournalError) as exc:
         print(f"balloond: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
