@@ -248,10 +248,23 @@ class SplitQueue:
         if self.event_idx:
             U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
 
-    def set_no_notify(self, suppress: bool) -> None:
-        """Without EVENT_IDX: tell the guest whether kicks are wanted."""
-        if not self.event_idx:
-            U16.pack_into(self.used, 0, VRING_USED_F_NO_NOTIFY if suppress else 0)
+    def enable_kicks(self) -> None:
+        """The device is about to sleep: the next buffer must kick it.
+
+        The caller must look at the ring once more afterwards: a buffer added
+        while kicks were off is not announced."""
+        if self.event_idx:
+            self.set_avail_event()
+        else:
+            U16.pack_into(self.used, 0, 0)
+
+    def disable_kicks(self) -> None:
+        """The device is polling the ring: kicks would only cost the guest."""
+        if self.event_idx:
+            # need_event() stays false until the guest is 32K buffers ahead.
+            U16.pack_into(self.used, 4 + 8 * self.num, (self.last_avail + 0x7FFF) & 0xFFFF)
+        else:
+            U16.pack_into(self.used, 0, VRING_USED_F_NO_NOTIFY)
 
     # -- used side
 

@@ -242,8 +242,8 @@ class BalloonDevice:
             handler(vring, chains)
         if vring.queue.last_avail != consumed_from:
             # Also when every chain was bad and returned empty: the driver
-            # must be told, and asked to kick again, or the ring stalls.
-            vring.queue.set_avail_event()
+            # must be told, or it waits for ever. (Asking for the next kick
+            # is the engine's part: it knows whether it will poll.)
             vring.notify()
 
     def _driver_was_reset(self, base: int) -> bool:
@@ -435,7 +435,8 @@ class BalloonDevice:
             self._pending.difference_update(pfns)
         else:
             discarded = pfns
-        self.releaser.frames_returned(discarded)
+        if self.releaser.has_hugetlb:
+            self.releaser.frames_returned(discarded)
 
     def flush_discards(self) -> None:
         if self._flush_timer is not None:
@@ -521,7 +522,6 @@ class BalloonDevice:
             if vring.queue is not None:
                 self._stats_held = None
                 vring.queue.push(head, 0)
-                vring.queue.set_avail_event()
                 vring.notify()
         self._arm_stats_timer()
 

@@ -114,6 +114,8 @@ class MemoryReleaser:
 
     def __init__(self, regions: list[ReleasableRegion]) -> None:
         self.regions = sorted(regions, key=lambda r: r.gpa)
+        #: Only huge pages count frames; on 4 KiB memory a returned frame needs no bookkeeping.
+        self.has_hugetlb = any(r.hugetlb for r in self.regions)
         self.total_freed = 0
         self.total_calls = 0
         self.errors = 0

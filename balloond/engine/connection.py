@@ -468,7 +468,8 @@ class VhostUserConnection:
             # Re-enabled after ENABLE(0) without a GET_VRING_BASE: the ring
             # kept its state; listen to its kicks again and look at it.
             self._loop.add_reader(vring.kick_fd, self._kicked, vring)
-            self._safe_device_call(self.device.queue_kicked, vring)
+            self._service(vring)
+            self._sleep(vring)
             self._check_started()
             return
         if vring.live or not (vring.configured and vring.enabled and self.memory.regions):
@@ -487,6 +488,7 @@ class VhostUserConnection:
         self._loop.add_reader(vring.kick_fd, self._kicked, vring)
         self.log.debug("ring live", queue=vring.index, num=vring.num, base=vring.base)
         self._safe_device_call(self.device.queue_started, vring)
+        self._sleep(vring)
         self._check_started()
 
     def _check_started(self) -> None:
@@ -512,18 +514,34 @@ class VhostUserConnection:
             return
         vring.counters.kicks += 1
         self._service(vring)
-        if self.poll_seconds > 0:
+        if self.poll_seconds > 0 and vring.queue is not None:
             # Latency is throughput for a driver that waits for each buffer:
-            # look again for a short while before going back to sleep.
+            # look again for a short while before going back to sleep, and
+            # spare the guest its kicks meanwhile.
+            vring.queue.disable_kicks()
             deadline = time.monotonic() + self.poll_seconds
-            while vring.live and time.monotonic() < deadline:
-                try:
-                    if vring.queue is None or not vring.queue.pending():
-                        continue
-                except ProtocolError:
-                    break
-                self._service(vring)
-                deadline = time.monotonic() + self.poll_seconds
+            while vring.queue is not None and time.monotonic() < deadline:
+                if self._has_pending(vring):
+                    self._service(vring)
+                    deadline = time.monotonic() + self.poll_seconds
+        self._sleep(vring)
+
+    def _has_pending(self, vring: Vring) -> bool:
+        try:
+            return vring.queue is not None and vring.queue.pending() > 0
+        except ProtocolError:
+            return False  # the device's next pass counts and logs it
+
+    def _sleep(self, vring: Vring) -> None:
+        """Ask for the next kick, then look once more: a buffer added while
+        kicks were off would otherwise wait for one that never comes."""
+        for _ in range(1000):
+            if vring.queue is None:
+                return
+            vring.queue.enable_kicks()
+            if not self._has_pending(vring):
+                return
+            self._service(vring)
 
     def _service(self, vring: Vring) -> None:
         self._safe_device_call(self.device.queue_kicked, vring)
