@@ -48,8 +48,12 @@ from .journal import BalloonJournal
 from .releaser import MemoryReleaser, ReleasableRegion
 from .tracker import PfnTracker
 
-#: Largest inflate/deflate/stats/migrate buffer read (Linux uses 1 KiB).
-MAX_BUFFER_BYTES = 64 * 1024
+#: Largest inflate/deflate/stats/migrate buffer accepted (Linux uses 1 KiB
+#: for PFNs; a full migrate buffer is 4 KiB); a larger one is a guest error.
+#: It bounds the work one kick can ask of the daemon, which serves every VM
+#: from one thread: at 64 KiB a 128-entry queue of maximal buffers took 5 s
+#: of Python per kick (found by fuzzing).
+MAX_BUFFER_BYTES = 4 * 1024
 
 BASE_FEATURES = (
     (1 << Feature.VERSION_1)
@@ -202,6 +206,9 @@ class BalloonDevice:
                 # again: discards still pending at the crash were lost.
                 self.tracker.inflate(restored)
                 self.tracker.counters.inflated = 0
+                # The driver wrote `actual` to the config the daemon lost;
+                # it writes it again only when its balloon changes.
+                self.config.actual = len(self.tracker)
                 reassert = True
                 self.log.info("balloon restored from the state directory", frames=len(self.tracker))
         # Rebuild huge-page fill counts from the tracker for the new regions.
@@ -315,7 +322,10 @@ class BalloonDevice:
         q, memory = vring.queue, self.memory
         assert q is not None and memory is not None
         chains = []
-        while True:
+        # At most one queue's worth per pass: a guest whose used ring overlaps
+        # its avail index makes every returned chain look like a new one, and
+        # an unbounded loop here would hang the daemon (found by fuzzing).
+        for _ in range(q.num):
             try:
                 head = q.pop_head()
             except GuestError as exc:
@@ -344,6 +354,11 @@ class BalloonDevice:
 
     def _read(self, vring: Vring, chain: Chain) -> bytes | None:
         assert self.memory is not None
+        size = sum(seg.length for seg in chain.segments if not seg.writable)
+        if size > MAX_BUFFER_BYTES:
+            # Refused whole: a cut-off prefix could pass as a valid buffer.
+            self._guest_error(vring, GuestError(f"buffer of {size} bytes exceeds {MAX_BUFFER_BYTES}"))
+            return None
         try:
             return chain.read_bytes(self.memory, MAX_BUFFER_BYTES)
         except ProtocolError as exc:

@@ -1,0 +1,85 @@
+"""Kill -9 the daemon in the middle of an inflation, start it again, twenty
+times, while the guest keeps running: QEMU (built with the project's
+vhost-user-base reconnect patch) reconnects, the daemon restores the balloon
+from --state-dir, and the guest reaches every target with its data intact.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import pytest
+
+from harness import VhostUserBalloon
+from harness.daemon import DaemonProcess
+from tests.e2e.test_guest_driver import MODULE, build_module, guest_pfns
+from tests.e2e.waiting import MIB, wait_for
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+RESTARTS = 20
+
+
+def guest_summary(vm) -> tuple[int, int]:
+    """(count, sum) of the driver's ballooned frames, computed in the guest."""
+    out = vm.sh("awk '{n++; s+=$1} END {printf \"%d %.0f\\n\", n, s}' /sys/kernel/debug/balloond/pfns")
+    n, s = out.split()
+    return int(n), int(s)
+
+
+def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
+    daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
+                           extra_args=["--state-dir", str(tmp_path / "state"), "--stats-interval", "1"])
+    daemon.start()
+    try:
+        ko = build_module("6.12")
+        vm = make_vm("6.12", memory_mib=768, modules=[ko],
+                     balloon=VhostUserBalloon(daemon.sockets["guest"], chardev_options="reconnect-ms=200"))
+        vm.sh(f"insmod /lib/modules/{MODULE}.ko")
+        wait_for("the device to start", lambda: daemon.api.vm("guest")["running"])
+        pid = vm.start_hold(48)
+        qemu_pid = vm.qemu_pid
+        rng = random.Random(7)
+        sizes = [64, 256, 128, 320, 32, 288, 160, 0, 224, 96]
+        for i in range(RESTARTS):
+            target = sizes[i % len(sizes)] * MIB
+            daemon.api.set_target("guest", target)
+            time.sleep(rng.uniform(0.1, 0.8))  # somewhere in the middle of the inflation
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(10)
+            daemon.start()
+            assert vm.running, f"QEMU died after daemon restart {i + 1}"
+            def reached() -> bool:
+                v = daemon.api.vm("guest")
+                return v["connected"] and v["actual_bytes"] == target and v["ballooned_bytes"] == target \
+                    and v["pending_discard_bytes"] == 0
+
+            deadline = time.monotonic() + 180
+            while not reached():
+                if time.monotonic() > deadline:
+                    v = daemon.api.vm("guest")
+                    pytest.fail(
+                        f"restart {i + 1}: the guest did not reach {target // MIB} MiB: "
+                        f"{ {k: v[k] for k in ('connected', 'running', 'target_bytes', 'actual_bytes', 'ballooned_bytes')} } "
+                        f"counters {v['counters']}; guest driver: {vm.sh('cat /sys/kernel/debug/balloond/stats')}\n"
+                        f"daemon log:\n{daemon.log_tail(30)}"
+                    )
+                time.sleep(0.25)
+            state = daemon.api.vm("guest")
+            n, s = guest_summary(vm)
+            pfns = daemon.api.pfns("guest")
+            assert n * 4096 == target and pfns["count"] == n, f"restart {i + 1}: guest {n} frames, daemon {pfns['count']}"
+            assert sum(first * count + count * (count - 1) // 2 for first, count in pfns["ranges"]) == s
+            # host memory: what the guest does not use is not held
+            resident = vm.memfd_allocated_bytes()
+            assert resident <= 768 * MIB - 0.95 * target, f"restart {i + 1}: {resident // MIB} MiB still resident"
+            assert state["counters"]["guest_errors"] == 0
+        assert vm.qemu_pid == qemu_pid
+        assert daemon.api.pfn_set("guest") == guest_pfns(vm)
+        ok, bad = vm.verify_hold(pid)
+        assert ok, f"{bad} pages of the guest's data changed"
+        print(f"\n{RESTARTS} daemon kills survived; last balloon {state['ballooned_bytes'] // MIB} MiB")
+    finally:
+        daemon.stop()
