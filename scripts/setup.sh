@@ -24,7 +24,7 @@ T0=$(date +%s)
 
 step "1/5 Debian packages"
 apt_install busybox-static qemu-system-data seabios gcc libc6-dev make kmod \
-    xz-utils dwarves python3 python3-venv
+    xz-utils dwarves python3 python3-venv systemd
 
 step "2/5 QEMU with vhost-user balloon support"
 bash "$REPO_ROOT/scripts/build-qemu.sh"

@@ -471,6 +471,7 @@ class BalloonDevice:
         self.counters.migrate_buffers += len(chains)
         entered: list[int] = []
         left: list[int] = []
+        was: dict[int, bool] = {}  # in the balloon before this batch? (every frame moved)
         for chain in chains:
             data = self._read(vring, chain)
             if data is None:
@@ -484,12 +485,17 @@ class BalloonDevice:
                 if self.tracker.migrate(record.old_pfn, record.new_pfn):
                     entered.append(record.new_pfn)
                     left.append(record.old_pfn)
+                    was.setdefault(record.old_pfn, True)
+                    was.setdefault(record.new_pfn, False)
                 else:
                     self.limited.warning("migration refused", old_pfn=record.old_pfn, new_pfn=record.new_pfn)
         if self.journal is not None:
             self.journal.migrated(list(zip(left, entered)))
-        self._forget(left)
-        self._release(entered)
+        # Only the batch's net effect: a frame that came in and went out again
+        # (a->b, then b->c) is the guest's once more and must not be
+        # discarded, nor counted as returned (found by fuzzing).
+        self._forget([pfn for pfn, before in was.items() if before and pfn not in self.tracker])
+        self._release([pfn for pfn, before in was.items() if not before and pfn in self.tracker])
         self._return(vring, chains)
 
     def _report(self, vring: Vring, chains: list[Chain]) -> None:

@@ -41,6 +41,11 @@ from .vring import Vring
 #: Queue indices accepted in vring requests (QEMU's num_vqs for a balloon is < 8).
 MAX_QUEUES = 16
 
+#: The longest one kick keeps the event loop (seconds), polling its ring
+#: whatever --poll-us says about the gaps between buffers; a ring still not
+#: empty then is served again after the other connections' callbacks.
+MAX_POLL_BURST = 0.01
+
 #: Protocol features offered. CONFIG is required by QEMU's generic device,
 #: BACKEND_REQ carries config changes, REPLY_ACK lets QEMU confirm each
 #: request, CONFIGURE_MEM_SLOTS allows memory hotplug without a full remap.
@@ -94,6 +99,7 @@ class VhostUserConnection:
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
         self._outbox = bytearray()
+        self._resuming: set[int] = set()  # rings with a _resume scheduled
         self._handlers: dict[Request, Callable[[vu.DecodedRequest], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -410,9 +416,17 @@ class VhostUserConnection:
             vring.base = (vring.stop() - held) & 0xFFFF
             self._try_start(vring)
 
+    def _file_vring(self, f: vu.VringFile) -> Vring:
+        """The ring a KICK/CALL/ERR fd is for; the fd is closed if there is none."""
+        try:
+            return self._vring(f.index)
+        except FrontendError:
+            _close_fds([f.fd] if f.fd is not None else [])
+            raise
+
     def _set_vring_kick(self, d: vu.DecodedRequest) -> None:
         f: vu.VringFile = d.payload  # type: ignore[assignment]
-        vring = self._vring(f.index)
+        vring = self._file_vring(f)
         if vring.kick_fd is not None:
             self._loop.remove_reader(vring.kick_fd)
         if f.fd is None:
@@ -420,7 +434,7 @@ class VhostUserConnection:
         os.set_blocking(f.fd, False)
         vring.replace_fd("kick_fd", f.fd)
         if vring.live:
-            self._loop.add_reader(f.fd, self._kicked, vring)
+            self._watch_kick(vring)
         else:
             # vhost-user: without PROTOCOL_FEATURES a ring starts on its kick fd.
             if not self.protocol_bit_acked:
@@ -429,11 +443,11 @@ class VhostUserConnection:
 
     def _set_vring_call(self, d: vu.DecodedRequest) -> None:
         f: vu.VringFile = d.payload  # type: ignore[assignment]
-        self._vring(f.index).replace_fd("call_fd", f.fd)
+        self._file_vring(f).replace_fd("call_fd", f.fd)
 
     def _set_vring_err(self, d: vu.DecodedRequest) -> None:
         f: vu.VringFile = d.payload  # type: ignore[assignment]
-        self._vring(f.index).replace_fd("err_fd", f.fd)
+        self._file_vring(f).replace_fd("err_fd", f.fd)
 
     def _set_vring_enable(self, d: vu.DecodedRequest) -> None:
         state: vu.VringState = d.payload  # type: ignore[assignment]
@@ -467,7 +481,7 @@ class VhostUserConnection:
         if vring.live and vring.enabled:
             # Re-enabled after ENABLE(0) without a GET_VRING_BASE: the ring
             # kept its state; listen to its kicks again and look at it.
-            self._loop.add_reader(vring.kick_fd, self._kicked, vring)
+            self._watch_kick(vring)
             self._service(vring)
             self._sleep(vring)
             self._check_started()
@@ -485,11 +499,19 @@ class VhostUserConnection:
             vring.counters.guest_errors += 1
             self.log.warning("ring not started: bad ring addresses", queue=vring.index, reason=str(exc))
             return
-        self._loop.add_reader(vring.kick_fd, self._kicked, vring)
+        self._watch_kick(vring)
         self.log.debug("ring live", queue=vring.index, num=vring.num, base=vring.base)
         self._safe_device_call(self.device.queue_started, vring)
         self._sleep(vring)
         self._check_started()
+
+    def _watch_kick(self, vring: Vring) -> None:
+        """Listen to a ring's kick fd; one epoll cannot watch (a memfd, a
+        directory, /dev/null) is the frontend's error, not ours."""
+        try:
+            self._loop.add_reader(vring.kick_fd, self._kicked, vring)
+        except (OSError, ValueError) as exc:
+            raise FrontendError(f"queue {vring.index}: kick fd cannot be polled ({exc})") from None
 
     def _check_started(self) -> None:
         if not self.started and all(v.live and v.enabled for v in self.vrings.values() if v.configured):
@@ -520,7 +542,11 @@ class VhostUserConnection:
             # spare the guest its kicks meanwhile.
             vring.queue.disable_kicks()
             deadline = time.monotonic() + self.poll_seconds
-            while vring.queue is not None and time.monotonic() < deadline:
+            # Never longer than MAX_POLL_BURST in all, however busy the ring:
+            # every other VM waits meanwhile (a guest whose used ring overlaps
+            # its avail index is never empty; found by fuzzing).
+            give_up = time.monotonic() + MAX_POLL_BURST
+            while vring.queue is not None and time.monotonic() < min(deadline, give_up):
                 if self._has_pending(vring):
                     self._service(vring)
                     deadline = time.monotonic() + self.poll_seconds
@@ -535,13 +561,25 @@ class VhostUserConnection:
     def _sleep(self, vring: Vring) -> None:
         """Ask for the next kick, then look once more: a buffer added while
         kicks were off would otherwise wait for one that never comes."""
+        give_up = time.monotonic() + MAX_POLL_BURST
         for _ in range(1000):
             if vring.queue is None:
                 return
             vring.queue.enable_kicks()
             if not self._has_pending(vring):
                 return
+            if time.monotonic() >= give_up:
+                break
             self._service(vring)
+        # Still not empty: carry on from the event loop, after everyone else.
+        if vring.index not in self._resuming:
+            self._resuming.add(vring.index)
+            self._loop.call_soon(self._resume, vring)
+
+    def _resume(self, vring: Vring) -> None:
+        self._resuming.discard(vring.index)
+        if self.open and vring.live and vring.enabled and self.vrings.get(vring.index) is vring:
+            self._sleep(vring)  # serves the ring once more, for up to MAX_POLL_BURST
 
     def _service(self, vring: Vring) -> None:
         self._safe_device_call(self.device.queue_kicked, vring)

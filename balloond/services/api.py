@@ -7,22 +7,29 @@
     GET  /v1/vms/{name}/pfns         {"count": N, "ranges": [[first_pfn, n], ...]}
     GET  /metrics                    Prometheus text format
 
-Errors are JSON `{"error": "..."}` with 400 (bad request body), 404 (unknown
-VM or path) or 405; a bug in a handler is a 500 with a log line, never a
-dropped connection.
+Only root, the daemon's own uid and the uids/gids it is told to allow are
+served (peer credentials, see access.py); anyone else gets 403.
+
+Errors are JSON `{"error": "..."}` with 400 (bad request body), 403 (peer not
+allowed), 404 (unknown VM or path) or 405; a bug in a handler is a 500 with a
+log line, never a dropped connection.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from ..vm import TargetError, VirtualMachine
+from .access import AccessPolicy, access_middleware
 from .metrics import render_metrics
+from .policy import PolicyError
+from .policy_loop import PolicyLoop
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -43,9 +50,21 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 class ControlApi:
-    def __init__(self, vms: dict[str, VirtualMachine]) -> None:
+    """`allowed_uids`/`allowed_gids`: who besides root and the daemon's own uid
+    may call the API (peer credentials; see access.py)."""
+
+    def __init__(
+        self,
+        vms: dict[str, VirtualMachine],
+        *,
+        allowed_uids: Iterable[int] = (),
+        allowed_gids: Iterable[int] = (),
+        policy: PolicyLoop | None = None,
+    ) -> None:
         self.vms = vms
-        self.app = web.Application(middlewares=[_errors])
+        self.policy = policy
+        self.access = AccessPolicy(allowed_uids, allowed_gids)
+        self.app = web.Application(middlewares=[access_middleware(self.access), _errors])
         self.app.add_routes(
             [
                 web.get("/v1/vms", self.list_vms),
@@ -54,6 +73,9 @@ class ControlApi:
                 web.put("/v1/vms/{name}/stats-interval", self.put_stats_interval),
                 web.get("/v1/vms/{name}/pfns", self.get_pfns),
                 web.get("/metrics", self.metrics),
+                web.get("/v1/policy", self.get_policy),
+                web.put("/v1/policy", self.put_policy),
+                web.put("/v1/vms/{name}/policy", self.put_vm_policy),
             ]
         )
         self._runner: web.AppRunner | None = None
@@ -125,6 +147,38 @@ class ControlApi:
     async def get_pfns(self, request: web.Request) -> web.Response:
         return web.json_response(self._vm(request).pfn_ranges())
 
+    def _policy(self) -> PolicyLoop:
+        if self.policy is None:
+            raise web.HTTPNotFound(text=json.dumps({"error": "this daemon has no policy loop"}),
+                                   content_type="application/json")
+        return self.policy
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        return web.json_response(self._policy().snapshot())
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        policy = self._policy()
+        value = await self._body(request, "enabled")
+        try:
+            policy.set_enabled(value)
+        except PolicyError as exc:
+            return _error(400, str(exc))
+        return web.json_response(policy.snapshot())
+
+    async def put_vm_policy(self, request: web.Request) -> web.Response:
+        vm, policy = self._vm(request), self._policy()
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object of policy settings")
+        try:
+            settings = policy.update_vm_settings(vm.name, body)
+        except PolicyError as exc:
+            return _error(400, str(exc))
+        return web.json_response(vars(settings))
+
     async def metrics(self, request: web.Request) -> web.Response:
-        body, content_type = render_metrics(self.vms)
+        body, content_type = render_metrics(self.vms, self.policy)
         return web.Response(body=body, headers={"Content-Type": content_type})

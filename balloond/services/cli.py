@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from .policy import render_policy
 from .sizes import format_size, parse_size
 
 DEFAULT_API = os.environ.get("BALLOOND_API", "/run/balloond/api.sock")
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("size", help="bytes or 256M, 1G, ...")
     p = sub.add_parser("pfns", help="list the ballooned page frames of a VM")
     p.add_argument("name")
+    p = sub.add_parser("policy", help="show the balloon policy's last decision, turn it on or off, tune a VM")
+    p.add_argument("action", nargs="?", choices=("show", "on", "off", "vm"), default="show")
+    p.add_argument("name", nargs="?", help="with 'vm': the VM to change")
+    p.add_argument("--enable", dest="vm_enabled", action="store_true", default=None, help="vm: policy on for it")
+    p.add_argument("--disable", dest="vm_enabled", action="store_false", help="vm: leave it alone")
+    p.add_argument("--min-memory", help="vm: never leave the guest less than SIZE")
+    p.add_argument("--max-balloon", help="vm: never take more than SIZE ('none': no cap)")
+    p.add_argument("--shares", type=float, help="vm: weight (default 1)")
     p = sub.add_parser("watch", help="follow a VM's balloon live")
     p.add_argument("name")
     p.add_argument("--interval", type=float, default=1.0)
@@ -182,6 +191,33 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pfns":
         data = request(args.api, "GET", f"/v1/vms/{args.name}/pfns")
         print(json.dumps(data) if args.json else render_pfns(data), file=out)
+        return 0
+    if args.command == "policy":
+        if args.action in ("on", "off"):
+            data = request(args.api, "PUT", "/v1/policy", {"enabled": args.action == "on"})
+        elif args.action == "vm":
+            if not args.name:
+                raise CliError("policy vm NAME [--enable|--disable] [--min-memory SIZE] [--max-balloon SIZE] "
+                               "[--shares N]")
+            changes: dict[str, Any] = {}
+            try:
+                if args.vm_enabled is not None:
+                    changes["enabled"] = args.vm_enabled
+                if args.min_memory is not None:
+                    changes["min_bytes"] = parse_size(args.min_memory)
+                if args.max_balloon is not None:
+                    changes["max_bytes"] = None if args.max_balloon == "none" else parse_size(args.max_balloon)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            if args.shares is not None:
+                changes["shares"] = args.shares
+            data = request(args.api, "PUT", f"/v1/vms/{args.name}/policy", changes)
+            print(json.dumps(data, indent=2) if args.json else
+                  f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in data.items()), file=out)
+            return 0
+        else:
+            data = request(args.api, "GET", "/v1/policy")
+        print(json.dumps(data, indent=2) if args.json else render_policy(data), file=out)
         return 0
     if args.command == "watch":
         n = 0

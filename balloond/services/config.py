@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from .policy import PolicyConfig, PolicyError, VmPolicySettings
+from .sizes import parse_size
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -39,6 +41,7 @@ class VmConfig:
     socket: str | None = None
     fd: int | None = None
     qmp: str | None = None
+    policy: VmPolicySettings = field(default_factory=VmPolicySettings)
 
 
 @dataclass
@@ -55,6 +58,12 @@ class Settings:
     migrate_extension: bool = True
     deflate_on_oom: bool = True
     free_page_reporting: bool = True
+    #: Besides root and the daemon's own uid, who may use the API (peer credentials).
+    api_allow_uids: list[int] = field(default_factory=list)
+    api_allow_gids: list[int] = field(default_factory=list)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    #: Test mode: the policy sees a pretend host of this many bytes (SimulatedHost).
+    policy_simulate_host: int | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-path", help="vhost-user backend convention: one VM, named 'default', on PATH")
     p.add_argument("--fd", type=int, help="vhost-user backend convention: one VM, named 'default', on fd N")
     p.add_argument("--api", metavar="PATH", help="control API Unix socket")
+    p.add_argument("--api-allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="also serve API clients running as UID (root and the daemon's own uid always are; "
+                        "repeatable)")
+    p.add_argument("--api-allow-gid", type=int, action="append", default=[], metavar="GID",
+                   help="also serve API clients whose primary group is GID (repeatable)")
     p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     p.add_argument("--state-dir", metavar="DIR",
                    help="keep each VM's balloon (ballooned frames, target) here, so a restarted daemon "
@@ -91,10 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not offer balloond's migrate-queue extension")
     p.add_argument("--no-deflate-on-oom", action="store_true", help="do not offer DEFLATE_ON_OOM")
     p.add_argument("--no-free-page-reporting", action="store_true", help="do not offer free page reporting")
+    p.add_argument("--policy", action="store_true",
+                   help="let the balloon policy set targets (docs/policy.md; also [policy] enabled = true)")
+    p.add_argument("--policy-interval", type=float, metavar="SECONDS", help="seconds between policy decisions (10)")
+    p.add_argument("--host-reserve", type=_size_arg, metavar="SIZE",
+                   help="host MemAvailable the policy keeps (default 1G)")
+    p.add_argument("--policy-step", type=_size_arg, metavar="SIZE", help="largest change per VM per interval (100M)")
+    p.add_argument("--policy-simulate-host", type=_size_arg, metavar="SIZE",
+                   help="testing: the policy sees a host of SIZE whose used memory is the VMs' resident RAM")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON and exit")
     p.add_argument("--version", action="version", version=f"balloond {__version__}")
     return p
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_vm_spec(spec: str) -> VmConfig:
@@ -103,12 +132,20 @@ def parse_vm_spec(spec: str) -> VmConfig:
         raise ConfigError(f"--vm {spec!r}: expected NAME=SOCKET_PATH")
     parts = rest.split(",")
     vm = _vm(name, parts[0])
+    policy: dict[str, str] = {}
     for option in parts[1:]:
         key, sep, value = option.partition("=")
         if key == "qmp" and sep and value:
             vm.qmp = value
+        elif key in VmPolicySettings.FILE_KEYS and sep and value:
+            policy[key] = value
         else:
-            raise ConfigError(f"--vm {spec!r}: unknown option {option!r} (known: qmp=PATH)")
+            known = ", ".join(["qmp=PATH", *(f"{k}=..." for k in VmPolicySettings.FILE_KEYS)])
+            raise ConfigError(f"--vm {spec!r}: unknown option {option!r} (known: {known})")
+    try:
+        vm.policy = VmPolicySettings.from_mapping(policy, where=f"--vm {name}")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
     return vm
 
 
@@ -147,6 +184,8 @@ _FILE_KEYS = {
     "migrate_extension": bool,
     "deflate_on_oom": bool,
     "free_page_reporting": bool,
+    "api_allow_uids": list,
+    "api_allow_gids": list,
 }
 
 
@@ -162,7 +201,7 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
                 for entry in value:
                     if not isinstance(entry, dict) or "name" not in entry:
                         raise ConfigError(f"{args.config}: each [[vm]] needs a name")
-                    unknown = set(entry) - {"name", "socket", "fd", "qmp"}
+                    unknown = set(entry) - {"name", "socket", "fd", "qmp", *VmPolicySettings.FILE_KEYS}
                     if unknown:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: unknown keys {sorted(unknown)}")
                     if ("socket" in entry) == ("fd" in entry):
@@ -170,7 +209,19 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
                     where = f"fd:{entry['fd']}" if "fd" in entry else str(entry["socket"])
                     vm = _vm(str(entry["name"]), where)
                     vm.qmp = entry.get("qmp")
+                    try:
+                        vm.policy = VmPolicySettings.from_mapping(entry, where=f"{args.config}: [[vm]] {vm.name}")
+                    except PolicyError as exc:
+                        raise ConfigError(str(exc)) from None
                     settings.vms.append(vm)
+                continue
+            if key == "policy":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{args.config}: 'policy' must be a table ([policy])")
+                try:
+                    settings.policy = PolicyConfig.from_mapping(value, where=f"{args.config}: [policy]")
+                except PolicyError as exc:
+                    raise ConfigError(str(exc)) from None
                 continue
             expected = _FILE_KEYS.get(key)
             if expected is None:
@@ -189,12 +240,25 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
+    settings.api_allow_uids += args.api_allow_uid
+    settings.api_allow_gids += args.api_allow_gid
     if args.no_migrate_extension:
         settings.migrate_extension = False
     if args.no_deflate_on_oom:
         settings.deflate_on_oom = False
     if args.no_free_page_reporting:
         settings.free_page_reporting = False
+    changes = {"enabled": True if args.policy else None, "interval": args.policy_interval,
+               "reserve_bytes": args.host_reserve, "step_bytes": args.policy_step}
+    try:
+        for key, value in changes.items():
+            if value is not None:
+                setattr(settings.policy, key, value)
+        settings.policy.validate()
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.policy_simulate_host is not None:
+        settings.policy_simulate_host = args.policy_simulate_host
     validate(settings, args)
     return settings, args
 

@@ -19,6 +19,8 @@ from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_
 from ..vm import VirtualMachine
 from . import config
 from .api import ControlApi
+from .host_memory import SimulatedHost
+from .policy_loop import PolicyLoop
 
 
 def capabilities() -> dict[str, Any]:
@@ -39,6 +41,7 @@ def sd_notify(message: str) -> None:
         path = "\0" + path[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)  # never stall the event loop on a notify socket nobody drains
             s.connect(path)
             s.send(message.encode())
     except OSError:
@@ -51,7 +54,20 @@ class Daemon:
         self.log = structlog.get_logger()
         self.vms: dict[str, VirtualMachine] = {}
         self.listeners: list[VhostUserListener] = []
-        self.api = ControlApi(self.vms)
+        self.policy = PolicyLoop(
+            self.vms,
+            settings.policy,
+            vm_settings={vmc.name: vmc.policy for vmc in settings.vms},
+            host=SimulatedHost(settings.policy_simulate_host) if settings.policy_simulate_host else None,
+            log=self.log,
+            on_decision=lambda _: sd_notify(f"STATUS=serving {len(self.vms)} VM(s); {self.policy.status_line()}"),
+        )
+        self.api = ControlApi(
+            self.vms,
+            allowed_uids=settings.api_allow_uids,
+            allowed_gids=settings.api_allow_gids,
+            policy=self.policy,
+        )
         self._stop = asyncio.Event()
 
     def _device_settings(self) -> DeviceSettings:
@@ -63,6 +79,12 @@ class Daemon:
             migrate_extension=s.migrate_extension,
             discard_max_delay=s.discard_delay_ms / 1000,
         )
+
+    async def _watchdog(self, interval: float) -> None:
+        """systemd's WatchdogSec=: ping at half the interval while the event loop runs."""
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     def open_sockets(self) -> None:
         for vmc in self.settings.vms:
@@ -93,7 +115,12 @@ class Daemon:
         if self.settings.api:
             await self.api.start(self.settings.api)
         tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection)) for vm in self.vms.values()]
-        self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__)
+        tasks.append(self.policy.start())  # idles while the policy is off; the API can turn it on
+        watchdog_usec = os.environ.get("WATCHDOG_USEC")
+        if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+            tasks.append(asyncio.create_task(self._watchdog(int(watchdog_usec) / 2e6)))
+        self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__,
+                      policy=self.policy.enabled)
         sd_notify(f"READY=1\nSTATUS=serving {len(self.vms)} VM(s)")
         try:
             await self._stop.wait()

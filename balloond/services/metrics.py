@@ -77,7 +77,11 @@ class _VmCollector:
         yield stats
 
 
-def render_metrics(vms: dict[str, VirtualMachine]) -> tuple[bytes, str]:
+def render_metrics(vms: dict[str, VirtualMachine], policy: Any = None) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_VmCollector(vms))  # type: ignore[arg-type]
+    if policy is not None:
+        from .policy_loop import PolicyCollector
+
+        registry.register(PolicyCollector(policy))  # type: ignore[arg-type]
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from .sizes import format_size, parse_size
 
@@ -131,7 +131,7 @@ class VmPolicySettings:
             raise PolicyError("headroom must not be negative")
 
     #: Keys of a [[vm]] table (and ,key=value options of --vm) and their fields.
-    FILE_KEYS = {
+    FILE_KEYS: ClassVar[dict[str, str]] = {
         "policy": "enabled",
         "min_memory": "min_bytes",
         "max_balloon": "max_bytes",
@@ -183,9 +183,10 @@ class VmPolicySettings:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise PolicyError("shares must be a number")
                 value = float(value)
-            elif value is not None or key not in ("max_bytes", "headroom_bytes"):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise PolicyError(f"{key} must be a whole number of bytes")
+            elif (value is not None or key not in ("max_bytes", "headroom_bytes")) and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise PolicyError(f"{key} must be a whole number of bytes")
             values[key] = value
         new = replace(self, **values)
         new.validate()
@@ -249,7 +250,7 @@ class PolicyConfig:
                 raise PolicyError(f"{name} must be a percentage in (0, 100]")
 
     #: Keys of the [policy] table: name → (field, kind).
-    FILE_KEYS = {
+    FILE_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
         "enabled": ("enabled", "bool"),
         "interval": ("interval", "number"),
         "host_reserve": ("reserve_bytes", "size"),
@@ -454,6 +455,7 @@ class Policy:
         self.config = config or PolicyConfig()
         self.config.validate()
         self._history: dict[str, _History] = {}
+        self._reclaiming = False
 
     def forget(self, name: str) -> None:
         self._history.pop(name, None)
@@ -592,7 +594,9 @@ class Policy:
         A, R, H = host.available_bytes, c.reserve_bytes, c.hysteresis_bytes
         psi_short = _at_least(host.psi_full_avg10, c.psi_full_high)
         psi_busy = _at_least(host.psi_some_avg10, c.psi_some_high)
-        if A < R or psi_short:
+        # Reclaim starts below R and, once started, goes on up to R + H/2 (a
+        # Schmitt trigger: noise around R does not start and stop it).
+        if A < R or psi_short or (self._reclaiming and A < R + H // 2):
             mode = "reclaim"
         elif A >= R + H and not psi_busy:
             mode = "give"
@@ -632,8 +636,12 @@ class Policy:
         if mode == "reclaim":
             need = max(R + H // 2 - A, H // 2 if psi_short else 0) - pending
             host_info["need_bytes"] = max(0, need)
-            cause = (f"host {_mib(R - A)} below its reserve" if A < R
-                     else f"host memory pressure (PSI full {host.psi_full_avg10:.1f}%)")
+            if A < R:
+                cause = f"host {_mib(R - A)} below its reserve"
+            elif psi_short:
+                cause = f"host memory pressure (PSI full {host.psi_full_avg10:.1f}%)"
+            else:
+                cause = f"host {_mib(R + H // 2 - A)} short of reserve + half the band"
             # Guests without pressure first, those with the most unused memory
             # (per share) first; guests under pressure only if that is not enough.
             candidates = [v for v in views if v.fresh and not v.done and v.spare > 0]
@@ -681,6 +689,18 @@ class Policy:
                     parts = ", ".join(f"{k.replace('_', ' ')}" for k in v.inputs.get("pressure_parts", {}))
                     _set(v, v.target - give, "deflate", f"under pressure ({parts}): given back {_mib(give)}")
                     budget -= give
+                # Then guests below their floor (less than their headroom
+                # available), which reclaim may leave there while the host is short.
+                short = [v for v in views if v.fresh and not v.done and v.target > v.max_balloon]
+                short.sort(key=lambda v: (-v.settings.shares, v.name))
+                for v in short:
+                    give = _align(min(v.step, v.target - v.max_balloon, budget))
+                    if give < c.dead_band_bytes:
+                        continue
+                    _set(v, v.target - give, "deflate",
+                         f"below its floor ({_mib(v.inputs['available_memory'])} available, headroom "
+                         f"{_mib(v.inputs['headroom_bytes'])}): given back {_mib(give)}")
+                    budget -= give
                 if mode == "give":
                     idle_budget = min(budget, A - (R + H))
                     host_info["idle_budget_bytes"] = max(0, idle_budget)
@@ -712,6 +732,7 @@ class Policy:
             decisions[v.name] = VmDecision(v.name, v.action if v.new_target != v.target else "hold",
                                            v.target, v.new_target, v.reason or "nothing to do", v.inputs)
         host_info["mode"] = mode
+        self._reclaiming = mode == "reclaim"
         ordered = [decisions[s.name] for s in vms]
         return Decision(at=now, mode=mode, host=host_info, vms=ordered)
 

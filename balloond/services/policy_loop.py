@@ -28,7 +28,15 @@ from typing import Any, Protocol
 import structlog
 
 from .host_memory import HostMemorySampler, SimulatedHost
-from .policy import Decision, HostSample, Policy, PolicyConfig, PolicyError, VmPolicySettings, VmSample
+from .policy import (
+    Decision,
+    HostSample,
+    Policy,
+    PolicyConfig,
+    PolicyError,
+    VmPolicySettings,
+    VmSample,
+)
 
 ACTIONS = ("inflate", "deflate", "hold", "skip", "error")
 
@@ -156,7 +164,7 @@ class PolicyLoop:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.config.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def start(self) -> asyncio.Task[None]:
