@@ -189,28 +189,7 @@ class PfnTracker:
     def inflate(self, pfns: Iterable[int]) -> list[int]:
         """Add frames; return those newly ballooned (the ones to discard)."""
         pfns = list(pfns)
-        runs = self._fast_runs(pfns)
-        if runs is not None and all(not any(r.bits[o >> 3 : (o + c) >> 3]) for r, o, c in runs):
-            for r, o, c in runs:
-                r.bits[o >> 3 : (o + c) >> 3] = b"\xff" * (c >> 3)
-            self.count += len(pfns)
-            self.counters.inflated += len(pfns)
-            self._single_inflate = None
-            return pfns
-        added = []
-        for pfn in pfns:
-            hit = self._locate(pfn)
-            if hit is None:
-                self.counters.invalid_pfn += 1
-                continue
-            r, off = hit
-            byte, bit = off >> 3, 1 << (off & 7)
-            if r.bits[byte] & bit:
-                self.counters.double_inflate += 1
-                continue
-            r.bits[byte] |= bit
-            added.append(pfn)
-        self.count += len(added)
+        added = self._update(pfns, entering=True)
         self.counters.inflated += len(added)
         self._single_inflate = added[0] if len(pfns) == 1 and len(added) == 1 else None
         return added
@@ -218,15 +197,27 @@ class PfnTracker:
     def deflate(self, pfns: Iterable[int]) -> list[int]:
         """Remove frames; return those that were ballooned."""
         pfns = list(pfns)
+        removed = self._update(pfns, entering=False)
+        self.counters.deflated += len(removed)
+        if self._single_inflate is not None and len(pfns) == 1 and len(removed) == 1:
+            self.counters.migrations += 1
+        self._single_inflate = None
+        return removed
+
+    def _update(self, pfns: list[int], *, entering: bool) -> list[int]:
+        """Set (entering) or clear frames; return those that changed, counting
+        the ones outside RAM and the ones already in (or not in) the balloon."""
         runs = self._fast_runs(pfns)
-        if runs is not None and all(r.bits[o >> 3 : (o + c) >> 3].count(0xFF) == c >> 3 for r, o, c in runs):
+        whole = 0x00 if entering else 0xFF  # what every byte must hold for the fast path
+        if runs is not None and all(
+            r.bits[o >> 3 : (o + c) >> 3].count(whole) == c >> 3 for r, o, c in runs
+        ):
+            fill = 0xFF ^ whole
             for r, o, c in runs:
-                r.bits[o >> 3 : (o + c) >> 3] = bytes(c >> 3)
-            self.count -= len(pfns)
-            self.counters.deflated += len(pfns)
-            self._single_inflate = None
+                r.bits[o >> 3 : (o + c) >> 3] = bytes([fill]) * (c >> 3)
+            self.count += len(pfns) if entering else -len(pfns)
             return pfns
-        removed = []
+        changed = []
         for pfn in pfns:
             hit = self._locate(pfn)
             if hit is None:
@@ -234,17 +225,16 @@ class PfnTracker:
                 continue
             r, off = hit
             byte, bit = off >> 3, 1 << (off & 7)
-            if not r.bits[byte] & bit:
-                self.counters.stray_deflate += 1
+            if bool(r.bits[byte] & bit) == entering:
+                if entering:
+                    self.counters.double_inflate += 1
+                else:
+                    self.counters.stray_deflate += 1
                 continue
-            r.bits[byte] &= ~bit & 0xFF
-            removed.append(pfn)
-        self.count -= len(removed)
-        self.counters.deflated += len(removed)
-        if self._single_inflate is not None and len(pfns) == 1 and len(removed) == 1:
-            self.counters.migrations += 1
-        self._single_inflate = None
-        return removed
+            r.bits[byte] ^= bit
+            changed.append(pfn)
+        self.count += len(changed) if entering else -len(changed)
+        return changed
 
     def migrate(self, old_pfn: int, new_pfn: int) -> bool:
         """Move membership from old_pfn to new_pfn atomically.
