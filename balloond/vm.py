@@ -51,6 +51,8 @@ class VirtualMachine:
         self.connections = 0
         self.last_disconnect: dict[str, Any] | None = None
         self.guest_ram_bytes = 0  # remembered from the last connection
+        #: The VM's QMP link (services.qmp_link.QmpLink) when configured with qmp=PATH.
+        self.qmp: Any = None
 
     # ------------------------------------------------------------ serving
 
@@ -121,6 +123,8 @@ class VirtualMachine:
             "target_bytes": self.target_pages * PAGE_SIZE,
             "stats_interval": self.settings.stats_interval,
             "last_disconnect": self.last_disconnect,
+            "qmp_connected": bool(self.qmp is not None and self.qmp.connected),
+            "run_state": self.qmp.status if self.qmp is not None else None,
         }
         if self.device is None:
             base.update(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from . import config
 from .api import ControlApi
 from .host_memory import SimulatedHost
 from .policy_loop import PolicyLoop
+from .qmp_link import QmpLink
 
 
 def capabilities() -> dict[str, Any]:
@@ -104,6 +106,8 @@ class Daemon:
                 vm.log.info("state found", target_pages=journal.state.target_pages,
                             ballooned_frames=len(journal.state.frames))
             vm.listener = VhostUserListener(sock, path=path, log=vm.log)
+            if vmc.qmp:
+                vm.qmp = QmpLink(vmc.qmp, log=vm.log)
             self.vms[vmc.name] = vm
             self.listeners.append(vm.listener)
 
@@ -115,6 +119,7 @@ class Daemon:
         if self.settings.api:
             await self.api.start(self.settings.api)
         tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection)) for vm in self.vms.values()]
+        tasks += [vm.qmp.start() for vm in self.vms.values() if vm.qmp is not None]
         tasks.append(self.policy.start())  # idles while the policy is off; the API can turn it on
         watchdog_usec = os.environ.get("WATCHDOG_USEC")
         if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(capabilities(), indent=2))
         return 0
     logs.configure(settings.log_format, settings.log_level)
+    # qemu.qmp logs each failed connect at ERROR; QmpLink logs the link's state itself
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     daemon = Daemon(settings)
     try:
         asyncio.run(daemon.run())

@@ -84,6 +84,8 @@ class VmSample:
     stats: Mapping[str, int] = field(default_factory=dict)
     stats_age: float | None = None
     connected: bool = True
+    #: QEMU's run state from QMP ("running", "paused", "inmigrate", ...); None: not known.
+    run_state: str | None = None
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any], now: float) -> VmSample:
@@ -98,6 +100,7 @@ class VmSample:
             stats={k: int(v) for k, v in stats.items()},
             stats_age=None if not updated or not stats else max(0.0, now - float(updated)),
             connected=bool(summary.get("connected")),
+            run_state=summary.get("run_state"),
         )
 
 
@@ -353,7 +356,8 @@ class VmDecision:
 
     action: "inflate" (balloon grows: memory back to the host), "deflate"
     (balloon shrinks: memory to the guest), "hold" (considered, unchanged)
-    or "skip" (not considered: disabled, not connected, no RAM known).
+    or "skip" (not considered: disabled, not connected, paused or migrating
+    per QMP, no RAM known).
     """
 
     name: str
@@ -585,6 +589,9 @@ class Policy:
             if not sample.connected:
                 decisions[sample.name] = _skip(sample, "not connected")
                 self.forget(sample.name)
+                continue
+            if sample.run_state is not None and sample.run_state != "running":
+                decisions[sample.name] = _skip(sample, f"VM {sample.run_state} (QMP)")
                 continue
             if sample.guest_ram_bytes <= 0:
                 decisions[sample.name] = _skip(sample, "guest RAM not known yet")
