@@ -1,6 +1,5 @@
 """BalloonJournal: the balloon on disk survives a killed daemon, stays bounded."""
 
-import os
 
 import pytest
 
