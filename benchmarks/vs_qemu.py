@@ -57,7 +57,10 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
             target = args.target_mib * MIB
             before = vm.memfd_allocated_bytes()
             daemon.api.set_target("bench", target)
-            t_in = poll(lambda: daemon.api.vm("bench")["actual_bytes"] == target, 600, "inflation")
+            # Reached means the guest reports the balloon AND the host got the
+            # memory: the daemon may defer discards by a few milliseconds.
+            t_in = poll(lambda: (v := daemon.api.vm("bench"))["actual_bytes"] == target
+                        and v["pending_discard_bytes"] == 0, 600, "inflation")
             freed = before - vm.memfd_allocated_bytes()
             daemon.api.set_target("bench", 0)
             t_out = poll(lambda: daemon.api.vm("bench")["actual_bytes"] == 0, 600, "deflation")

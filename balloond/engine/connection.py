@@ -535,19 +535,25 @@ class VhostUserConnection:
             self._loop.remove_reader(vring.kick_fd)
             return
         vring.counters.kicks += 1
+        self._poll(vring)
+
+    def _poll(self, vring: Vring) -> None:
+        """Serve the ring, keep looking at it for `poll_seconds` after the
+        last buffer (latency is throughput for a driver that waits for each
+        one), with the guest's kicks off meanwhile, then sleep."""
         self._service(vring)
         if self.poll_seconds > 0 and vring.queue is not None:
-            # Latency is throughput for a driver that waits for each buffer:
-            # look again for a short while before going back to sleep, and
-            # spare the guest its kicks meanwhile.
             vring.queue.disable_kicks()
             deadline = time.monotonic() + self.poll_seconds
-            # Never longer than MAX_POLL_BURST in all, however busy the ring:
-            # every other VM waits meanwhile (a guest whose used ring overlaps
-            # its avail index is never empty; found by fuzzing).
+            # Never longer than MAX_POLL_BURST in one go, however busy the
+            # ring: every other VM waits meanwhile (a guest whose used ring
+            # overlaps its avail index is never empty; found by fuzzing).
             give_up = time.monotonic() + MAX_POLL_BURST
-            while vring.queue is not None and time.monotonic() < min(deadline, give_up):
+            while vring.queue is not None and time.monotonic() < deadline:
                 if self._has_pending(vring):
+                    if time.monotonic() >= give_up:
+                        self._continue_later(vring)  # kicks stay off: we are coming back
+                        return
                     self._service(vring)
                     deadline = time.monotonic() + self.poll_seconds
         self._sleep(vring)
@@ -561,17 +567,15 @@ class VhostUserConnection:
     def _sleep(self, vring: Vring) -> None:
         """Ask for the next kick, then look once more: a buffer added while
         kicks were off would otherwise wait for one that never comes."""
-        give_up = time.monotonic() + MAX_POLL_BURST
-        for _ in range(1000):
-            if vring.queue is None:
-                return
-            vring.queue.enable_kicks()
-            if not self._has_pending(vring):
-                return
-            if time.monotonic() >= give_up:
-                break
-            self._service(vring)
-        # Still not empty: carry on from the event loop, after everyone else.
+        if vring.queue is None:
+            return
+        vring.queue.enable_kicks()
+        if self._has_pending(vring):
+            vring.queue.disable_kicks()
+            self._continue_later(vring)
+
+    def _continue_later(self, vring: Vring) -> None:
+        """Serve the ring again from the event loop, after everyone else."""
         if vring.index not in self._resuming:
             self._resuming.add(vring.index)
             self._loop.call_soon(self._resume, vring)
@@ -579,7 +583,7 @@ class VhostUserConnection:
     def _resume(self, vring: Vring) -> None:
         self._resuming.discard(vring.index)
         if self.open and vring.live and vring.enabled and self.vrings.get(vring.index) is vring:
-            self._sleep(vring)  # serves the ring once more, for up to MAX_POLL_BURST
+            self._poll(vring)
 
     def _service(self, vring: Vring) -> None:
         self._safe_device_call(self.device.queue_kicked, vring)
