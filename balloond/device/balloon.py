@@ -156,6 +156,14 @@ class BalloonDevice:
         self.journal = journal
         self._journal_adopted = False
         self.connected_at = time.time()
+        # What each queue role's buffers mean; built once, looked up per kick.
+        self._handlers = {
+            QueueRole.INFLATE: self._inflate,
+            QueueRole.DEFLATE: self._deflate,
+            QueueRole.STATS: self._stats,
+            QueueRole.REPORTING: self._report,
+            QueueRole.MIGRATE: self._migrate,
+        }
 
     # ================================================================ seam
 
@@ -236,13 +244,7 @@ class BalloonDevice:
         role = self.roles.get(vring.index)
         if role is None or vring.queue is None or self.memory is None:
             return
-        handler = {
-            QueueRole.INFLATE: self._inflate,
-            QueueRole.DEFLATE: self._deflate,
-            QueueRole.STATS: self._stats,
-            QueueRole.REPORTING: self._report,
-            QueueRole.MIGRATE: self._migrate,
-        }.get(role, self._drain_unused)
+        handler = self._handlers.get(role, self._drain_unused)
         consumed_from = vring.queue.last_avail
         chains = self._pop_all(vring)
         if chains:
