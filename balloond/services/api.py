@@ -127,19 +127,17 @@ class ControlApi:
         return web.json_response(self._vm(request).summary())
 
     async def put_target(self, request: web.Request) -> web.Response:
-        vm = self._vm(request)
-        value = await self._body(request, "bytes")
-        try:
-            vm.set_target_bytes(value)
-        except TargetError as exc:
-            return _error(400, str(exc))
-        return web.json_response(vm.summary())
+        return await self._put_setting(request, "bytes", VirtualMachine.set_target_bytes)
 
     async def put_stats_interval(self, request: web.Request) -> web.Response:
+        return await self._put_setting(request, "seconds", VirtualMachine.set_stats_interval)
+
+    async def _put_setting(self, request: web.Request, key: str, apply: Any) -> web.Response:
+        """PUT {key: value} to one VM: 400 with the reason when the VM refuses it."""
         vm = self._vm(request)
-        value = await self._body(request, "seconds")
+        value = await self._body(request, key)
         try:
-            vm.set_stats_interval(value)
+            apply(vm, value)
         except TargetError as exc:
             return _error(400, str(exc))
         return web.json_response(vm.summary())
