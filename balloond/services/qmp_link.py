@@ -1,29 +1,39 @@
-"""QmpLink: one VM's QEMU monitor (QMP), for its run state.
+"""QmpLink: one VM's QEMU monitor (QMP), shared by everything that follows
+that VM through it.
 
-When a VM is configured with `qmp=PATH` the daemon keeps a QMP connection
-to that socket (qemu.qmp's asyncio QMPClient, on the daemon's own loop) and
-tracks whether the guest runs: `query-status` on connect and again after
-every event that can change it (STOP, RESUME, MIGRATION, ...). QEMU may not be
-there yet, or may restart: the link retries with a capped backoff and never
-blocks the event loop. The policy leaves a VM whose run state is known and not
-"running" alone (paused, inmigrate, postmigrate, finish-migrate, ...).
+When a VM is configured with `qmp=PATH` the daemon keeps one QMP connection
+to that socket (qemu.qmp's asyncio QMPClient, on the daemon's own loop).
+QEMU serves one client per `-qmp` socket, so the several things the daemon
+wants to know about a VM share that one connection as *watches*: each names
+the events after which it must look again and, optionally, how often to look
+anyway, and is told when the link is lost (then nothing it knew holds).
 
-QEMU serves one client per `-qmp` socket: give the daemon a socket of its own.
+The link always carries the run state (`query-status`): the policy leaves a
+VM whose run state is known and not "running" alone. Other watches are the
+discard guard (discard_guard.py) and QEMU's own balloon (qemu_balloon.py).
+
+QEMU may not be there yet, or may restart: the link retries with a capped
+backoff and never blocks the event loop. It connects the socket itself so
+that it can read the peer's credentials: QEMU's pid, for its resident memory.
 
     link = QmpLink("/run/qemu/web1.qmp", log=log)
+    link.add(watch)
     task = link.start()
-    link.connected, link.running, link.status   # None while unknown
+    link.connected, link.running, link.status, link.pid   # None/False while unknown
+    await link.execute("balloon", {"value": n})          # QmpUnavailable while down
     await link.stop()
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.protocol import Runstate
 
 #: Events after which the run state may have changed: ask QEMU again.
@@ -31,6 +41,59 @@ STATE_EVENTS = (
     "STOP", "RESUME", "MIGRATION", "RESET", "SUSPEND", "WAKEUP", "SHUTDOWN",
     "POWERDOWN", "GUEST_PANICKED", "BLOCK_IO_ERROR", "WATCHDOG",
 )
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class QmpUnavailable(RuntimeError):
+    """The VM's QMP link is down; the message says since when or why."""
+
+
+class QmpWatch(Protocol):
+    """One thing the daemon follows about a VM over its QMP link."""
+
+    #: Look again after any of these events (`on_event`).
+    events: tuple[str, ...]
+    #: And every this many seconds (None: only on connect and on events).
+    poll_interval: float | None
+
+    async def refresh(self, client: QMPClient) -> None:
+        """Ask QEMU what this watch needs; called on connect and when polled."""
+
+    async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
+        """One of `events` arrived."""
+
+    def forget(self) -> None:
+        """The link is down: nothing known through it holds any more."""
+
+
+class RunState:
+    """The guest's run state, from `query-status` (and its events)."""
+
+    events = STATE_EVENTS
+    poll_interval: float | None = None
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.running: bool | None = None
+        self.status: str | None = None
+        self.updated_at: float | None = None
+
+    async def refresh(self, client: QMPClient) -> None:
+        reply = await client.execute("query-status")
+        status = str(reply.get("status")) if isinstance(reply, dict) else None
+        running = bool(reply.get("running")) if isinstance(reply, dict) else None
+        if status != self.status:
+            self.log.info("run state", run_state=status, running=running)
+        self.status, self.running = status, running
+        self.updated_at = time.time()
+
+    async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
+        await self.refresh(client)
+
+    def forget(self) -> None:
+        self.running = None
+        self.status = None
 
 
 class QmpLink:
@@ -45,22 +108,47 @@ class QmpLink:
     ) -> None:
         self.path = path
         self.name = name
-        self.log = log or structlog.get_logger()
+        self.log = (log or structlog.get_logger()).bind(qmp=path)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.connected = False
-        self.running: bool | None = None
-        self.status: str | None = None
         self.connects = 0
         self.last_error: str | None = None
-        self.updated_at: float | None = None
+        #: QEMU's pid, from the socket's peer credentials (None while unknown).
+        self.pid: int | None = None
+        self.run_state = RunState(self.log)
+        self.watches: list[QmpWatch] = [self.run_state]
         self._task: asyncio.Task[None] | None = None
         self._client: QMPClient | None = None
 
+    def add(self, watch: QmpWatch) -> None:
+        """Follow `watch` too (before `start`: events are subscribed at connect)."""
+        self.watches.append(watch)
+
     # ----------------------------------------------------------------- reading
+
+    @property
+    def running(self) -> bool | None:
+        return self.run_state.running
+
+    @property
+    def status(self) -> str | None:
+        return self.run_state.status
 
     def summary(self) -> dict[str, Any]:
         return {"qmp_connected": self.connected, "run_state": self.status}
+
+    def client(self) -> QMPClient:
+        """The live session's client, for a watch acting between its looks."""
+        client = self._client
+        if client is None or not self.connected:
+            raise QmpUnavailable(f"QMP at {self.path} is not connected"
+                                 + (f" ({self.last_error})" if self.last_error else ""))
+        return client
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one command on the live session (qemu.qmp's ExecuteError on refusal)."""
+        return await self.client().execute(command, arguments)
 
     # ----------------------------------------------------------------- the task
 
@@ -86,7 +174,7 @@ class QmpLink:
                 had = False
                 error = f"{type(exc).__name__}: {exc}"
                 if error != self.last_error:
-                    self.log.info("qmp not connected", path=self.path, error=error)
+                    self.log.info("qmp not connected", error=error)
                 self.last_error = error
             finally:
                 self._forget()
@@ -97,53 +185,78 @@ class QmpLink:
 
     def _forget(self) -> None:
         self.connected = False
-        self.running = None
-        self.status = None
+        self.pid = None
+        for watch in self.watches:
+            watch.forget()
+
+    async def _connect(self, client: QMPClient) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, self.path)
+            pid, _, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        except BaseException:
+            sock.close()
+            raise
+        await client.connect(sock)  # the client owns the socket from here
+        self.pid = pid or None
 
     async def _session(self) -> bool:
         """One connection, until QEMU goes; True if it got as far as a status."""
         client = QMPClient(self.name)
         self._client = client
-        listener = EventListener(names=STATE_EVENTS)
+        events = sorted({name for watch in self.watches for name in watch.events})
+        listener = EventListener(names=events)
         client.register_listener(listener)
-        pump: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
-            await client.connect(self.path)
-            await self._refresh(client)
+            await self._connect(client)
+            for watch in self.watches:
+                await self._guarded(watch.refresh(client), watch)
             self.connected = True
             self.connects += 1
             self.last_error = None
-            self.log.info("qmp connected", path=self.path, run_state=self.status)
-            pump = asyncio.create_task(self._pump(client, listener))
-            while client.runstate == Runstate.RUNNING and not pump.done():
+            self.log.info("qmp connected", run_state=self.status, qemu_pid=self.pid)
+            tasks.append(asyncio.create_task(self._pump(client, listener)))
+            tasks += [asyncio.create_task(self._poll(client, w)) for w in self.watches if w.poll_interval]
+            while client.runstate == Runstate.RUNNING and not any(t.done() for t in tasks):
                 changed = asyncio.ensure_future(client.runstate_changed())
-                await asyncio.wait({changed, pump}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({changed, *tasks}, return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
-            if pump.done() and not pump.cancelled() and pump.exception() is not None:
-                raise pump.exception()  # type: ignore[misc]
-            self.log.info("qmp disconnected", path=self.path)
+            for t in tasks:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            self.log.info("qmp disconnected")
             return True
         finally:
-            if pump is not None:
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             client.remove_listener(listener)
+            self._client = None
             try:
                 await client.disconnect()
             except Exception as exc:  # noqa: BLE001 - it re-raises what ended the session
-                self.log.debug("qmp session ended", path=self.path, error=f"{type(exc).__name__}: {exc}")
-            self._client = None
+                self.log.debug("qmp session ended", error=f"{type(exc).__name__}: {exc}")
+
+    async def _guarded(self, call: Any, watch: QmpWatch) -> None:
+        """A command QEMU refuses is the watch's problem, not the session's."""
+        try:
+            await call
+        except ExecuteError as exc:
+            self.log.warning("qmp command refused", watch=type(watch).__name__,
+                             error_class=exc.error_class, error=str(exc))
 
     async def _pump(self, client: QMPClient, listener: EventListener) -> None:
         async for event in listener:
-            self.log.info("qmp event", path=self.path, qmp_event=event.get("event"))
-            await self._refresh(client)
+            name = event.get("event")
+            self.log.info("qmp event", qmp_event=name)
+            for watch in self.watches:
+                if name in watch.events:
+                    await self._guarded(watch.on_event(client, dict(event)), watch)
 
-    async def _refresh(self, client: QMPClient) -> None:
-        reply = await client.execute("query-status")
-        status = str(reply.get("status")) if isinstance(reply, dict) else None
-        running = bool(reply.get("running")) if isinstance(reply, dict) else None
-        if status != self.status:
-            self.log.info("run state", path=self.path, run_state=status, running=running)
-        self.status, self.running = status, running
-        self.updated_at = time.time()
+    async def _poll(self, client: QMPClient, watch: QmpWatch) -> None:
+        assert watch.poll_interval
+        while True:
+            await asyncio.sleep(watch.poll_interval)
+            await self._guarded(watch.refresh(client), watch)

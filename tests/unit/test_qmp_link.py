@@ -4,128 +4,73 @@ leaving a VM alone whose QEMU is not running."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from typing import Any
 
+import pytest
+
 from balloond.services.policy import MiB
-from balloond.services.qmp_link import QmpLink
+from balloond.services.qmp_link import QmpLink, QmpUnavailable
+from tests.fake_qmp import FakeQmp, until
 from tests.unit.test_policy_loop import FakeVm, make_loop
 
 
-class FakeQmp:
-    """Enough of QEMU's QMP: greeting, qmp_capabilities, query-status, stop/cont
-    (each sending its STOP/RESUME event), and a way to drop the client."""
+def qemu(path: str, status: str) -> FakeQmp:
+    """A FakeQmp whose query-status answers `fake.run_status` (set it to change state)."""
+    fake = FakeQmp(path)
+    fake.run_status = status  # type: ignore[attr-defined]
 
-    def __init__(self, path: str, status: str = "running") -> None:
-        self.path = path
-        self.status = status
-        self.server: asyncio.AbstractServer | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        self.commands: list[str] = []
-        self.clients = 0
+    def query_status(_args: dict[str, Any]) -> dict[str, Any]:
+        return {"status": fake.run_status, "singlestep": False, "running": fake.run_status == "running"}
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_unix_server(self._serve, self.path)
-
-    async def close(self) -> None:
-        await self.drop()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-
-    async def drop(self) -> None:
-        for w in self.writers:
-            w.close()
-        self.writers.clear()
-
-    def _send(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        w.write(json.dumps(msg).encode() + b"\r\n")
-
-    async def event(self, name: str, status: str) -> None:
-        self.status = status
-        for w in self.writers:
-            self._send(w, {"event": name, "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}})
-            await w.drain()
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        self.clients += 1
-        self.writers.append(w)
-        self._send(w, {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 10}, "package": ""},
-                               "capabilities": []}})
-        decoder, buf = json.JSONDecoder(), ""
-        try:
-            while chunk := await r.read(4096):
-                buf += chunk.decode()
-                msgs = []
-                while buf.strip():  # QMP messages are not newline-framed: decode the stream
-                    try:
-                        msg, end = decoder.raw_decode(buf.lstrip())
-                    except ValueError:
-                        break
-                    msgs.append(msg)
-                    buf = buf.lstrip()[end:]
-                for msg in msgs:
-                    await self._answer(w, msg)
-        except ConnectionError:
-            pass
-        finally:
-            w.close()
-
-    async def _answer(self, w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-        cmd = msg["execute"]
-        self.commands.append(cmd)
-        ret: Any = {}
-        if cmd == "query-status":
-            ret = {"running": self.status == "running", "status": self.status, "singlestep": False}
-        reply = {"return": ret}
-        if "id" in msg:
-            reply["id"] = msg["id"]
-        self._send(w, reply)
-        await w.drain()
+    fake.commands["query-status"] = query_status
+    return fake
 
 
-async def until(pred, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+async def event(fake: FakeQmp, name: str, status: str) -> None:
+    """The guest changes state and QEMU says so (STOP/RESUME carry no data)."""
+    fake.run_status = status  # type: ignore[attr-defined]
+    await fake.emit(name)
 
 
-def test_link_retries_until_qemu_is_there_and_tracks_the_run_state(tmp_path):
+
+def test_link_retries_until_qemu_is_there_and_tracks_the_run_state(sock):
     async def main() -> None:
-        path = str(tmp_path / "qmp.sock")
-        link = QmpLink(path, backoff_initial=0.02, backoff_max=0.1)
+        link = QmpLink(sock, backoff_initial=0.02, backoff_max=0.1)
         link.start()
-        await asyncio.sleep(0.2)  # no socket yet: retrying, nothing known
-        assert (link.connected, link.running, link.status) == (False, None, None)
-        assert link.last_error is not None
-        qemu = FakeQmp(path, status="prelaunch")
-        await qemu.start()
+        await until(lambda: link.last_error is not None)  # no socket yet: retrying, nothing known
+        assert (link.connected, link.running, link.status, link.pid) == (False, None, None, None)
+        with pytest.raises(QmpUnavailable, match="is not connected"):
+            await link.execute("query-status")
+        fake = qemu(sock, "prelaunch")
+        await fake.start()
         try:
             await until(lambda: link.connected)
             assert (link.running, link.status) == (False, "prelaunch")
-            assert qemu.commands[:2] == ["qmp_capabilities", "query-status"]
-            await qemu.event("RESUME", "running")
+            assert [name for name, _ in fake.calls[:2]] == ["qmp_capabilities", "query-status"]
+            assert link.pid == os.getpid()  # SO_PEERCRED: the fake serves from this process
+            assert link.last_error is None
+            assert (await link.execute("query-status"))["status"] == "prelaunch"
+            await event(fake, "RESUME", "running")
             await until(lambda: link.status == "running")
             assert link.running is True
-            await qemu.event("STOP", "paused")
+            await event(fake, "STOP", "paused")
             await until(lambda: link.status == "paused")
             assert link.running is False and link.summary() == {"qmp_connected": True, "run_state": "paused"}
             # QEMU restarts: the link forgets, then reconnects and asks again
-            await qemu.close()
+            await fake.stop()
             await until(lambda: not link.connected)
-            assert link.status is None
-            qemu = FakeQmp(path, status="inmigrate")
-            await qemu.start()
+            assert link.status is None and link.running is None and link.pid is None
+            with pytest.raises(QmpUnavailable):
+                await link.execute("query-status")
+            fake = qemu(sock, "inmigrate")
+            await fake.start()
             await until(lambda: link.connected and link.status == "inmigrate")
-            assert link.connects == 2
+            assert link.connects == 2 and link.pid == os.getpid()
         finally:
             await link.stop()
-            await qemu.close()
+            await fake.stop()
+        assert link.connected is False and link.status is None
 
     asyncio.run(main())
 
@@ -165,7 +110,7 @@ def test_virtual_machine_summary_carries_the_qmp_state(tmp_path):
     s = vm.summary()
     assert s["qmp_connected"] is False and s["run_state"] is None
     link = QmpLink(str(tmp_path / "q.sock"))
-    link.connected, link.status, link.running = True, "paused", False
+    link.connected, link.run_state.status, link.run_state.running = True, "paused", False
     vm.qmp = link
     s = vm.summary()
     assert s["qmp_connected"] is True and s["run_state"] == "paused"
