@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,7 +27,51 @@ class TargetError(ValueError):
     """A requested balloon size the VM cannot take; the message says why."""
 
 
+class NotSupported(Exception):
+    """What was asked is not something this kind of VM can do or tell."""
+
+
+class ManagedVm(Protocol):
+    """What the API, the policy and the metrics need of a VM, whichever
+    device backs its balloon (ours: VirtualMachine; QEMU's: QemuBalloonVm)."""
+
+    name: str
+    #: Its QMP link (services.qmp_link.QmpLink), or None.
+    qmp: Any
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def set_target_bytes(self, value: Any) -> int: ...
+
+    def set_stats_interval(self, seconds: Any) -> None: ...
+
+    def pfn_ranges(self) -> dict[str, Any]: ...
+
+
+def target_pages(value: Any, ram_bytes: int) -> int:
+    """Validate a balloon size in bytes for a guest of `ram_bytes` (0: not known yet)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TargetError(f"bytes must be a whole number, not {value!r}")
+    if value < 0:
+        raise TargetError(f"bytes must not be negative (got {value})")
+    if ram_bytes and value > ram_bytes:
+        raise TargetError(f"{value} bytes is more than the guest's {ram_bytes} bytes of RAM")
+    pages = value // PAGE_SIZE
+    if pages > 0xFFFFFFFF:
+        raise TargetError("a balloon larger than 2^32 pages cannot be expressed")
+    return pages
+
+
+def stats_interval(seconds: Any) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e9:
+        raise TargetError(f"seconds must be a non-negative number, not {seconds!r}")
+    return float(seconds)
+
+
 class VirtualMachine:
+    #: The balloon is our device, served over vhost-user.
+    kind = "vhost-user"
+
     def __init__(
         self,
         name: str,
@@ -53,6 +97,10 @@ class VirtualMachine:
         self.guest_ram_bytes = 0  # remembered from the last connection
         #: The VM's QMP link (services.qmp_link.QmpLink) when configured with qmp=PATH.
         self.qmp: Any = None
+        #: Its discard guard (services.discard_guard.DiscardGuard), with the link.
+        self.discard_guard: Any = None
+        #: Why the device must not free guest memory now (None: it may).
+        self.discard_inhibit: str | None = None
 
     # ------------------------------------------------------------ serving
 
@@ -62,6 +110,7 @@ class VirtualMachine:
             DeviceSettings(**self.settings.__dict__), target_pages=self.target_pages, log=self.log,
             journal=self.journal,
         )
+        device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
         connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds)
         self.device, self.connection = device, connection
         try:
@@ -86,16 +135,7 @@ class VirtualMachine:
 
     def set_target_bytes(self, value: Any) -> int:
         """Validate and apply a balloon size in bytes; returns the pages asked for."""
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TargetError(f"bytes must be a whole number, not {value!r}")
-        if value < 0:
-            raise TargetError(f"bytes must not be negative (got {value})")
-        ram = self.ram_bytes()
-        if ram and value > ram:
-            raise TargetError(f"{value} bytes is more than the guest's {ram} bytes of RAM")
-        pages = value // PAGE_SIZE
-        if pages > 0xFFFFFFFF:
-            raise TargetError("a balloon larger than 2^32 pages cannot be expressed")
+        pages = target_pages(value, self.ram_bytes())
         self.target_pages = pages
         if self.journal is not None:
             self.journal.target(pages)
@@ -104,19 +144,25 @@ class VirtualMachine:
         self.log.info("target set", target_bytes=pages * PAGE_SIZE)
         return pages
 
-    def set_stats_interval(self, seconds: Any) -> None:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
-            raise TargetError(f"seconds must be a non-negative number, not {seconds!r}")
-        self.settings.stats_interval = float(seconds)
+    def set_discard_inhibit(self, reason: str | None) -> None:
+        """The discard guard's verdict, for this and every later connection."""
+        self.discard_inhibit = reason
         if self.device is not None:
-            self.device.set_stats_interval(float(seconds))
+            self.device.set_discard_inhibit(reason)
+
+    def set_stats_interval(self, seconds: Any) -> None:
+        self.settings.stats_interval = stats_interval(seconds)
+        if self.device is not None:
+            self.device.set_stats_interval(self.settings.stats_interval)
 
     # ------------------------------------------------------------ reading
 
     def summary(self) -> dict[str, Any]:
         base: dict[str, Any] = {
             "name": self.name,
+            "kind": self.kind,
             "socket": self.socket_path,
+            "qmp": self.qmp.path if self.qmp is not None else None,
             "connected": self.connected,
             "connections": self.connections,
             "guest_ram_bytes": self.ram_bytes(),
@@ -125,6 +171,8 @@ class VirtualMachine:
             "last_disconnect": self.last_disconnect,
             "qmp_connected": bool(self.qmp is not None and self.qmp.connected),
             "run_state": self.qmp.status if self.qmp is not None else None,
+            "discard_inhibited": self.discard_inhibit,
+            "discard_guard": self.discard_guard.summary() if self.discard_guard is not None else None,
         }
         if self.device is None:
             base.update(

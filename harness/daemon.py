@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ class DaemonProcess:
         stats_interval: float | None = None,
         extra_args: Sequence[str] = (),
         log_level: str = "debug",
+        vm_options: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,8 @@ class DaemonProcess:
         self.stats_interval = stats_interval
         self.extra_args = list(extra_args)
         self.log_level = log_level
+        #: Per VM, what follows the socket in its --vm option ("qmp=PATH,headroom=96M").
+        self.vm_options = dict(vm_options or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = ApiClient(self.api_path)
 
@@ -117,7 +120,8 @@ class DaemonProcess:
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "balloond"]
         for name, path in self.sockets.items():
-            argv += ["--vm", f"{name}={path}"]
+            options = self.vm_options.get(name)
+            argv += ["--vm", f"{name}={path}" + (f",{options}" if options else "")]
         argv += ["--api", self.api_path, "--log-format", "json", "--log-level", self.log_level]
         if self.stats_interval is not None:
             argv += ["--stats-interval", str(self.stats_interval)]
@@ -214,6 +218,10 @@ class DaemonProcess:
         return out
 
     # ----------------------------------------------------------- waiting
+
+    def policy_targets(self) -> list[dict[str, Any]]:
+        """Every target the policy set, from the log (vm, action, target_bytes, old_bytes, reason)."""
+        return [r for r in self.log_records() if r.get("event") == "policy target"]
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout

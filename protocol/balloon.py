@@ -192,6 +192,46 @@ def encode_stats(stats: dict[StatTag, int]) -> bytes:
     return b"".join(STAT.pack(tag, value) for tag, value in stats.items())
 
 
+#: QEMU's names for the same statistics in its built-in device's
+#: `guest-stats` QOM property (the QMP side of a VM that uses QEMU's balloon).
+QEMU_STAT_NAMES: dict[StatTag, str] = {
+    StatTag.SWAP_IN: "stat-swap-in",
+    StatTag.SWAP_OUT: "stat-swap-out",
+    StatTag.MAJOR_FAULTS: "stat-major-faults",
+    StatTag.MINOR_FAULTS: "stat-minor-faults",
+    StatTag.FREE_MEMORY: "stat-free-memory",
+    StatTag.TOTAL_MEMORY: "stat-total-memory",
+    StatTag.AVAILABLE_MEMORY: "stat-available-memory",
+    StatTag.DISK_CACHES: "stat-disk-caches",
+    StatTag.HUGETLB_ALLOCATIONS: "stat-htlb-pgalloc",
+    StatTag.HUGETLB_FAILURES: "stat-htlb-pgfail",
+    StatTag.OOM_KILLS: "stat-oom-kills",
+    StatTag.ALLOC_STALLS: "stat-alloc-stalls",
+    StatTag.ASYNC_SCANS: "stat-async-scans",
+    StatTag.DIRECT_SCANS: "stat-direct-scans",
+    StatTag.ASYNC_RECLAIMS: "stat-async-reclaims",
+    StatTag.DIRECT_RECLAIMS: "stat-direct-reclaims",
+}
+#: The value QEMU shows for a statistic the guest never sent.
+QEMU_STAT_UNSET = (1 << 64) - 1
+
+
+def decode_qemu_guest_stats(stats: object) -> dict[str, int]:
+    """QEMU's `guest-stats` "stats" member → {tag name: value}, as decode_stats.
+
+    Statistics the guest did not send (QEMU shows 2^64-1, or -1) are left
+    out; anything that is not a whole number is ignored.
+    """
+    if not isinstance(stats, dict):
+        return {}
+    out: dict[str, int] = {}
+    for tag, qemu_name in QEMU_STAT_NAMES.items():
+        value = stats.get(qemu_name)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < QEMU_STAT_UNSET:
+            out[tag.key] = value
+    return out
+
+
 # ------------------------------------------------------- inflate / deflate
 
 

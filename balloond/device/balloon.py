@@ -106,6 +106,8 @@ class DeviceCounters:
     reported_freed_bytes: int = 0  # same, from free page reporting
     reported_bytes: int = 0  # bytes the guest reported free
     reports_skipped_poison: int = 0
+    reports_skipped_inhibit: int = 0  # reported while discards were refused
+    discard_inhibits: int = 0  # times discards were refused (VFIO, migration, QMP unknown)
     discard_errors: int = 0
     discard_calls: int = 0
     driver_resets: int = 0
@@ -152,6 +154,8 @@ class BalloonDevice:
         self._pending: set[int] = set()
         self._pending_since = 0.0
         self._flush_timer: asyncio.TimerHandle | None = None
+        #: Why discards are refused right now (None: allowed); see set_discard_inhibit.
+        self.discard_inhibit: str | None = None
         # The balloon on disk (--state-dir); consulted once, at the first mapping.
         self.journal = journal
         self._journal_adopted = False
@@ -304,6 +308,35 @@ class BalloonDevice:
         self.config.num_pages = pages
         self._send_config_change()
 
+    def set_discard_inhibit(self, reason: str | None) -> None:
+        """Refuse (reason) or allow (None) discarding guest memory.
+
+        While refused, inflates and migrations are still acknowledged and
+        tracked; nothing is freed, and reported free pages are left alone.
+        Discards that were waiting are dropped, not done: the reason may be
+        a device that has just pinned guest memory. When discards are allowed
+        again every frame in the balloon is discarded: which of them were
+        freed before is not worth remembering, punching a hole twice is
+        harmless.
+        """
+        if reason == self.discard_inhibit:
+            return
+        was, self.discard_inhibit = self.discard_inhibit, reason
+        if reason is not None:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            if was is None:
+                self.counters.discard_inhibits += 1
+                self.log.warning("discards refused", reason=reason, dropped_frames=len(self._pending),
+                                 ballooned_frames=len(self.tracker))
+            self._pending = set()
+            return
+        self.log.info("discards allowed again", ballooned_frames=len(self.tracker))
+        if len(self.tracker) and self.memory is not None:
+            self._reset_huge_fill()  # the release below counts every frame again
+            self._release(list(self.tracker))
+
     def set_stats_interval(self, seconds: float) -> None:
         self.settings.stats_interval = seconds
         if self.running:
@@ -423,8 +456,8 @@ class BalloonDevice:
         the balloon until a deflate hands it back, and a deflate cancels the
         frame's pending discard (`_forget`) before it is acknowledged.
         """
-        if not pfns:
-            return
+        if not pfns or self.discard_inhibit is not None:
+            return  # refused: all of the balloon is released when discards are allowed again
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.update(pfns)
@@ -509,6 +542,9 @@ class BalloonDevice:
                 if poisoned:
                     self.counters.reports_skipped_poison += 1
                     continue
+                if self.discard_inhibit is not None:
+                    self.counters.reports_skipped_inhibit += 1
+                    continue
                 try:
                     assert self.memory is not None
                     self.memory.view(seg.addr, seg.length)  # bounds check
@@ -583,6 +619,7 @@ class BalloonDevice:
             "reported_freed_bytes": self.counters.reported_freed_bytes,
             "resident_bytes": self.releaser.allocated_bytes() if memory else 0,
             "pending_discard_bytes": len(self._pending) * vb.PAGE_SIZE,
+            "discard_inhibited": self.discard_inhibit,
             "stats": dict(self.stats.values),
             "stats_updated_at": self.stats.updated_at,
             "migrations": self.tracker.counters.migrations,

@@ -11,7 +11,8 @@ Only root, the daemon's own uid and the uids/gids it is told to allow are
 served (peer credentials, see access.py); anyone else gets 403.
 
 Errors are JSON `{"error": "..."}` with 400 (bad request body), 403 (peer not
-allowed), 404 (unknown VM or path) or 405; a bug in a handler is a 500 with a
+allowed), 404 (unknown VM or path), 405, or 409 (not something this kind of
+VM can do: the frames held by QEMU's built-in balloon); a bug in a handler is a 500 with a
 log line, never a dropped connection.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ..vm import TargetError, VirtualMachine
+from ..vm import ManagedVm, NotSupported, TargetError
 from .access import AccessPolicy, access_middleware
 from .metrics import render_metrics
 from .policy import PolicyError
@@ -55,7 +56,7 @@ class ControlApi:
 
     def __init__(
         self,
-        vms: dict[str, VirtualMachine],
+        vms: dict[str, ManagedVm],
         *,
         allowed_uids: Iterable[int] = (),
         allowed_gids: Iterable[int] = (),
@@ -96,7 +97,7 @@ class ControlApi:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _vm(self, request: web.Request) -> VirtualMachine:
+    def _vm(self, request: web.Request) -> ManagedVm:
         name = request.match_info["name"]
         vm = self.vms.get(name)
         if vm is None:
@@ -127,10 +128,10 @@ class ControlApi:
         return web.json_response(self._vm(request).summary())
 
     async def put_target(self, request: web.Request) -> web.Response:
-        return await self._put_setting(request, "bytes", VirtualMachine.set_target_bytes)
+        return await self._put_setting(request, "bytes", lambda vm, value: vm.set_target_bytes(value))
 
     async def put_stats_interval(self, request: web.Request) -> web.Response:
-        return await self._put_setting(request, "seconds", VirtualMachine.set_stats_interval)
+        return await self._put_setting(request, "seconds", lambda vm, value: vm.set_stats_interval(value))
 
     async def _put_setting(self, request: web.Request, key: str, apply: Any) -> web.Response:
         """PUT {key: value} to one VM: 400 with the reason when the VM refuses it."""
@@ -143,7 +144,10 @@ class ControlApi:
         return web.json_response(vm.summary())
 
     async def get_pfns(self, request: web.Request) -> web.Response:
-        return web.json_response(self._vm(request).pfn_ranges())
+        try:
+            return web.json_response(self._vm(request).pfn_ranges())
+        except NotSupported as exc:
+            return _error(409, str(exc))
 
     def _policy(self) -> PolicyLoop:
         if self.policy is None:

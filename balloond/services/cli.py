@@ -76,6 +76,7 @@ def request(api: str, method: str, path: str, body: Any = None) -> Any:
 
 _COLUMNS = [
     ("VM", lambda v: v["name"]),
+    ("KIND", lambda v: v.get("kind") or "vhost-user"),
     ("CONN", lambda v: "yes" if v["connected"] else "no"),
     ("RAM", lambda v: format_size(v["guest_ram_bytes"])),
     ("TARGET", lambda v: format_size(v["target_bytes"])),
@@ -83,7 +84,7 @@ _COLUMNS = [
     ("BALLOONED", lambda v: format_size(v["ballooned_bytes"])),
     ("HOST FREED", lambda v: format_size(v["host_freed_bytes"])),
     ("RESIDENT", lambda v: format_size(v["resident_bytes"])),
-    ("MIGR", lambda v: str(v["migrations"])),
+    ("MIGR", lambda v: "-" if v["migrations"] is None else str(v["migrations"])),
 ]
 
 
@@ -98,6 +99,13 @@ def render_table(vms: list[dict[str, Any]]) -> str:
 
 def render_detail(vm: dict[str, Any]) -> str:
     lines = [render_table([vm]), ""]
+    if vm.get("qmp"):
+        lines.append(f"qmp: {vm['qmp']} ({'connected' if vm.get('qmp_connected') else 'not connected'}"
+                     + (f", {vm['run_state']}" if vm.get("run_state") else "") + ")")
+    if vm.get("discard_inhibited"):
+        lines.append(f"discards refused: {vm['discard_inhibited']}")
+    if vm.get("last_error"):
+        lines.append(f"problem: {vm['last_error']}")
     if vm.get("features"):
         lines.append("features: " + ", ".join(vm["features"]))
     if vm.get("stats"):

@@ -14,6 +14,11 @@ Example file:
     [[vm]]
     name = "web1"
     socket = "/run/balloond/web1.sock"     # or fd = 3 for an inherited socket
+    qmp = "/run/qemu/web1.qmp"             # optional: run state, discard guard
+
+    [[vm]]
+    name = "legacy"
+    qmp = "/run/qemu/legacy.qmp"           # only qmp: QEMU's built-in balloon
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ class VmConfig:
     fd: int | None = None
     qmp: str | None = None
     policy: VmPolicySettings = field(default_factory=VmPolicySettings)
+
+    @property
+    def uses_qemu_balloon(self) -> bool:
+        """No socket of ours: the VM has QEMU's built-in balloon, steered over QMP."""
+        return self.socket is None and self.fd is None
 
 
 @dataclass
@@ -78,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vm", action="append", default=[], metavar="NAME=SOCKET",
                    help="serve a VM: NAME=PATH listens on PATH; NAME=fd:N uses inherited listening fd N; "
-                        "append ,qmp=PATH for the VM's QMP socket (repeatable)")
+                        "append ,qmp=PATH for the VM's QMP socket; NAME=qmp:PATH manages a VM with QEMU's "
+                        "built-in virtio-balloon over its QMP socket (repeatable)")
     p.add_argument("--socket-path", help="vhost-user backend convention: one VM, named 'default', on PATH")
     p.add_argument("--fd", type=int, help="vhost-user backend convention: one VM, named 'default', on fd N")
     p.add_argument("--api", metavar="PATH", help="control API Unix socket")
@@ -136,6 +147,8 @@ def parse_vm_spec(spec: str) -> VmConfig:
     for option in parts[1:]:
         key, sep, value = option.partition("=")
         if key == "qmp" and sep and value:
+            if vm.qmp is not None:
+                raise ConfigError(f"--vm {spec!r}: the QMP socket is given twice")
             vm.qmp = value
         elif key in VmPolicySettings.FILE_KEYS and sep and value:
             policy[key] = value
@@ -152,6 +165,10 @@ def parse_vm_spec(spec: str) -> VmConfig:
 def _vm(name: str, where: str) -> VmConfig:
     if not NAME_PATTERN.match(name):
         raise ConfigError(f"VM name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if where.startswith("qmp:"):
+        if not where[4:]:
+            raise ConfigError(f"VM {name}: {where!r} is not qmp:PATH")
+        return VmConfig(name, qmp=where[4:])
     if where.startswith("fd:"):
         try:
             return VmConfig(name, fd=int(where[3:]))
@@ -204,11 +221,22 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
                     unknown = set(entry) - {"name", "socket", "fd", "qmp", *VmPolicySettings.FILE_KEYS}
                     if unknown:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: unknown keys {sorted(unknown)}")
-                    if ("socket" in entry) == ("fd" in entry):
-                        raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: give exactly one of socket or fd")
-                    where = f"fd:{entry['fd']}" if "fd" in entry else str(entry["socket"])
+                    if "socket" in entry and "fd" in entry:
+                        raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: give socket or fd, not both")
+                    if "socket" not in entry and "fd" not in entry and "qmp" not in entry:
+                        raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: give socket or fd (our "
+                                          "balloon), or only qmp (QEMU's built-in balloon)")
+                    if "fd" in entry:
+                        where = f"fd:{entry['fd']}"
+                    elif "socket" in entry:
+                        where = str(entry["socket"])
+                    else:
+                        where = f"qmp:{entry['qmp']}"
+                    qmp = entry.get("qmp")
+                    if qmp is not None and (not isinstance(qmp, str) or not qmp):
+                        raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: qmp must be a socket path")
                     vm = _vm(str(entry["name"]), where)
-                    vm.qmp = entry.get("qmp")
+                    vm.qmp = qmp
                     try:
                         vm.policy = VmPolicySettings.from_mapping(entry, where=f"{args.config}: [[vm]] {vm.name}")
                     except PolicyError as exc:
@@ -275,6 +303,9 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
     paths = [vm.socket for vm in settings.vms if vm.socket]
     if len(paths) != len(set(paths)):
         raise ConfigError("two VMs cannot share one socket path")
+    qmps = [vm.qmp for vm in settings.vms if vm.qmp]
+    if len(qmps) != len(set(qmps)):
+        raise ConfigError("two VMs cannot share one QMP socket (QEMU serves one client per -qmp socket)")
     if settings.stats_interval < 0:
         raise ConfigError("--stats-interval must not be negative")
     if settings.poll_us < 0 or settings.poll_us > 100_000:

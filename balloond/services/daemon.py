@@ -17,11 +17,13 @@ from .. import __version__, logs
 from ..device.balloon import DeviceSettings
 from ..device.journal import BalloonJournal, JournalError
 from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_socket, open_listening_socket
-from ..vm import VirtualMachine
+from ..vm import ManagedVm, VirtualMachine
 from . import config
 from .api import ControlApi
+from .discard_guard import DiscardGuard
 from .host_memory import SimulatedHost
 from .policy_loop import PolicyLoop
+from .qemu_balloon import QemuBalloonVm
 from .qmp_link import QmpLink
 
 
@@ -54,7 +56,7 @@ class Daemon:
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
         self.log = structlog.get_logger()
-        self.vms: dict[str, VirtualMachine] = {}
+        self.vms: dict[str, ManagedVm] = {}
         self.listeners: list[VhostUserListener] = []
         self.policy = PolicyLoop(
             self.vms,
@@ -90,6 +92,12 @@ class Daemon:
 
     def open_sockets(self) -> None:
         for vmc in self.settings.vms:
+            if vmc.uses_qemu_balloon:
+                assert vmc.qmp is not None
+                link = QmpLink(vmc.qmp, log=self.log.bind(vm=vmc.name))
+                self.vms[vmc.name] = QemuBalloonVm(vmc.name, link, stats_interval=self.settings.stats_interval,
+                                                   log=self.log)
+                continue
             if vmc.fd is not None:
                 sock = adopt_listening_socket(vmc.fd)
                 path = None
@@ -108,6 +116,9 @@ class Daemon:
             vm.listener = VhostUserListener(sock, path=path, log=vm.log)
             if vmc.qmp:
                 vm.qmp = QmpLink(vmc.qmp, log=vm.log)
+                vm.discard_guard = DiscardGuard(vm.set_discard_inhibit, log=vm.log)
+                vm.qmp.add(vm.discard_guard)
+                vm.set_discard_inhibit(vm.discard_guard.reason)  # closed until QEMU answers
             self.vms[vmc.name] = vm
             self.listeners.append(vm.listener)
 
@@ -118,7 +129,8 @@ class Daemon:
         self.open_sockets()
         if self.settings.api:
             await self.api.start(self.settings.api)
-        tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection)) for vm in self.vms.values()]
+        tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection))
+                 for vm in self.vms.values() if isinstance(vm, VirtualMachine) and vm.listener is not None]
         tasks += [vm.qmp.start() for vm in self.vms.values() if vm.qmp is not None]
         tasks.append(self.policy.start())  # idles while the policy is off; the API can turn it on
         watchdog_usec = os.environ.get("WATCHDOG_USEC")

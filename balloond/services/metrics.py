@@ -13,14 +13,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..vm import VirtualMachine
+from ..vm import ManagedVm
 
 _GAUGES = {
     "guest_ram_bytes": "Guest RAM mapped by the frontend",
     "target_bytes": "Balloon size asked of the guest",
     "actual_bytes": "Balloon size the guest reports",
-    "ballooned_bytes": "Guest memory the tracker holds in the balloon",
-    "resident_bytes": "Host memory currently allocated to guest RAM",
+    "ballooned_bytes": "Guest memory in the balloon (our device: frames tracked; QEMU's: RAM minus its actual)",
+    "resident_bytes": "Host memory allocated to guest RAM (QEMU's balloon: QEMU's resident set)",
 }
 _COUNTERS = {
     "host_freed_bytes": "Host memory released by balloon discards (measured)",
@@ -40,11 +40,14 @@ _DEVICE_COUNTERS = (
     "migrate_buffers",
     "driver_resets",
     "config_changes_sent",
+    "discard_inhibits",
+    "reports_skipped_inhibit",
+    "targets_sent",
 )
 
 
 class _VmCollector:
-    def __init__(self, vms: dict[str, VirtualMachine]) -> None:
+    def __init__(self, vms: dict[str, ManagedVm]) -> None:
         self.vms = vms
 
     def collect(self) -> Iterator[Any]:
@@ -53,16 +56,28 @@ class _VmCollector:
         for name, s in summaries.items():
             up.add_metric([name], 1.0 if s["connected"] else 0.0)
         yield up
+        info = GaugeMetricFamily("balloond_vm_info", "Which device backs the VM's balloon (vhost-user: ours; "
+                                 "qemu: QEMU's built-in, over QMP)", labels=["vm", "kind"])
+        inhibited = GaugeMetricFamily("balloond_vm_discard_inhibited",
+                                      "1 while discards are refused (VFIO device, migration, QMP unknown)",
+                                      labels=["vm"])
+        for name, s in summaries.items():
+            info.add_metric([name, str(s.get("kind"))], 1.0)
+            inhibited.add_metric([name], 1.0 if s.get("discard_inhibited") else 0.0)
+        yield info
+        yield inhibited
         for key, doc in _GAUGES.items():
             g = GaugeMetricFamily(f"balloond_vm_{key}", doc, labels=["vm"])
             for name, s in summaries.items():
-                g.add_metric([name], float(s.get(key) or 0))
+                if s.get(key) is not None:  # None: this kind of VM cannot tell
+                    g.add_metric([name], float(s[key]))
             yield g
         for key, doc in _COUNTERS.items():
             metric = key[: -len("_total")] if key.endswith("_total") else key
             c = CounterMetricFamily(f"balloond_vm_{metric}", doc, labels=["vm"])
             for name, s in summaries.items():
-                c.add_metric([name], float(s.get(key) or 0))
+                if s.get(key) is not None:
+                    c.add_metric([name], float(s[key]))
             yield c
         events = CounterMetricFamily("balloond_vm_events", "Device events and refusals, by kind", labels=["vm", "kind"])
         for name, s in summaries.items():
@@ -77,7 +92,7 @@ class _VmCollector:
         yield stats
 
 
-def render_metrics(vms: dict[str, VirtualMachine], policy: Any = None) -> tuple[bytes, str]:
+def render_metrics(vms: dict[str, ManagedVm], policy: Any = None) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_VmCollector(vms))  # type: ignore[arg-type]
     if policy is not None:

@@ -38,21 +38,6 @@ HEADROOM = 96 * MIB
 SIMULATED_HOST = 1216 * MIB
 
 
-class QmpDaemon(DaemonProcess):
-    def __init__(self, workdir: Path, qmp: dict[str, str], **kw: Any) -> None:
-        super().__init__(workdir, vms=tuple(qmp), **kw)
-        self.qmp = qmp
-
-    @property
-    def argv(self) -> list[str]:
-        argv = super().argv
-        for i, arg in enumerate(argv):
-            name, _, path = arg.partition("=")
-            if i and argv[i - 1] == "--vm" and name in self.qmp:
-                argv[i] = f"{name}={path},qmp={self.qmp[name]},headroom={HEADROOM >> 20}M"
-        return argv
-
-
 class Watcher:
     """Polls the API in a thread: the peak of ballooned memory, every policy decision seen."""
 
@@ -92,8 +77,9 @@ def decision_for(daemon: DaemonProcess, name: str) -> dict[str, Any] | None:
 def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
     sockdir = Path(tempfile.mkdtemp(prefix="bd-pol-"))
     qmp = {n: str(sockdir / f"{n}.qmp") for n in NAMES}
-    daemon = QmpDaemon(
-        sockdir / "d", qmp, stats_interval=1, log_level="info",
+    daemon = DaemonProcess(
+        sockdir / "d", NAMES, stats_interval=1, log_level="info",
+        vm_options={n: f"qmp={qmp[n]},headroom={HEADROOM >> 20}M" for n in NAMES},
         extra_args=["--policy", "--policy-interval", "2", "--policy-simulate-host", f"{SIMULATED_HOST >> 20}M",
                     "--host-reserve", f"{RESERVE >> 20}M", "--policy-step", f"{STEP >> 20}M",
                     "--no-free-page-reporting"],
@@ -113,6 +99,13 @@ def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
         # QMP links up and the guests' memory made resident (no free page reporting)
         wait_for("the daemon's QMP links", lambda: all(
             v["qmp_connected"] and v["run_state"] == "running" for v in daemon.api.vms()), 60)
+        # The discard guard walked each real QEMU's devices (the balloon is
+        # one), found no VFIO device and no migration, and let discards go.
+        wait_for("discards allowed", lambda: all(v["discard_inhibited"] is None for v in daemon.api.vms()), 30)
+        for v in daemon.api.vms():
+            guard = v["discard_guard"]
+            assert guard["devices_seen"] >= 1 and guard["vfio_devices"] == [], guard
+            assert guard["migration_status"] == "none", guard
         for vm in vms.values():
             vm.sh("guesttool dirty 300", timeout=300)
         watcher = Watcher(daemon)
@@ -163,10 +156,10 @@ def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
         print(f"balloond log: {daemon.log_path}")
 
     # every target the policy set: steps within the configured step, floors kept
-    steps = [abs(r["target_bytes"] - r["old_bytes"]) for r in daemon.log_records()
-             if r.get("event") == "policy target"]
+    targets = daemon.policy_targets()
+    steps = [abs(r["target_bytes"] - r["old_bytes"]) for r in targets]
     assert steps, "the policy never moved a target"
-    first = next(r for r in daemon.log_records() if r.get("event") == "policy target")
+    first = targets[0]
     assert first["action"] == "inflate" and "below its reserve" in first["reason"], first
     largest = max(steps)
     for dec in watcher.decisions.values():

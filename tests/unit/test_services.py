@@ -49,7 +49,8 @@ def test_config_file_and_flags(tmp_path):
     ("api = 5", "wrong type"),
     ("bogus = 1", "unknown setting"),
     ("[[vm]]\nsocket = '/x'", "needs a name"),
-    ("[[vm]]\nname = 'a'", "exactly one of socket or fd"),
+    ("[[vm]]\nname = 'a'", "give socket or fd \\(our balloon\\), or only qmp"),
+    ("[[vm]]\nname = 'a'\nsocket = '/x'\nfd = 3", "socket or fd, not both"),
     ("this is not toml", "config file"),
 ])
 def test_config_file_errors_are_one_line(tmp_path, text, message):

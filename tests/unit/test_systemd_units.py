@@ -138,7 +138,7 @@ def test_unit_settings():
     # the example configuration gives sockets to the group the unit joins
     example = tomllib.loads((SYSTEMD / "balloond.toml.example").read_text())
     assert example["socket_group"] == single["SupplementaryGroups"]
-    assert all(vm["socket"].startswith(f"/run/{single['RuntimeDirectory']}/") for vm in example["vm"])
+    assert all(vm["socket"].startswith(f"/run/{single['RuntimeDirectory']}/") for vm in example["vm"] if "socket" in vm)
 
 
 def expand_syscall_set(spec: str, _cache: dict[str, set[str]] = {}) -> set[str]:  # noqa: B006
@@ -228,7 +228,9 @@ def test_vhost_user_backend_description():
 def test_example_config_loads(tmp_path):
     path = SYSTEMD / "balloond.toml.example"
     settings, _ = config.load(["--config", str(path)])
-    assert [vm.name for vm in settings.vms] == ["web1", "batch1", "pinned"]
+    assert [vm.name for vm in settings.vms] == ["web1", "batch1", "pinned", "legacy1"]
+    assert settings.vms[0].qmp and not settings.vms[0].uses_qemu_balloon
+    assert settings.vms[3].uses_qemu_balloon and settings.vms[3].qmp
     assert settings.socket_group == "kvm" and settings.api == "/run/balloond/api.sock"
     assert settings.state_dir == "/var/lib/balloond"
     # the policy lines, uncommented, are valid policy settings
