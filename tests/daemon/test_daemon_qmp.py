@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from balloond.services import cli
 from tests.fake_qmp import FakeQmpThread, QemuBalloon
 from tests.frontend import PAGE_SIZE, TestFrontend
 
@@ -151,3 +152,43 @@ def test_a_builtin_balloon_vm_is_steered_over_qmp(daemon, monitors, builtin):
     daemon.api.set_target("qemu0", 0)
     daemon.wait_vm("qemu0", lambda v: v["actual_bytes"] == 0, timeout=5, what="the balloon to deflate")
     assert [a["value"] for a in monitor.calls("balloon")][-1] == 512 * MiB
+
+
+def balloonctl(daemon, capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["--api", daemon.api_path, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_balloonctl_shows_both_kinds_and_explains_refusals(daemon, connect, monitors, builtin, capsys):
+    wait_guard(daemon, lambda r: r is None, "discards allowed")
+    daemon.wait_vm("qemu0", lambda v: v["connected"], timeout=10, what="QEMU's balloon")
+    connect()
+    code, out, err = balloonctl(daemon, capsys, "status")
+    assert code == 0 and err == ""
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["VM", "KIND", "CONN"]
+    kinds = {row.split()[0]: row.split()[1:3] for row in rows}
+    assert kinds == {"vm0": ["vhost-user", "yes"], "qemu0": ["qemu", "yes"]}
+    assert rows[[r.split()[0] for r in rows].index("qemu0")].split()[-1] == "-"  # migrations: QEMU does not say
+
+    code, out, _ = balloonctl(daemon, capsys, "status", "qemu0")
+    assert code == 0 and f"qmp: {monitors['qemu0'].fake.path} (connected, running)" in out
+
+    monitors["vm0"].run(lambda fake: fake.qom["/machine/peripheral"].append(VFIO))
+    wait_guard(daemon, lambda r: r is not None, "the guard to close")
+    code, out, _ = balloonctl(daemon, capsys, "status", "vm0")
+    assert code == 0 and "discards refused: assigned device(s) (VFIO): /machine/peripheral/hostdev0" in out
+    monitors["vm0"].run(lambda fake: fake.qom["/machine/peripheral"].remove(VFIO))
+    wait_guard(daemon, lambda r: r is None, "the guard to open")
+
+    code, out, err = balloonctl(daemon, capsys, "set", "qemu0", "64M")
+    assert code == 0 and out.strip() == "qemu0: balloon target set to 64.0 MiB"
+    code, out, err = balloonctl(daemon, capsys, "pfns", "qemu0")
+    assert code == 1 and out == ""
+    assert err.strip() == "balloonctl: QEMU's built-in balloon does not tell which guest frames it holds"
+    code, _, err = balloonctl(daemon, capsys, "set", "qemu0", "512M")
+    assert code == 1 and err.strip() == "balloonctl: QEMU's balloon cannot take all of the guest's RAM"
+    code, _, err = balloonctl(daemon, capsys, "set", "qemu0", "lots")
+    assert code == 1 and err.startswith("balloonctl: ") and "\n" not in err.strip()
+    balloonctl(daemon, capsys, "set", "qemu0", "0")
