@@ -104,6 +104,7 @@ class QemuBalloonVm:
             self.logical_bytes = None
             self._problem(f"QEMU's balloon is not active: {exc}")
             return
+        self._take_over()  # before any other await: the policy must not see a VM without its target
         await self._sync_stats(client)
         await self._apply(client)
         self.last_error = None
@@ -146,14 +147,16 @@ class QemuBalloonVm:
             self.stats = decode_qemu_guest_stats(reply.get("stats"))
             self.stats_updated_at = float(updated)
 
-    async def _apply(self, client: QMPClient) -> None:
-        ram = self.guest_ram_bytes
-        if self.logical_bytes is None or not ram:
-            return
-        if self.target_bytes is None:
-            self.target_bytes = max(0, ram - self.logical_bytes) // PAGE_SIZE * PAGE_SIZE
+    def _take_over(self) -> None:
+        """No target yet (a daemon that just started): keep the balloon QEMU has."""
+        if self.target_bytes is None and self.logical_bytes is not None and self.guest_ram_bytes:
+            self.target_bytes = max(0, self.guest_ram_bytes - self.logical_bytes) // PAGE_SIZE * PAGE_SIZE
             self.log.info("took over QEMU's balloon", target_bytes=self.target_bytes)
             self._sent = self.target_bytes
+
+    async def _apply(self, client: QMPClient) -> None:
+        ram = self.guest_ram_bytes
+        if self.logical_bytes is None or not ram or self.target_bytes is None:
             return
         target = min(self.target_bytes, ram - PAGE_SIZE)  # QEMU refuses a logical size of 0
         if target != self._sent:
