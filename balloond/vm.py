@@ -128,9 +128,11 @@ class VirtualMachine:
     # ------------------------------------------------------------ control
 
     def ram_bytes(self) -> int:
-        """Guest RAM of the current connection, or of the last one."""
+        """Guest RAM of the current connection, or what QMP says, or the last connection's."""
         if self.device is not None and self.device.memory is not None and self.device.memory.total_bytes:
             self.guest_ram_bytes = self.device.memory.total_bytes
+        elif self.qmp is not None and self.qmp.ram_bytes:
+            self.guest_ram_bytes = self.qmp.ram_bytes
         return self.guest_ram_bytes
 
     def set_target_bytes(self, value: Any) -> int:

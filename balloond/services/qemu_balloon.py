@@ -7,7 +7,7 @@ QMP socket (`--vm NAME=qmp:PATH`) the daemon plays the part QEMU's own
 `balloon`/`query-balloon` users play, behind the same API, metrics and
 policy as its own VMs:
 
-- its RAM size from `query-memory-size-summary`;
+- its RAM size from `query-memory-size-summary` (the link's own watch);
 - the balloon from `query-balloon` (QEMU reports the guest's *logical* size,
   RAM minus balloon) and the BALLOON_CHANGE events;
 - the guest's statistics from the device's `guest-stats` QOM property, after
@@ -96,8 +96,7 @@ class QemuBalloonVm:
                 return
             self.device_path = found[0]
             self.log.info("QEMU balloon found", device=self.device_path)
-        sizes = await client.execute("query-memory-size-summary")
-        self.guest_ram_bytes = int(sizes.get("base-memory", 0)) + int(sizes.get("plugged-memory", 0))
+        self.guest_ram_bytes = self.qmp.ram_bytes or 0  # the link's RamSize watch looked first
         try:
             self.logical_bytes = int((await client.execute("query-balloon"))["actual"])
         except ExecuteError as exc:  # DeviceNotActive: the guest has not got a driver yet

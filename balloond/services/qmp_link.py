@@ -9,7 +9,8 @@ the events after which it must look again and, optionally, how often to look
 anyway, and is told when the link is lost (then nothing it knew holds).
 
 The link always carries the run state (`query-status`): the policy leaves a
-VM whose run state is known and not "running" alone. Other watches are the
+VM whose run state is known and not "running" alone; and the RAM size, so a
+target can be checked before the guest's memory reaches the daemon. Other watches are the
 discard guard (discard_guard.py) and QEMU's own balloon (qemu_balloon.py).
 
 QEMU may not be there yet, or may restart: the link retries with a capped
@@ -19,7 +20,7 @@ that it can read the peer's credentials: QEMU's pid, for its resident memory.
     link = QmpLink("/run/qemu/web1.qmp", log=log)
     link.add(watch)
     task = link.start()
-    link.connected, link.running, link.status, link.pid   # None/False while unknown
+    link.connected, link.running, link.status, link.pid, link.ram_bytes  # None/False while unknown
     await link.execute("balloon", {"value": n})          # QmpUnavailable while down
     await link.stop()
 """
@@ -96,6 +97,27 @@ class RunState:
         self.status = None
 
 
+class RamSize:
+    """The guest's RAM size (`query-memory-size-summary`: base + plugged)."""
+
+    events = ("MEMORY_DEVICE_SIZE_CHANGE", "DEVICE_DELETED", "RESET")
+    poll_interval: float | None = 10.0  # memory hot-plug is not announced
+
+    def __init__(self) -> None:
+        self.bytes: int | None = None
+
+    async def refresh(self, client: QMPClient) -> None:
+        reply = await client.execute("query-memory-size-summary")
+        if isinstance(reply, dict):
+            self.bytes = int(reply.get("base-memory", 0)) + int(reply.get("plugged-memory", 0)) or None
+
+    async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
+        await self.refresh(client)
+
+    def forget(self) -> None:
+        self.bytes = None
+
+
 class QmpLink:
     def __init__(
         self,
@@ -117,7 +139,8 @@ class QmpLink:
         #: QEMU's pid, from the socket's peer credentials (None while unknown).
         self.pid: int | None = None
         self.run_state = RunState(self.log)
-        self.watches: list[QmpWatch] = [self.run_state]
+        self.ram_size = RamSize()
+        self.watches: list[QmpWatch] = [self.run_state, self.ram_size]
         self._task: asyncio.Task[None] | None = None
         self._client: QMPClient | None = None
 
@@ -134,6 +157,10 @@ class QmpLink:
     @property
     def status(self) -> str | None:
         return self.run_state.status
+
+    @property
+    def ram_bytes(self) -> int | None:
+        return self.ram_size.bytes
 
     def summary(self) -> dict[str, Any]:
         return {"qmp_connected": self.connected, "run_state": self.status}

@@ -129,3 +129,33 @@ def test_daemon_wires_a_link_for_vms_with_qmp(tmp_path):
     finally:
         for listener in d.listeners:
             listener.close()
+
+
+def test_link_learns_the_ram_size_and_a_vm_checks_targets_against_it(sock):
+    from balloond.device.balloon import DeviceSettings
+    from balloond.vm import TargetError, VirtualMachine
+
+    async def main() -> None:
+        async with FakeQmp(sock) as fake:
+            fake.commands["query-memory-size-summary"] = lambda _a: {"base-memory": 256 * MiB,
+                                                                      "plugged-memory": 128 * MiB}
+            link = QmpLink(sock, backoff_initial=0.02)
+            vm = VirtualMachine("g", None, DeviceSettings())
+            vm.qmp = link
+            assert vm.ram_bytes() == 0  # nothing known: any target is taken
+            link.start()
+            try:
+                await until(lambda: link.connected)
+                assert link.ram_bytes == 384 * MiB
+                # before the guest's memory reaches the daemon, QMP's size bounds the target
+                assert vm.summary()["guest_ram_bytes"] == 384 * MiB
+                with pytest.raises(TargetError, match="more than the guest's"):
+                    vm.set_target_bytes(512 * MiB)
+                assert vm.set_target_bytes(128 * MiB) == 128 * MiB // 4096
+                fake.drop_clients()
+                await until(lambda: link.ram_bytes is None)
+                assert vm.ram_bytes() == 384 * MiB  # remembered, as from a last connection
+            finally:
+                await link.stop()
+
+    asyncio.run(main())
