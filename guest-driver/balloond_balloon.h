@@ -171,6 +171,12 @@ struct balloond {
 extern bool bd_migrate_ext;
 u32 bd_read_target(struct balloond *vb);
 void bd_write_actual(struct balloond *vb);
+unsigned int bd_alloc_batch(struct balloond *vb, unsigned int want,
+			    struct list_head *pages,
+			    struct page *(*alloc)(void));
+void bd_publish_batch(struct balloond *vb, struct virtqueue *vq,
+		      unsigned int n, const char *what);
+void bd_give_back(struct balloond *vb, struct list_head *released);
 
 /* host.c */
 int bd_send_pfns(struct balloond *vb, struct virtqueue *vq, unsigned int n);

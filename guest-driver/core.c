@@ -95,25 +95,10 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 {
 	LIST_HEAD(fresh);
 	struct page *page, *tmp;
-	unsigned int got, n = 0;
-	int err;
+	unsigned int n = 0;
 
 	want = min_t(unsigned int, want, BD_PFNS_PER_BATCH);
-
-	/* Allocated with no lock held (see movable.c). */
-	for (got = 0; got < want; got++) {
-		page = balloon_page_alloc();
-		if (!page)
-			break;
-		list_add(&page->lru, &fresh);
-	}
-	if (got < want) {
-		atomic_long_inc(&vb->cnt.alloc_failures);
-		dev_info_ratelimited(&vb->vdev->dev,
-				     "out of memory: got %u of %u pages\n",
-				     got, want);
-	}
-	if (!got)
+	if (!bd_alloc_batch(vb, want, &fresh, balloon_page_alloc))
 		return 0;
 
 	mutex_lock(&vb->balloon_lock);
@@ -125,11 +110,7 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 		vb->pfns[n++] = bd_pfn32(vb, page);
 	}
 	vb->num_pages += n;
-	err = bd_send_pfns(vb, vb->inflate_vq, n);
-	if (err)
-		dev_err_ratelimited(&vb->vdev->dev,
-				    "inflate of %u pages not sent: %d\n", n, err);
-	bd_write_actual(vb);
+	bd_publish_batch(vb, vb->inflate_vq, n, "inflate");
 	mutex_unlock(&vb->balloon_lock);
 
 	atomic_long_add(n, &vb->cnt.inflated);
@@ -139,10 +120,9 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 {
 	LIST_HEAD(released);
-	struct page *page, *tmp;
+	struct page *page;
 	unsigned int n = 0;
 	size_t got;
-	int err;
 
 	mutex_lock(&vb->balloon_lock);
 	want = min3(want, (unsigned int)BD_PFNS_PER_BATCH, vb->num_pages);
@@ -156,21 +136,9 @@ unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 
 	vb->num_pages -= n;
 	/* Host first, then reuse (MUST_TELL_HOST order, always kept). */
-	if (n) {
-		err = bd_send_pfns(vb, vb->deflate_vq, n);
-		if (err)
-			dev_err_ratelimited(&vb->vdev->dev,
-					    "deflate of %u pages not sent: %d\n",
-					    n, err);
-		bd_write_actual(vb);
-	}
+	bd_publish_batch(vb, vb->deflate_vq, n, "deflate");
 	mutex_unlock(&vb->balloon_lock);
-
-	list_for_each_entry_safe(page, tmp, &released, lru) {
-		list_del(&page->lru);
-		bd_account(vb, page, 1);
-		put_page(page);
-	}
+	bd_give_back(vb, &released);
 
 	atomic_long_add(n, &vb->cnt.deflated);
 	return n;

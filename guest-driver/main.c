@@ -56,6 +56,65 @@ void bd_write_actual(struct balloond *vb)
 			 &actual);
 }
 
+/* ---- the page-layer-independent halves of a batch ------------------- */
+
+/*
+ * Pages for an inflate, allocated with no lock held: allocating may reclaim
+ * or compact, and compaction may call back into the migration hook, which
+ * takes balloon_lock.
+ */
+unsigned int bd_alloc_batch(struct balloond *vb, unsigned int want,
+			    struct list_head *pages,
+			    struct page *(*alloc)(void))
+{
+	struct page *page;
+	unsigned int got;
+
+	for (got = 0; got < want; got++) {
+		page = alloc();
+		if (!page)
+			break;
+		list_add(&page->lru, pages);
+	}
+	if (got < want) {
+		atomic_long_inc(&vb->cnt.alloc_failures);
+		dev_info_ratelimited(&vb->vdev->dev,
+				     "out of memory: got %u of %u pages\n",
+				     got, want);
+	}
+	return got;
+}
+
+/* With balloon_lock held: send the batch's n PFNs (in vb->pfns) on vq and
+ * publish the new balloon size.  A failed send is logged, not retried: the
+ * host learns the size from `actual` either way. */
+void bd_publish_batch(struct balloond *vb, struct virtqueue *vq,
+		      unsigned int n, const char *what)
+{
+	int err;
+
+	if (!n)
+		return;
+	err = bd_send_pfns(vb, vq, n);
+	if (err)
+		dev_err_ratelimited(&vb->vdev->dev,
+				    "%s of %u pages not sent: %d\n", what, n,
+				    err);
+	bd_write_actual(vb);
+}
+
+/* Deflated pages back to the guest, once the host has heard of them. */
+void bd_give_back(struct balloond *vb, struct list_head *released)
+{
+	struct page *page, *tmp;
+
+	list_for_each_entry_safe(page, tmp, released, lru) {
+		list_del(&page->lru);
+		bd_account(vb, page, 1);
+		put_page(page);
+	}
+}
+
 /* ---- work scheduling ------------------------------------------------- */
 
 static void bd_queue_size_work(struct balloond *vb, unsigned long delay)

@@ -107,30 +107,19 @@ void bd_pages_init(struct balloond *vb)
 	vb->refuse_isolation = false;
 }
 
+static struct page *bd_alloc_page(void)
+{
+	return alloc_page(bd_gfp());
+}
+
 unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 {
 	LIST_HEAD(fresh);
 	struct page *page, *tmp;
-	unsigned int got, n = 0;
-	int err;
+	unsigned int n = 0;
 
 	want = min_t(unsigned int, want, BD_PFNS_PER_BATCH);
-
-	/* Allocate with no lock held: this may reclaim or compact, and
-	 * compaction may call back into bd_migrate_page(). */
-	for (got = 0; got < want; got++) {
-		page = alloc_page(bd_gfp());
-		if (!page)
-			break;
-		list_add(&page->lru, &fresh);
-	}
-	if (got < want) {
-		atomic_long_inc(&vb->cnt.alloc_failures);
-		dev_info_ratelimited(&vb->vdev->dev,
-				     "out of memory: got %u of %u pages\n",
-				     got, want);
-	}
-	if (!got)
+	if (!bd_alloc_batch(vb, want, &fresh, bd_alloc_page))
 		return 0;
 
 	mutex_lock(&vb->balloon_lock);
@@ -147,11 +136,7 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 		vb->pfns[n++] = bd_pfn32(vb, page);
 	}
 	vb->num_pages += n;
-	err = bd_send_pfns(vb, vb->inflate_vq, n);
-	if (err)
-		dev_err_ratelimited(&vb->vdev->dev,
-				    "inflate of %u pages not sent: %d\n", n, err);
-	bd_write_actual(vb);
+	bd_publish_batch(vb, vb->inflate_vq, n, "inflate");
 	mutex_unlock(&vb->balloon_lock);
 
 	atomic_long_add(n, &vb->cnt.inflated);
@@ -164,7 +149,6 @@ unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 	LIST_HEAD(released);
 	struct page *page, *tmp;
 	unsigned int n = 0;
-	int err;
 
 	mutex_lock(&vb->balloon_lock);
 	want = min3(want, (unsigned int)BD_PFNS_PER_BATCH, vb->num_pages);
@@ -189,21 +173,9 @@ unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 	/* The host hears about the pages before any of them is reused; this
 	 * is what VIRTIO_BALLOON_F_MUST_TELL_HOST asks, and harmless without
 	 * it, so it is always done. */
-	if (n) {
-		err = bd_send_pfns(vb, vb->deflate_vq, n);
-		if (err)
-			dev_err_ratelimited(&vb->vdev->dev,
-					    "deflate of %u pages not sent: %d\n",
-					    n, err);
-		bd_write_actual(vb);
-	}
+	bd_publish_batch(vb, vb->deflate_vq, n, "deflate");
 	mutex_unlock(&vb->balloon_lock);
-
-	list_for_each_entry_safe(page, tmp, &released, lru) {
-		list_del(&page->lru);
-		bd_account(vb, page, 1);
-		put_page(page);
-	}
+	bd_give_back(vb, &released);
 
 	atomic_long_add(n, &vb->cnt.deflated);
 	bd_count_deflate(n);
