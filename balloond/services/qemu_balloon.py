@@ -98,11 +98,17 @@ class QemuBalloonVm:
             self.log.info("QEMU balloon found", device=self.device_path)
         self.guest_ram_bytes = self.qmp.ram_bytes or 0  # the link's RamSize watch looked first
         try:
-            self.logical_bytes = int((await client.execute("query-balloon"))["actual"])
+            reply = await client.execute("query-balloon")
         except ExecuteError as exc:  # DeviceNotActive: the guest has not got a driver yet
             self.logical_bytes = None
             self._problem(f"QEMU's balloon is not active: {exc}")
             return
+        actual = reply.get("actual") if isinstance(reply, dict) else None
+        if not isinstance(actual, int) or isinstance(actual, bool):
+            self.logical_bytes = None
+            self._problem(f"QEMU's query-balloon reply has no size: {reply!r}")
+            return
+        self.logical_bytes = actual
         self._take_over()  # before any other await: the policy must not see a VM without its target
         await self._sync_stats(client)
         await self._apply(client)

@@ -267,12 +267,16 @@ class QmpLink:
                 self.log.debug("qmp session ended", error=f"{type(exc).__name__}: {exc}")
 
     async def _guarded(self, call: Any, watch: QmpWatch) -> None:
-        """A command QEMU refuses is the watch's problem, not the session's."""
+        """A command QEMU refuses, or a reply a watch cannot read, is that
+        watch's problem, not the session's: the other watches go on."""
         try:
             await call
         except ExecuteError as exc:
             self.log.warning("qmp command refused", watch=type(watch).__name__,
                              error_class=exc.error_class, error=str(exc))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            self.log.warning("qmp reply not understood", watch=type(watch).__name__,
+                             error=f"{type(exc).__name__}: {exc}")
 
     async def _pump(self, client: QMPClient, listener: EventListener) -> None:
         async for event in listener:

@@ -294,3 +294,37 @@ def test_a_re_added_balloon_gets_the_target_and_stats_polling(sock):
         await until(lambda: len(balloon_calls(fake)) == 2 and fake.qemu.polling == 5, timeout=0.5)
 
     scenario(sock, body, stats_interval=5.0)
+
+
+def test_a_reply_it_cannot_read_is_reported_and_the_link_stays(sock):
+    def odd(fake: FakeQmp) -> QemuBalloon:
+        qemu = QemuBalloon(fake)
+        fake.commands["query-balloon"] = lambda _a: {"size": 1}  # not what QEMU says
+        return qemu
+
+    async def body(fake: FakeQmp, vm: QemuBalloonVm) -> None:
+        await until(lambda: vm.last_error is not None)
+        assert vm.last_error.startswith("QEMU's query-balloon reply has no size")
+        assert vm.connected is False and vm.qmp.connected and vm.qmp.connects == 1
+        fake.commands["query-balloon"] = fake.qemu.query_balloon
+        await until(lambda: vm.connected)
+
+    scenario(sock, body, setup=odd, connect=False)
+
+
+def test_a_watch_that_cannot_read_a_reply_does_not_end_the_session(sock):
+    def odd(fake: FakeQmp) -> QemuBalloon:
+        qemu = QemuBalloon(fake)
+        fake.commands["query-memory-size-summary"] = lambda _a: {"base-memory": "lots"}
+        return qemu
+
+    async def body(fake: FakeQmp, vm: QemuBalloonVm) -> None:
+        await until(lambda: vm.qmp.connected)
+        polls = count(fake, "query-balloon")
+        await until(lambda: count(fake, "query-balloon") >= polls + 3)
+        # the RAM size watch could not read its reply; the link and the other watches go on
+        assert vm.qmp.connected and vm.qmp.connects == 1 and vm.qmp.ram_bytes is None
+        assert vm.qmp.status == "running" and vm.guest_ram_bytes == 0
+        assert balloon_calls(fake) == []  # without the RAM size no target can be sent
+
+    scenario(sock, body, setup=odd, connect=False)
