@@ -177,6 +177,9 @@ unsigned int bd_alloc_batch(struct balloond *vb, unsigned int want,
 void bd_publish_batch(struct balloond *vb, struct virtqueue *vq,
 		      unsigned int n, const char *what);
 void bd_give_back(struct balloond *vb, struct list_head *released);
+int bd_migration_begin(struct balloond *vb, struct page *page,
+		       struct page *newpage);
+void bd_migration_done(struct balloond *vb);
 
 /* host.c */
 int bd_send_pfns(struct balloond *vb, struct virtqueue *vq, unsigned int n);

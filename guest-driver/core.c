@@ -41,30 +41,9 @@ static int bd_core_migratepage(struct balloon_dev_info *bdev,
 {
 	struct balloond *vb = container_of(bdev, struct balloond, bdev);
 	unsigned long flags;
-	int err;
 
-	/* See movable.c: never wait for balloon_lock on this path. */
-	if (!mutex_trylock(&vb->balloon_lock)) {
-		atomic_long_inc(&vb->cnt.migrate_busy);
+	if (bd_migration_begin(vb, page, newpage))
 		return -EAGAIN;
-	}
-
-	err = bd_report_migration(vb, page, newpage);
-	if (err) {
-		mutex_unlock(&vb->balloon_lock);
-		atomic_long_inc(&vb->cnt.migrate_failures);
-		dev_warn_ratelimited(&vb->vdev->dev,
-				     "migration %lu -> %lu not reported: %d\n",
-				     page_to_pfn(page), page_to_pfn(newpage),
-				     err);
-		return -EAGAIN;
-	}
-
-	get_page(newpage);	/* the balloon's reference */
-	if (page_zone(page) != page_zone(newpage)) {
-		bd_account(vb, page, 1);
-		bd_account(vb, newpage, -1);
-	}
 
 	spin_lock_irqsave(&bdev->pages_lock, flags);
 	balloon_page_insert(bdev, newpage);
@@ -75,11 +54,7 @@ static int bd_core_migratepage(struct balloon_dev_info *bdev,
 	 * depending on the kernel, the offline type are cleared). */
 	balloon_page_finalize(page);
 
-	mutex_unlock(&vb->balloon_lock);
-
-	atomic_long_inc(&vb->cnt.migrated);
-	bd_count_migrate();
-	wake_up(&vb->drain_wq);
+	bd_migration_done(vb);
 
 	put_page(page);		/* the balloon's reference */
 	return 0;		/* success */

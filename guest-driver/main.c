@@ -115,6 +115,55 @@ void bd_give_back(struct balloond *vb, struct list_head *released)
 	}
 }
 
+/*
+ * The first half of moving a balloon page, the same for both page layers.
+ * balloon_lock is only tried, never waited for: its holder may be inflating
+ * and waiting for a page lock, or this may be direct compaction entered
+ * from that very holder; the migration core retries -EAGAIN, then puts the
+ * page back.  The host hears of the move before it is made.  Returns 0 with
+ * balloon_lock held and the balloon's reference taken on the new page, or
+ * -EAGAIN without the lock.
+ */
+int bd_migration_begin(struct balloond *vb, struct page *page,
+		       struct page *newpage)
+{
+	int err;
+
+	if (!mutex_trylock(&vb->balloon_lock)) {
+		atomic_long_inc(&vb->cnt.migrate_busy);
+		return -EAGAIN;
+	}
+
+	err = bd_report_migration(vb, page, newpage);
+	if (err) {
+		mutex_unlock(&vb->balloon_lock);
+		atomic_long_inc(&vb->cnt.migrate_failures);
+		dev_warn_ratelimited(&vb->vdev->dev,
+				     "migration %lu -> %lu not reported: %d\n",
+				     page_to_pfn(page), page_to_pfn(newpage),
+				     err);
+		return -EAGAIN;
+	}
+
+	/* The balloon's reference on the new page; the core drops its own. */
+	get_page(newpage);
+	if (page_zone(page) != page_zone(newpage)) {
+		bd_account(vb, page, 1);
+		bd_account(vb, newpage, -1);
+	}
+	return 0;
+}
+
+/* The second half, once the new page is in the balloon's list: drop
+ * balloon_lock, count the move and wake a drain waiting for it. */
+void bd_migration_done(struct balloond *vb)
+{
+	mutex_unlock(&vb->balloon_lock);
+	atomic_long_inc(&vb->cnt.migrated);
+	bd_count_migrate();
+	wake_up(&vb->drain_wq);
+}
+
 /* ---- work scheduling ------------------------------------------------- */
 
 static void bd_queue_size_work(struct balloond *vb, unsigned long delay)

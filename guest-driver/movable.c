@@ -265,39 +265,11 @@ static int bd_migrate_page(struct page *newpage, struct page *page,
 			   enum migrate_mode mode)
 {
 	struct balloond *vb = bd_page_owner(page);
-	int err;
 
 	if (WARN_ON_ONCE(!vb))
 		return -EAGAIN;
-
-	/*
-	 * Never wait for balloon_lock here: its holder may be inflating and
-	 * waiting for a page lock, or this may be direct compaction entered
-	 * from that very holder.  The core retries -EAGAIN, then puts the
-	 * page back.
-	 */
-	if (!mutex_trylock(&vb->balloon_lock)) {
-		atomic_long_inc(&vb->cnt.migrate_busy);
+	if (bd_migration_begin(vb, page, newpage))
 		return -EAGAIN;
-	}
-
-	err = bd_report_migration(vb, page, newpage);
-	if (err) {
-		mutex_unlock(&vb->balloon_lock);
-		atomic_long_inc(&vb->cnt.migrate_failures);
-		dev_warn_ratelimited(&vb->vdev->dev,
-				     "migration %lu -> %lu not reported: %d\n",
-				     page_to_pfn(page), page_to_pfn(newpage),
-				     err);
-		return -EAGAIN;
-	}
-
-	/* The balloon's reference on the new page; the core drops its own. */
-	get_page(newpage);
-	if (page_zone(page) != page_zone(newpage)) {
-		bd_account(vb, page, 1);
-		bd_account(vb, newpage, -1);
-	}
 
 	spin_lock(&vb->pages_lock);
 	bd_page_enter(vb, newpage);
@@ -305,11 +277,7 @@ static int bd_migrate_page(struct page *newpage, struct page *page,
 	bd_page_leave(vb, page);
 	spin_unlock(&vb->pages_lock);
 
-	mutex_unlock(&vb->balloon_lock);
-
-	atomic_long_inc(&vb->cnt.migrated);
-	bd_count_migrate();
-	wake_up(&vb->drain_wq);
+	bd_migration_done(vb);
 
 	/* Drop the balloon's reference; the isolation reference the core
 	 * still holds is dropped after we return and frees the page. */
