@@ -99,8 +99,6 @@ class VirtualMachine:
         self.qmp: Any = None
         #: Its discard guard (services.discard_guard.DiscardGuard), with the link.
         self.discard_guard: Any = None
-        #: Why the device must not free guest memory now (None: it may).
-        self.discard_inhibit: str | None = None
 
     # ------------------------------------------------------------ serving
 
@@ -146,9 +144,14 @@ class VirtualMachine:
         self.log.info("target set", target_bytes=pages * PAGE_SIZE)
         return pages
 
+    @property
+    def discard_inhibit(self) -> str | None:
+        """Why the device must not free guest memory now (None: it may):
+        the guard's verdict, which every new connection's device starts with."""
+        return self.discard_guard.reason if self.discard_guard is not None else None
+
     def set_discard_inhibit(self, reason: str | None) -> None:
-        """The discard guard's verdict, for this and every later connection."""
-        self.discard_inhibit = reason
+        """The guard changed its verdict: the live device follows at once."""
         if self.device is not None:
             self.device.set_discard_inhibit(reason)
 

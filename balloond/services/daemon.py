@@ -117,8 +117,7 @@ class Daemon:
             if vmc.qmp:
                 vm.qmp = QmpLink(vmc.qmp, log=vm.log)
                 vm.discard_guard = DiscardGuard(vm.set_discard_inhibit, log=vm.log)
-                vm.qmp.add(vm.discard_guard)
-                vm.set_discard_inhibit(vm.discard_guard.reason)  # closed until QEMU answers
+                vm.qmp.add(vm.discard_guard)  # closed until QEMU answers
             self.vms[vmc.name] = vm
             self.listeners.append(vm.listener)
 

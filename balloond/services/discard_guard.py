@@ -37,6 +37,8 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
 
+from .qmp_link import QmpWatch
+
 #: Where QEMU puts devices created with -device or device_add.
 DEVICE_CONTAINERS = ("/machine/peripheral", "/machine/peripheral-anon")
 #: query-migrate statuses of no migration in progress.
@@ -61,7 +63,7 @@ async def list_devices(client: QMPClient) -> list[tuple[str, str]]:
     return found
 
 
-class DiscardGuard:
+class DiscardGuard(QmpWatch):
     events = ("MIGRATION", "DEVICE_DELETED", "STOP", "RESUME")
     poll_interval: float | None = 1.0
 
@@ -104,9 +106,6 @@ class DiscardGuard:
             what = "postcopy migration" if status.startswith("postcopy") else "migration"
             reasons.append(f"{what} in progress ({status})")
         self._set("; ".join(reasons) or None)
-
-    async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
-        await self.refresh(client)
 
     def forget(self) -> None:
         self.vfio_devices = []

@@ -42,7 +42,7 @@ from protocol.balloon import PAGE_SIZE, decode_qemu_guest_stats
 
 from ..vm import NotSupported, TargetError, stats_interval, target_pages
 from .discard_guard import list_devices
-from .qmp_link import QmpLink, QmpUnavailable
+from .qmp_link import QmpLink, QmpUnavailable, QmpWatch
 
 #: QOM types of QEMU's balloon (PCI proxy, CCW proxy, the bare device).
 BALLOON_TYPES = ("virtio-balloon-pci", "virtio-balloon-pci-transitional", "virtio-balloon-pci-non-transitional",
@@ -61,7 +61,7 @@ def qemu_resident_bytes(pid: int | None) -> int | None:
         return None
 
 
-class QemuBalloonVm:
+class QemuBalloonVm(QmpWatch):
     kind = "qemu"
     events = ("BALLOON_CHANGE", "DEVICE_DELETED")
 

@@ -31,7 +31,7 @@ import asyncio
 import socket
 import struct
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from qemu.qmp import EventListener, ExecuteError, QMPClient
@@ -50,25 +50,27 @@ class QmpUnavailable(RuntimeError):
     """The VM's QMP link is down; the message says since when or why."""
 
 
-class QmpWatch(Protocol):
+class QmpWatch:
     """One thing the daemon follows about a VM over its QMP link."""
 
     #: Look again after any of these events (`on_event`).
-    events: tuple[str, ...]
+    events: tuple[str, ...] = ()
     #: And every this many seconds (None: only on connect and on events).
-    poll_interval: float | None
+    poll_interval: float | None = None
 
     async def refresh(self, client: QMPClient) -> None:
         """Ask QEMU what this watch needs; called on connect and when polled."""
+        raise NotImplementedError
 
     async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
-        """One of `events` arrived."""
+        """One of `events` arrived: by default, look again."""
+        await self.refresh(client)
 
     def forget(self) -> None:
         """The link is down: nothing known through it holds any more."""
 
 
-class RunState:
+class RunState(QmpWatch):
     """The guest's run state, from `query-status` (and its events)."""
 
     events = STATE_EVENTS
@@ -89,15 +91,12 @@ class RunState:
         self.status, self.running = status, running
         self.updated_at = time.time()
 
-    async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
-        await self.refresh(client)
-
     def forget(self) -> None:
         self.running = None
         self.status = None
 
 
-class RamSize:
+class RamSize(QmpWatch):
     """The guest's RAM size (`query-memory-size-summary`: base + plugged)."""
 
     events = ("MEMORY_DEVICE_SIZE_CHANGE", "DEVICE_DELETED", "RESET")
@@ -110,9 +109,6 @@ class RamSize:
         reply = await client.execute("query-memory-size-summary")
         if isinstance(reply, dict):
             self.bytes = int(reply.get("base-memory", 0)) + int(reply.get("plugged-memory", 0)) or None
-
-    async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
-        await self.refresh(client)
 
     def forget(self) -> None:
         self.bytes = None
