@@ -22,15 +22,14 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from .errors import GuestError, GuestTimeout
+from .loop_thread import LoopThread
 
 
 class QmpSession:
     """One QMP connection to one QEMU process."""
 
     def __init__(self, name: str = "balloond-harness") -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="bd-qmp", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("bd-qmp")
         self._client: QMPClient = self._call(self._make(QMPClient, name), timeout=10)
         self._events: list[dict[str, Any]] = []
         self._events_cond = threading.Condition()
@@ -43,11 +42,9 @@ class QmpSession:
         return cls(*args)
 
     def _call(self, coro: Any, timeout: float | None) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
+            return self._thread.call(coro, timeout)
+        except TimeoutError:
             raise GuestTimeout("QMP call timed out") from None
 
     def connect(
@@ -73,7 +70,7 @@ class QmpSession:
             raise GuestError(f"cannot connect to QMP at {path}: {last}")
         self._listener = self._call(self._make(EventListener), timeout=10)
         self._client.register_listener(self._listener)
-        self._pump = asyncio.run_coroutine_threadsafe(self._pump_events(), self._loop)
+        self._pump = self._thread.submit(self._pump_events())
 
     async def _pump_events(self) -> None:
         assert self._listener is not None
@@ -102,9 +99,7 @@ class QmpSession:
         self, name: str, args: dict[str, Any] | None = None, *, timeout: float = 60.0, **kwargs: Any
     ) -> Any:
         """Awaitable ``command`` usable from any other event loop."""
-        fut = asyncio.run_coroutine_threadsafe(
-            self._client.execute(name, self._arguments(args, kwargs)), self._loop
-        )
+        fut = self._thread.submit(self._client.execute(name, self._arguments(args, kwargs)))
         return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
 
     def events(self, clear: bool = True) -> list[dict[str, Any]]:
@@ -135,7 +130,4 @@ class QmpSession:
             self._call(self._client.disconnect(), timeout=10)
         except Exception:
             pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        if not self._loop.is_running():
-            self._loop.close()
+        self._thread.close()

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from harness.loop_thread import LoopThread
+
 #: QEMU's guest-stats names, and what it shows for a statistic never sent.
 _QEMU_STAT_NAMES = tuple(f"stat-{n}" for n in (
     "swap-in", "swap-out", "major-faults", "minor-faults", "free-memory", "total-memory", "available-memory",
@@ -374,12 +376,8 @@ class FakeQmpThread:
     """
 
     def __init__(self, path: str) -> None:
-        import threading
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=f"fake-qmp-{path}", daemon=True)
-        self.thread.start()
-        self.fake = self._call(self._make(path))
+        self.thread = LoopThread(f"fake-qmp-{path}")
+        self.fake: FakeQmp = self.thread.call(self._make(path))
 
     @staticmethod
     async def _make(path: str) -> FakeQmp:
@@ -387,22 +385,15 @@ class FakeQmpThread:
         await fake.start()
         return fake
 
-    def _call(self, coro: Any, timeout: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def run(self, fn: Callable[[FakeQmp], Any]) -> Any:
         """Call fn(fake) on the fake's loop (the safe way to change its state)."""
-
-        async def call() -> Any:
-            return fn(self.fake)
-
-        return self._call(call())
+        return self.thread.run(fn, self.fake)
 
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
-        self._call(self.fake.emit(event, data))
+        self.thread.call(self.fake.emit(event, data))
 
     def wait_clients(self, n: int, timeout: float = 10.0) -> None:
-        self._call(self.fake.wait_clients(n, timeout), timeout + 1)
+        self.thread.call(self.fake.wait_clients(n, timeout), timeout + 1)
 
     def drop_clients(self) -> None:
         self.run(lambda fake: fake.drop_clients())
@@ -415,28 +406,25 @@ class FakeQmpThread:
             self.fake._server.close()
             self.fake.drop_clients()
 
-        self._call(close())
+        self.thread.call(close())
 
     def come_back(self) -> None:
-        self._call(self.fake.start())
+        self.thread.call(self.fake.start())
 
     def calls(self, name: str) -> list[dict[str, Any]]:
         return self.run(lambda fake: [args for cmd, args in fake.calls if cmd == name])
 
     def close(self) -> None:
-        if self.loop.is_closed():
+        if self.thread.loop.is_closed():
             return
-        self._call(self.fake.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        self.thread.call(self.fake.stop())
+        self.thread.close()
 
     def __enter__(self) -> FakeQmpThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
 
 
 class QemuBalloon:

@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -33,6 +32,7 @@ from aiohttp.test_utils import make_mocked_request
 from balloond.services.access import UCRED, AccessPolicy, PeerCredentials, access_middleware, peer_credentials
 from balloond.services.api import ControlApi
 from balloond.services.cli import UnixHTTPConnection
+from harness.loop_thread import LoopThread
 from tests.daemon.harness import REPO, DaemonProcess
 
 NOBODY = 65534
@@ -191,17 +191,13 @@ class ServedApi:
         self.dir = tempfile.mkdtemp(prefix="balloond-access-")
         os.chmod(self.dir, 0o711)
         self.path = os.path.join(self.dir, "api.sock")
-        self.loop = asyncio.new_event_loop()
+        self.loop = LoopThread("served-api")
         self.api = ControlApi({}, **kw)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.api.start(self.path), self.loop).result(10)
+        self.loop.call(self.api.start(self.path))
         open_to_everyone(self.path)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.api.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.loop.call(self.api.stop())
         self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -13,7 +13,6 @@ the host has plenty and the balloon is given back step by step.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +23,7 @@ from balloond.services.host_memory import SimulatedHost
 from balloond.services.policy import MiB, PolicyConfig
 from balloond.services.policy_loop import PolicyLoop
 from balloond.vm import VirtualMachine
+from harness.loop_thread import LoopThread
 from protocol.balloon import StatTag
 from tests.frontend import PAGE_SIZE, TestFrontend
 
@@ -31,31 +31,20 @@ RAM = 256 * MiB
 USED = 64 * MiB  # the "guest's" working set
 
 
-class InProcessDaemon:
+class InProcessDaemon(LoopThread):
     """One VM served by an asyncio loop on a thread."""
 
     def __init__(self, path: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        super().__init__("in-process-daemon")
         self.vm = VirtualMachine("vm0", path, DeviceSettings(stats_interval=0.05, discard_max_delay=0))
         self.vm.listener = VhostUserListener(open_listening_socket(path), path=path)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.serving = self.call(self._serve())
 
     async def _serve(self) -> asyncio.Task[None]:
         assert self.vm.listener is not None
         return asyncio.create_task(self.vm.listener.serve(self.vm.serve_connection))
 
-    def call(self, coro, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def run(self, fn):  # type: ignore[no-untyped-def]
-        async def wrapper():  # type: ignore[no-untyped-def]
-            return fn()
-
-        return self.call(wrapper())
-
-    def close(self) -> None:
+    def close(self) -> None:  # type: ignore[override]
         async def stop() -> None:
             self.serving.cancel()
             await asyncio.gather(self.serving, return_exceptions=True)
@@ -63,9 +52,7 @@ class InProcessDaemon:
             self.vm.listener.close()
 
         self.call(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        super().close()
 
 
 @pytest.fixture
