@@ -15,8 +15,13 @@ does the work once for the whole batch, then returns the buffers):
              with a non-zero value (it expects that pattern back)
   migrate    balloond's extension: membership moves old → new in one step
 
-Buffers are returned only after their discards completed: that is the whole
-of the ordering rule between discards and deflates (see releaser.py).
+Ordering of discards and deflates: with MUST_TELL_HOST the driver may not
+touch a ballooned page before a deflate hands it back, so discards of
+inflated frames may wait (up to `discard_max_delay`) to be coalesced across
+buffers, and a deflate cancels the pending discards of its frames before it
+is acknowledged. Without MUST_TELL_HOST the driver may reuse a page as soon
+as its inflate is acknowledged, without a deflate: then each buffer's
+discards complete before the buffer is returned (see `_release`).
 
 Driver reset: QEMU does not tell a vhost-user backend that the guest reset
 its device, but a reset driver starts its inflate queue from avail index 0,
@@ -75,8 +80,11 @@ class DeviceSettings:
     migrate_extension: bool = True
     #: Discards of inflated frames wait at most this long (seconds), so those
     #: of many buffers are coalesced into few calls; 0 discards before each
-    #: buffer is returned. Either way a deflate cancels a pending discard of
-    #: its frames before it is acknowledged.
+    #: buffer is returned. Only when the driver negotiated MUST_TELL_HOST: it
+    #: then touches a ballooned frame only after a deflate, which cancels the
+    #: frame's pending discard before it is acknowledged. A driver without it
+    #: may reuse a frame right after the inflate, so its discards are never
+    #: deferred, whatever this says.
     discard_max_delay: float = 0.25
     #: ... and are done as soon as the inflate queue has been quiet this long.
     discard_idle: float = 0.005
@@ -229,7 +237,9 @@ class BalloonDevice:
                 for i in range(len(region.huge_fill)):
                     first = region.first_pfn + i * region.frames_per_page
                     region.huge_fill[i] = self.tracker.count_in(first, region.frames_per_page)
-        if reassert and not any(r.hugetlb for r in self.releaser.regions):
+        if reassert and self.may_defer_discards and not any(r.hugetlb for r in self.releaser.regions):
+            # (Without MUST_TELL_HOST the guest may be using those frames
+            # again, and its discards were never deferred: none were lost.)
             self._release(list(self.tracker))
 
     def queue_started(self, vring: Vring) -> None:
@@ -317,7 +327,8 @@ class BalloonDevice:
         a device that has just pinned guest memory. When discards are allowed
         again every frame in the balloon is discarded: which of them were
         freed before is not worth remembering, punching a hole twice is
-        harmless.
+        harmless. Not for a driver without MUST_TELL_HOST, which may be using
+        those frames again: its frames ballooned while refused stay allocated.
         """
         if reason == self.discard_inhibit:
             return
@@ -333,6 +344,11 @@ class BalloonDevice:
             self._pending = set()
             return
         self.log.info("discards allowed again", ballooned_frames=len(self.tracker))
+        if not self.may_defer_discards:
+            # A driver without MUST_TELL_HOST may already have reused frames
+            # it ballooned while discards were refused: only the moment
+            # before an inflate is acknowledged is safe, and it has passed.
+            return
         if len(self.tracker) and self.memory is not None:
             self._reset_huge_fill()  # the release below counts every frame again
             self._release(list(self.tracker))
@@ -452,16 +468,20 @@ class BalloonDevice:
     def _release(self, pfns: list[int]) -> None:
         """Frames entered the balloon: discard their memory, now or soon.
 
-        Deferring is safe because the guest may not touch a frame it gave to
-        the balloon until a deflate hands it back, and a deflate cancels the
-        frame's pending discard (`_forget`) before it is acknowledged.
+        Deferring is safe only with MUST_TELL_HOST: the driver then may not
+        touch a frame it gave to the balloon until a deflate hands it back,
+        and a deflate cancels the frame's pending discard (`_forget`) before
+        it is acknowledged. Without it the spec lets the driver reuse the
+        frame as soon as the inflate is acknowledged, with no deflate to
+        cancel anything: a discard still pending then would zero the data the
+        guest wrote. So the discard is done now, before the buffer is returned.
         """
         if not pfns or self.discard_inhibit is not None:
             return  # refused: all of the balloon is released when discards are allowed again
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.update(pfns)
-        delay = self.settings.discard_max_delay
+        delay = self.settings.discard_max_delay if self.may_defer_discards else 0.0
         if delay <= 0 or len(self._pending) >= self.settings.discard_max_frames:
             self.flush_discards()
             return
@@ -475,6 +495,11 @@ class BalloonDevice:
         now = loop.time()
         oldest = now - (time.monotonic() - self._pending_since)
         self._flush_timer = loop.call_at(min(now + self.settings.discard_idle, oldest + delay), self.flush_discards)
+
+    @property
+    def may_defer_discards(self) -> bool:
+        """Whether the negotiated features let discards wait (see `_release`)."""
+        return vb.has(self.acked, Feature.MUST_TELL_HOST)
 
     def _forget(self, pfns: list[int]) -> None:
         """Frames left the balloon: cancel pending discards, update huge-page counts."""
@@ -495,7 +520,10 @@ class BalloonDevice:
         if not self._pending:
             return
         pfns, self._pending = self._pending, set()
-        result = self.releaser.release_frames(pfns, self.tracker.__contains__)
+        # Bridging runs over frames already in the balloon punches them again:
+        # harmless only if the guest cannot be using them (MUST_TELL_HOST).
+        bridge = self.tracker.__contains__ if self.may_defer_discards else None
+        result = self.releaser.release_frames(pfns, bridge)
         self.counters.balloon_freed_bytes += result.freed_bytes
         self.counters.discard_calls += result.calls
         if result.errors:

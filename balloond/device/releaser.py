@@ -14,9 +14,12 @@ a reported range covers it whole).
 What was freed is measured, not computed: the allocated size of the files
 (st_blocks) is read before and after each batch.
 
-Data safety: discards are done synchronously, before the request that caused
-them is acknowledged. A deflate can therefore never overtake a discard of the
-same page: by the time the device sees the deflate, the discard is complete.
+Data safety: each call here is synchronous: when it returns, the holes are
+punched. *When* it is called is the device's business (BalloonDevice._release):
+with MUST_TELL_HOST the device may hold inflated frames back for a short while
+to coalesce them, and a deflate removes its frames from that pending set
+before it is acknowledged, so a deflated page is never discarded; without
+MUST_TELL_HOST the device calls here before it returns the inflate buffer.
 """
 
 from __future__ import annotations

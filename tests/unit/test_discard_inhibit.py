@@ -37,16 +37,16 @@ FEATURES = (1 << Feature.VERSION_1) | (1 << Feature.MUST_TELL_HOST) | (1 << Feat
 class Rig:
     """One device over one memfd, with the driver's queues in that memory."""
 
-    def __init__(self, settings: DeviceSettings) -> None:
+    def __init__(self, settings: DeviceSettings, features: int = FEATURES) -> None:
         self.ram = GuestRam(RAM_SIZE, "single")
         self.device = BalloonDevice(settings)
-        self.device.set_features(FEATURES)
+        self.device.set_features(features)
         self.memory = GuestMemory()
         self.memory.add(MemoryRegion(0, RAM_SIZE, UADDR_BASE, 0), os.dup(self.ram.fd))
         self.device.set_memory(self.memory)
         self.driver: dict[QueueRole, DriverQueue] = {}
         self.vrings: dict[QueueRole, Vring] = {}
-        for index, role in enumerate(vb.queue_roles(FEATURES)):
+        for index, role in enumerate(vb.queue_roles(features)):
             q = DriverQueue(self.ram, index, QSIZE, RINGS_GPA + index * PAGE, event_idx=False)
             vring = Vring(index)
             vring.num = QSIZE
@@ -58,7 +58,7 @@ class Rig:
             self.driver[role], self.vrings[role] = q, vring
         self.device.started()
 
-    def _send(self, role: QueueRole, pfns: range) -> None:
+    def _send(self, role: QueueRole, pfns: range | list[int]) -> None:
         data = vb.encode_pfns(list(pfns))
         self.ram.write(BUFFER_GPA, data)
         q = self.driver[role]
@@ -207,3 +207,116 @@ def test_free_page_reports_are_skipped_while_inhibited(rig):
     assert c.reports_skipped_inhibit == 1
     assert c.reported_freed_bytes == len(REPORTED) * PAGE
     assert before - rig.allocated() == len(REPORTED) * PAGE
+
+
+# ------------------------------------------- deferral and MUST_TELL_HOST
+#
+# These run inside an event loop, as the daemon does: outside one the device
+# has no timer to defer with and discards at once, which would hide deferral.
+
+NO_TELL = FEATURES & ~(1 << Feature.MUST_TELL_HOST)
+DEFAULT_DELAY = DeviceSettings().discard_max_delay
+DELAYS = pytest.mark.parametrize("delay", [0.0, DEFAULT_DELAY], ids=["immediate", "deferred-default"])
+
+
+def run_in_loop(settings: DeviceSettings, features: int, body) -> None:
+    async def main() -> None:
+        r = Rig(settings, features)
+        try:
+            await body(r)
+        finally:
+            r.close()
+
+    asyncio.run(main())
+
+
+def test_default_delay_is_a_real_deferral():
+    """The other tests here rely on the default delay being long enough to
+    outlive an inflate's acknowledgement (and the 0.3 s they wait past it)."""
+    assert 0.1 <= DEFAULT_DELAY < 0.3
+
+
+@DELAYS
+def test_pages_reused_right_after_inflate_without_must_tell_host(delay):
+    """Without MUST_TELL_HOST the driver may reuse a frame as soon as the
+    inflate is acknowledged; the discard must be complete by then, whatever
+    discard_max_delay says (else it zeroes the guest's new data later)."""
+
+    async def body(r: Rig) -> None:
+        d = r.device
+        pages = range(256, 320)
+        before = touched(r, pages)
+        assert not d.may_defer_discards
+        r.inflate(pages)
+        # Freed at the moment the buffer came back, nothing left pending.
+        assert d.snapshot()["pending_discard_bytes"] == 0
+        assert before - r.allocated() == len(pages) * PAGE
+        assert d.counters.balloon_freed_bytes == len(pages) * PAGE
+        r.ram.fill(pages, seed=3)  # reused before any deflate
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)  # past any deferral window
+        assert r.ram.damaged(pages, seed=3) == []
+        assert d.counters.discard_calls == 1
+
+    run_in_loop(DeviceSettings(stats_interval=0, discard_max_delay=delay), NO_TELL, body)
+
+
+def test_without_must_tell_host_a_later_inflate_does_not_bridge_over_reused_frames():
+    """Coalescing two runs across frames already ballooned punches those frames
+    again: harmless only when the guest may not be using them."""
+
+    async def body(r: Rig) -> None:
+        reused = range(300, 310)
+        around = [*range(290, 300), *range(310, 320)]
+        before = touched(r, reused, around)
+        r.inflate(reused)
+        r.ram.fill(reused, seed=4)  # the guest takes them back without telling
+        r.inflate(around)  # one buffer on both sides of them
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert r.ram.damaged(reused, seed=4) == []
+        assert before - r.allocated() == len(around) * PAGE  # the reused ones stay allocated
+        assert r.device.counters.discard_calls == 3  # two runs in the second buffer, not one bridged
+
+    run_in_loop(DeviceSettings(stats_interval=0), NO_TELL, body)
+
+
+def test_with_must_tell_host_the_default_delay_defers_and_a_deflate_cancels():
+    """The other side of the rule: with MUST_TELL_HOST discards do wait to be
+    coalesced, and a deflate of frames still pending cancels their discard."""
+
+    async def body(r: Rig) -> None:
+        d = r.device
+        kept, freed = range(256, 320), range(320, 384)
+        before = touched(r, kept, freed)
+        assert d.may_defer_discards
+        r.inflate(kept)
+        r.inflate(freed)
+        assert d.snapshot()["pending_discard_bytes"] == 128 * PAGE  # deferred, not done
+        assert r.allocated() == before and d.counters.discard_calls == 0
+        r.deflate(kept)  # cancels the discard of these before it is acknowledged
+        assert d.snapshot()["pending_discard_bytes"] == 64 * PAGE
+        r.ram.fill(kept, seed=5)
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert d.snapshot()["pending_discard_bytes"] == 0
+        assert r.ram.damaged(kept, seed=5) == []
+        assert r.ram.nonzero(freed) == []
+        assert d.counters.discard_calls == 1 and d.counters.balloon_freed_bytes == len(freed) * PAGE
+
+    run_in_loop(DeviceSettings(stats_interval=0), FEATURES, body)
+
+
+def test_allowing_discards_again_leaves_a_driver_without_must_tell_host_alone():
+    """Frames inflated while discards were refused may be in use again by a
+    driver without MUST_TELL_HOST: allowing discards must not punch them."""
+
+    async def body(r: Rig) -> None:
+        pages = range(256, 320)
+        touched(r, pages)
+        r.device.set_discard_inhibit("migration in progress (active)")
+        r.inflate(pages)
+        r.ram.fill(pages, seed=6)
+        r.device.set_discard_inhibit(None)
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert r.ram.damaged(pages, seed=6) == []
+        assert r.device.counters.discard_calls == 0
+
+    run_in_loop(DeviceSettings(stats_interval=0), NO_TELL, body)
