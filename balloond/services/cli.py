@@ -3,7 +3,10 @@
     balloonctl [--api PATH] [--json] status [NAME]
     balloonctl [--api PATH] set NAME SIZE        e.g. 512M, 1G, 0
     balloonctl [--api PATH] pfns NAME
-    balloonctl [--api PATH] watch NAME [--interval S]
+    balloonctl [--api PATH] policy [show|on|off|vm NAME ...]
+    balloonctl [--api PATH] watch NAME [--interval S] [--count N]
+
+--api and --json may also follow the command (`balloonctl status --json`).
 
 It speaks the control API over its Unix socket with the standard library only,
 so it starts fast and works where the daemon's dependencies are not on the path.
@@ -23,7 +26,12 @@ from typing import Any
 from .policy import render_policy
 from .sizes import format_size, parse_size
 
-DEFAULT_API = os.environ.get("BALLOOND_API", "/run/balloond/api.sock")
+FALLBACK_API = "/run/balloond/api.sock"
+
+
+def default_api() -> str:
+    """$BALLOOND_API, read when balloonctl runs (not at import), or the packaged path."""
+    return os.environ.get("BALLOOND_API") or FALLBACK_API
 
 
 class CliError(Exception):
@@ -141,29 +149,7 @@ def _progress(vm: dict[str, Any], width: int = 40) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="balloonctl", description="control a running balloond")
-    parser.add_argument("--api", default=DEFAULT_API, help=f"API socket (default {DEFAULT_API}, or $BALLOOND_API)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("status", help="show VMs and their balloons")
-    p.add_argument("name", nargs="?")
-    p = sub.add_parser("set", help="set a VM's balloon size")
-    p.add_argument("name")
-    p.add_argument("size", help="bytes or 256M, 1G, ...")
-    p = sub.add_parser("pfns", help="list the ballooned page frames of a VM")
-    p.add_argument("name")
-    p = sub.add_parser("policy", help="show the balloon policy's last decision, turn it on or off, tune a VM")
-    p.add_argument("action", nargs="?", choices=("show", "on", "off", "vm"), default="show")
-    p.add_argument("name", nargs="?", help="with 'vm': the VM to change")
-    p.add_argument("--enable", dest="vm_enabled", action="store_true", default=None, help="vm: policy on for it")
-    p.add_argument("--disable", dest="vm_enabled", action="store_false", help="vm: leave it alone")
-    p.add_argument("--min-memory", help="vm: never leave the guest less than SIZE")
-    p.add_argument("--max-balloon", help="vm: never take more than SIZE ('none': no cap)")
-    p.add_argument("--shares", type=float, help="vm: weight (default 1)")
-    p = sub.add_parser("watch", help="follow a VM's balloon live")
-    p.add_argument("name")
-    p.add_argument("--interval", type=float, default=1.0)
-    p.add_argument("--count", type=int, default=0, help="stop after N refreshes (0 = until Ctrl-C)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -172,6 +158,66 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser; --api and --json are accepted before and after the command.
+
+    Operators type `balloonctl status --json` as often as `balloonctl --json
+    status`, so every subcommand shares a parent parser with the two options.
+    Its defaults are SUPPRESS: an option not given after the command leaves
+    the value parsed before it (or the top-level default) alone.
+    """
+    api = default_api()
+    parser = argparse.ArgumentParser(prog="balloonctl", description="control a running balloond")
+    parser.add_argument("--api", default=api, help=f"API socket (default {api}; $BALLOOND_API sets it)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api", default=argparse.SUPPRESS, help="API socket (as before the command)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", parents=[common], help="show VMs and their balloons")
+    p.add_argument("name", nargs="?")
+    p = sub.add_parser("set", parents=[common], help="set a VM's balloon size")
+    p.add_argument("name")
+    p.add_argument("size", help="bytes or 256M, 1G, ...")
+    p = sub.add_parser("pfns", parents=[common], help="list the ballooned page frames of a VM")
+    p.add_argument("name")
+    p = sub.add_parser("policy", parents=[common],
+                       help="show the balloon policy's last decision, turn it on or off, tune a VM")
+    p.add_argument("action", nargs="?", choices=("show", "on", "off", "vm"), default="show")
+    p.add_argument("name", nargs="?", help="with 'vm': the VM to change")
+    p.add_argument("--enable", dest="vm_enabled", action="store_true", default=None, help="vm: policy on for it")
+    p.add_argument("--disable", dest="vm_enabled", action="store_false", help="vm: leave it alone")
+    p.add_argument("--min-memory", help="vm: never leave the guest less than SIZE")
+    p.add_argument("--max-balloon", help="vm: never take more than SIZE ('none': no cap)")
+    p.add_argument("--shares", type=float, help="vm: weight (default 1)")
+    p = sub.add_parser("watch", parents=[common], help="follow a VM's balloon live")
+    p.add_argument("name")
+    p.add_argument("--interval", type=_positive_seconds, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--count", type=_count, default=0, help="stop after N refreshes (0 = until Ctrl-C)")
+    return parser
+
+
+def _positive_seconds(text: str) -> float:
+    """watch --interval: a positive number, refused as a usage error (one line, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0 and at most 3600")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
