@@ -9,7 +9,6 @@ page size, which merges the x86 low regions into one region at 0).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -52,9 +51,7 @@ def huge_pages():
             pass
     if free_huge_pages() < NEEDED:
         reason = f"needs {NEEDED} free 2 MiB huge pages (run as root, or echo 64 > {path})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.skip(reason)  # a failure under CI (tests/conftest.py)
     yield
     if added:
         with open(path, "w") as f:

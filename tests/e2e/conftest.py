@@ -8,7 +8,6 @@ CI must have run the setup.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,12 +39,11 @@ def _setup_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def vm_environment() -> None:
-    """Skip (or, under CI, fail) when the VM prerequisites are missing."""
+    """Skip when the VM prerequisites are missing (under CI a skip is a
+    failure: tests/conftest.py)."""
     problem = _setup_problem()
     if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"VM test prerequisites missing under CI: {problem}")
-        pytest.skip(problem)
+        pytest.skip(f"VM test prerequisites missing: {problem}")
 
 
 @pytest.fixture(params=KERNEL_SERIES, ids=lambda s: f"linux-{s}")

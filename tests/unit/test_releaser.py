@@ -115,9 +115,7 @@ def test_real_hugetlbfs_punches_whole_huge_pages():
             f.write(str(old + wanted))
     fd = _hugetlb_memfd(wanted)
     if fd is None:
-        if os.environ.get("CI"):
-            pytest.fail("no 2 MiB huge pages could be reserved for the hugetlbfs test")
-        pytest.skip("no 2 MiB huge pages available (run as root)")
+        pytest.skip("no 2 MiB huge pages available (run as root)")  # a failure under CI (tests/conftest.py)
     try:
         size = wanted << 21
         m = mmap.mmap(fd, size)
