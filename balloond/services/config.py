@@ -24,6 +24,7 @@ Example file:
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -306,12 +307,20 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
     qmps = [vm.qmp for vm in settings.vms if vm.qmp]
     if len(qmps) != len(set(qmps)):
         raise ConfigError("two VMs cannot share one QMP socket (QEMU serves one client per -qmp socket)")
-    if settings.stats_interval < 0:
-        raise ConfigError("--stats-interval must not be negative")
-    if settings.poll_us < 0 or settings.poll_us > 100_000:
+    # Written as "not low <= x <= high" so that NaN, which every comparison
+    # rejects, is refused too instead of reaching the timers.
+    if not 0 <= settings.stats_interval < math.inf:
+        raise ConfigError("--stats-interval must be a number of seconds, 0 or more (0 = never)")
+    if not 0 <= settings.poll_us <= 100_000:
         raise ConfigError("--poll-us must be between 0 and 100000")
     if not 0 <= settings.discard_delay_ms <= 10_000:
         raise ConfigError("--discard-delay-ms must be between 0 and 10000")
+    for what, ids in (("uid", settings.api_allow_uids), ("gid", settings.api_allow_gids)):
+        for value in ids:
+            # bool is an int to Python but `true` is no uid; 2^32-1 is the kernel's "no id"
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF_FFFE:
+                raise ConfigError(f"api_allow_{what}s / --api-allow-{what}: {value!r} is not a {what} "
+                                  "(a whole number from 0 to 4294967294)")
     if settings.log_format not in ("json", "console"):
         raise ConfigError(f"log_format must be json or console, not {settings.log_format!r}")
     if settings.log_level not in ("debug", "info", "warning", "error"):
