@@ -43,6 +43,17 @@ MIGRATION_CAPABILITIES = (
     "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
 )  # fmt: skip
 
+#: Events QEMU sends only while the "events" migration capability is on
+#: (migration.c migrate_generate_event, ram.c migration_bitmap_sync).
+MIGRATION_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS"})
+#: Statuses for which QEMU's migration_is_running() is true: while in one,
+#: migrate-set-capabilities and a second migrate are refused.
+MIGRATION_RUNNING = frozenset({
+    "active", "postcopy-device", "postcopy-active", "postcopy-paused", "postcopy-recover-setup",
+    "postcopy-recover", "setup", "pre-switchover", "device", "wait-unplug", "cancelling", "colo",
+})  # fmt: skip
+MIGRATION_ACTIVE_ERROR = "There's a migration process in progress"
+
 
 async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
     """Wait (on the running loop) until `predicate()` is truthy; fail after `timeout` s."""
@@ -146,9 +157,15 @@ class FakeQmp:
     dict and returning the "return" value (sync or async; None means {}), or
     raising QmpCommandError. ``qom`` is the tree behind ``qom-list``;
     ``migrate_capabilities`` the state behind ``query-migrate-capabilities``
-    and ``migrate-set-capabilities``. ``calls`` records every command
-    received, as (name, arguments). A handler that raises anything other than
-    QmpCommandError gets a GenericError reply and lands in ``handler_errors``.
+    and ``migrate-set-capabilities``; ``migration_status`` the outgoing
+    migration's state behind ``query-migrate`` (QEMU's MigrationStatus:
+    "none" until a first ``migrate``). Change it with `set_migration_status`,
+    which announces it as QEMU does: a MIGRATION event only while the
+    "events" capability is on, and `emit` drops MIGRATION and MIGRATION_PASS
+    likewise, so a test cannot show a client an event no QEMU would send.
+    ``calls`` records every command received, as (name, arguments). A handler
+    that raises anything other than QmpCommandError gets a GenericError reply
+    and lands in ``handler_errors``.
     """
 
     def __init__(self, path: str) -> None:
@@ -157,12 +174,15 @@ class FakeQmp:
         self.handler_errors: list[BaseException] = []
         self.qom: dict[str, list[dict[str, Any]]] = {"/machine/peripheral": [], "/machine/peripheral-anon": []}
         self.migrate_capabilities: dict[str, bool] = dict.fromkeys(MIGRATION_CAPABILITIES, False)
+        self.migration_status = "none"
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "qmp_capabilities": self._qmp_capabilities,
             "query-status": lambda _args: {"status": "running", "singlestep": False, "running": True},
-            "query-migrate": lambda _args: {},
+            "query-migrate": self._query_migrate,
             "query-migrate-capabilities": self._query_migrate_capabilities,
             "migrate-set-capabilities": self._migrate_set_capabilities,
+            "migrate": self._migrate,
+            "migrate_cancel": self._migrate_cancel,
             "qom-list": self._qom_list,
             "query-memory-size-summary": lambda _args: {"base-memory": 536870912},
         }
@@ -225,8 +245,11 @@ class FakeQmp:
         self._clients.clear()
         self._notify()
 
-    async def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
-        """Send an event to every negotiated client."""
+    async def emit(self, event: str, data: dict[str, Any] | None = None) -> bool:
+        """Send an event to every negotiated client; False if QEMU would not
+        send it (a migration event while the "events" capability is off)."""
+        if event in MIGRATION_EVENTS and not self.migrate_capabilities["events"]:
+            return False
         now = time.time()
         seconds = int(now)
         msg = {
@@ -239,6 +262,15 @@ class FakeQmp:
             client.send(msg)
         for client in targets:
             await client.flush()
+        return True
+
+    async def set_migration_status(self, status: str) -> bool:
+        """The outgoing migration moves to `status`, as QEMU's
+        migrate_set_state does: query-migrate shows it at once and a MIGRATION
+        event announces it only if the "events" capability is on. Returns
+        whether the event was sent."""
+        self.migration_status = status
+        return await self.emit("MIGRATION", {"status": status})
 
     # -- the protocol ----------------------------------------------------
 
@@ -342,12 +374,18 @@ class FakeQmp:
             raise QmpCommandError("GenericError", f"Capability '{cap}' not available")
         return {}
 
+    def _query_migrate(self, _args: dict[str, Any]) -> dict[str, Any]:
+        # QEMU leaves "status" out until a migration has happened.
+        return {} if self.migration_status == "none" else {"status": self.migration_status}
+
     def _query_migrate_capabilities(self, _args: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"capability": name, "state": state} for name, state in self.migrate_capabilities.items()]
 
     def _migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         if "capabilities" not in args:
             raise QmpCommandError("GenericError", "Parameter 'capabilities' is missing")
+        if self.migration_status in MIGRATION_RUNNING:  # checked before the list, as QEMU does
+            raise QmpCommandError("GenericError", MIGRATION_ACTIVE_ERROR)
         for item in args["capabilities"]:
             name = item.get("capability")
             if name not in self.migrate_capabilities:
@@ -355,6 +393,23 @@ class FakeQmp:
         for item in args["capabilities"]:
             self.migrate_capabilities[item["capability"]] = bool(item.get("state"))
         return {}
+
+    async def _migrate(self, args: dict[str, Any]) -> None:
+        """A migration that starts and stays active (as one over a slow link
+        does) until `set_migration_status` or migrate_cancel ends it."""
+        if "uri" not in args and "channels" not in args:
+            raise QmpCommandError("GenericError", "need either 'uri' or 'channels' argument")
+        if self.migration_status in MIGRATION_RUNNING:
+            raise QmpCommandError("GenericError", MIGRATION_ACTIVE_ERROR)
+        await self.set_migration_status("setup")
+        await self.set_migration_status("active")
+
+    async def _migrate_cancel(self, _args: dict[str, Any]) -> None:
+        if self.migration_status.startswith("postcopy"):
+            raise QmpCommandError("GenericError", "Postcopy migration in progress, cannot cancel.")
+        if self.migration_status in MIGRATION_RUNNING:  # otherwise nothing to cancel: no error
+            await self.set_migration_status("cancelling")
+            await self.set_migration_status("cancelled")
 
     def _qom_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         if "path" not in args:
@@ -372,7 +427,7 @@ class FakeQmpThread:
 
         with FakeQmpThread(path) as monitor:
             monitor.run(lambda fake: fake.qom["/machine/peripheral"].append(...))
-            monitor.emit("MIGRATION", {"status": "active"})
+            monitor.set_migration_status("active")  # and MIGRATION, if "events" is on
     """
 
     def __init__(self, path: str) -> None:
@@ -389,8 +444,11 @@ class FakeQmpThread:
         """Call fn(fake) on the fake's loop (the safe way to change its state)."""
         return self.thread.run(fn, self.fake)
 
-    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
-        self.thread.call(self.fake.emit(event, data))
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> bool:
+        return self.thread.call(self.fake.emit(event, data))
+
+    def set_migration_status(self, status: str) -> bool:
+        return self.thread.call(self.fake.set_migration_status(status))
 
     def wait_clients(self, n: int, timeout: float = 10.0) -> None:
         self.thread.call(self.fake.wait_clients(n, timeout), timeout + 1)

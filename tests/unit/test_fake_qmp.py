@@ -371,3 +371,101 @@ def test_wait_clients_times_out_with_the_count(sock):
                 await fake.wait_clients(1, timeout=0.1)
 
     run(scenario)
+
+
+async def events_until_marker(fake: FakeQmp, listener: EventListener) -> list[tuple[str, Any]]:
+    """Every event the listener got before a STOP the fake sends now: events
+    are sent in order, so what did not arrive before the marker was never sent."""
+    await fake.emit("STOP")
+    got = []
+    while True:
+        event = await asyncio.wait_for(listener.get(), 5)
+        if event["event"] == "STOP":
+            return got
+        got.append((event["event"], event["data"]))
+
+
+def test_migration_events_are_sent_only_while_the_events_capability_is_on(sock):
+    async def scenario() -> None:
+        async with FakeQmp(sock) as fake:
+            client = await connected(sock, fake)
+            listener = EventListener(names=["MIGRATION", "MIGRATION_PASS", "STOP"])
+            client.register_listener(listener)
+            events_on = {"capabilities": [{"capability": "events", "state": True}]}
+            try:
+                # off (QEMU's default): a migration runs its whole course unannounced
+                assert await fake.emit("MIGRATION", {"status": "setup"}) is False
+                assert await fake.emit("MIGRATION_PASS", {"pass": 1}) is False
+                assert await client.execute("migrate", {"uri": "exec:cat > /dev/null"}) == {}
+                assert await client.execute("query-migrate") == {"status": "active"}
+                # ... and cannot be made to announce itself halfway
+                with pytest.raises(ExecuteError) as busy:
+                    await client.execute("migrate-set-capabilities", events_on)
+                assert (busy.value.error_class, busy.value.error.error.desc) == (
+                    "GenericError", "There's a migration process in progress")
+                assert fake.migrate_capabilities["events"] is False
+                assert await client.execute("migrate_cancel") == {}
+                assert await client.execute("query-migrate") == {"status": "cancelled"}
+                assert await events_until_marker(fake, listener) == []
+
+                # on: every state change is announced, to every client
+                assert await client.execute("migrate-set-capabilities", events_on) == {}
+                assert {"capability": "events", "state": True} in await client.execute("query-migrate-capabilities")
+                await client.execute("migrate", {"uri": "exec:cat > /dev/null"})
+                assert await fake.emit("MIGRATION_PASS", {"pass": 1}) is True
+                await client.execute("migrate_cancel")
+                assert await fake.set_migration_status("failed") is True
+                assert await events_until_marker(fake, listener) == [
+                    ("MIGRATION", {"status": "setup"}), ("MIGRATION", {"status": "active"}),
+                    ("MIGRATION_PASS", {"pass": 1}),
+                    ("MIGRATION", {"status": "cancelling"}), ("MIGRATION", {"status": "cancelled"}),
+                    ("MIGRATION", {"status": "failed"}),
+                ]  # fmt: skip
+            finally:
+                client.remove_listener(listener)
+                await client.disconnect()
+            # the capability belongs to QEMU, not to the session: a new client finds it on
+            client = await connected(sock, fake)
+            try:
+                assert {"capability": "events", "state": True} in await client.execute("query-migrate-capabilities")
+                await client.execute("migrate-set-capabilities",
+                                     {"capabilities": [{"capability": "events", "state": False}]})
+                assert await fake.set_migration_status("setup") is False
+            finally:
+                await client.disconnect()
+
+    run(scenario)
+
+
+def test_migrate_and_migrate_cancel_refuse_what_qemu_refuses(sock):
+    async def scenario() -> None:
+        async with FakeQmp(sock) as fake:
+            client = await connected(sock, fake)
+
+            async def refusal(command: str, args: dict[str, Any] | None = None) -> str:
+                with pytest.raises(ExecuteError) as refused:
+                    await client.execute(command, args)
+                assert refused.value.error_class == "GenericError"
+                return str(refused.value.error.error.desc)
+
+            try:
+                assert await client.execute("migrate_cancel") == {}  # nothing to cancel: fine
+                assert await client.execute("query-migrate") == {}
+                assert await refusal("migrate") == "need either 'uri' or 'channels' argument"
+                await client.execute("migrate", {"uri": "exec:cat > /dev/null"})
+                assert await refusal("migrate", {"uri": "exec:cat > /dev/null"}) == (
+                    "There's a migration process in progress")
+                for status in ("postcopy-active", "postcopy-paused"):
+                    await fake.set_migration_status(status)
+                    assert await refusal("migrate_cancel") == "Postcopy migration in progress, cannot cancel."
+                    assert await refusal("migrate-set-capabilities", {"capabilities": []}) == (
+                        "There's a migration process in progress")
+                for status in ("completed", "failed", "cancelled"):  # over: settable again
+                    await fake.set_migration_status(status)
+                    assert await client.execute("migrate-set-capabilities", {"capabilities": []}) == {}
+                    assert await client.execute("query-migrate") == {"status": status}
+            finally:
+                await client.disconnect()
+            assert fake.handler_errors == []
+
+    run(scenario)
