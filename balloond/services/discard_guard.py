@@ -23,10 +23,20 @@ What closes the guard:
 - not knowing: the link is down or has not answered yet. Failing closed
   costs a late discard; failing open could corrupt a guest.
 
-QEMU announces migrations only when the "events" capability is on and
-announces no device hot-plug at all, so the guard also looks every
+QEMU announces migrations (the MIGRATION event) only while the "events"
+migration capability is on, and it is off unless someone turns it on. So on
+every connect, before its first look, the guard turns it on
+(`migrate-set-capabilities`): from then on a migration that starts is
+announced and the guard closes at once, not at its next poll. The capability
+is QEMU's, shared by every monitor client (libvirt turns it on too); a QEMU
+that restarted has it off again, hence every connect. QEMU refuses to change
+capabilities while a migration runs: the guard then says once that it relies
+on polling, and asks again when it sees that migration end.
+
+QEMU announces no device hot-plug at all, so the guard also looks every
 `poll_interval` seconds (1 s): a VFIO device hot-plugged in between two looks
-is the window that remains (docs/policy.md).
+is the window that remains (docs/policy.md). Polling also covers a migration
+that someone else started with events turned off again.
 """
 
 from __future__ import annotations
@@ -77,6 +87,11 @@ class DiscardGuard(QmpWatch):
         self.migration_status: str | None = None
         self.devices_seen = 0
         self.checked_at: float | None = None
+        #: Whether QEMU announces migrations to us: True once the "events"
+        #: capability is on, False if QEMU refused it, None while not known.
+        self.migration_events: bool | None = None
+        #: QEMU refused the capability while a migration ran: ask again when it ends.
+        self._events_retry = False
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -85,7 +100,28 @@ class DiscardGuard(QmpWatch):
             "migration_status": self.migration_status,
             "devices_seen": self.devices_seen,
             "checked_at": self.checked_at,
+            "migration_events": self.migration_events,
         }
+
+    async def on_connect(self, client: QMPClient) -> None:
+        """Turn migration events on, then look: a migration that starts after
+        the look is announced, one that started before it is seen by it."""
+        self._events_retry = False
+        await self._enable_migration_events(client, first=True)
+        await self.refresh(client)
+
+    async def _enable_migration_events(self, client: QMPClient, *, first: bool) -> None:
+        try:
+            await client.execute("migrate-set-capabilities",
+                                 {"capabilities": [{"capability": "events", "state": True}]})
+        except ExecuteError as exc:
+            self.migration_events = False
+            if first:  # once per session: the retry after a migration stays quiet
+                self.log.warning("migration events refused: the discard guard relies on polling",
+                                 poll_interval=self.poll_interval, error_class=exc.error_class, error=str(exc))
+            return
+        self.migration_events = True
+        self.log.info("migration events on", retried=not first)
 
     async def refresh(self, client: QMPClient) -> None:
         try:
@@ -95,6 +131,12 @@ class DiscardGuard(QmpWatch):
             self._set(f"QMP could not tell whether discards are safe ({exc.error_class}: {exc})")
             return
         status = str(migration.get("status", "none")) if isinstance(migration, dict) else "none"
+        if self.migration_events is False:
+            if status not in MIGRATION_IDLE:
+                self._events_retry = True  # refused because of this migration, most likely
+            elif self._events_retry:
+                self._events_retry = False
+                await self._enable_migration_events(client, first=False)
         self.vfio_devices = [path for path, kind in devices if kind.startswith("vfio")]
         self.devices_seen = len(devices)
         self.migration_status = status
@@ -110,6 +152,8 @@ class DiscardGuard(QmpWatch):
     def forget(self) -> None:
         self.vfio_devices = []
         self.migration_status = None
+        self.migration_events = None
+        self._events_retry = False
         self._set(NOT_CONNECTED)
 
     def _set(self, reason: str | None) -> None:

@@ -62,6 +62,12 @@ class QmpWatch:
         """Ask QEMU what this watch needs; called on connect and when polled."""
         raise NotImplementedError
 
+    async def on_connect(self, client: QMPClient) -> None:
+        """A new session (QEMU may be a new process): by default, look.
+        A watch that needs QEMU set up for it first (an event turned on) does
+        that here, before its first look, so nothing falls in between."""
+        await self.refresh(client)
+
     async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
         """One of `events` arrived: by default, look again."""
         await self.refresh(client)
@@ -235,7 +241,7 @@ class QmpLink:
         try:
             await self._connect(client)
             for watch in self.watches:
-                await self._guarded(watch.refresh(client), watch)
+                await self._guarded(watch.on_connect(client), watch)
             self.connected = True
             self.connects += 1
             self.last_error = None

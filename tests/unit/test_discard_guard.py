@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+from structlog.testing import capture_logs
 
 from balloond.device.balloon import DeviceSettings
 from balloond.services.discard_guard import NOT_CONNECTED, DiscardGuard
@@ -51,8 +52,9 @@ def scenario(path: str, body: Callable[[FakeQmp, Rig], Awaitable[None]], *, poll
     asyncio.run(main())
 
 
-def migrating(fake: FakeQmp, status: str | None) -> None:
-    fake.commands["query-migrate"] = lambda _args: {} if status is None else {"status": status}
+async def migrating(fake: FakeQmp, status: str) -> None:
+    """The migration moves to `status` (announced only if "events" is on, as QEMU does)."""
+    await fake.set_migration_status(status)
 
 
 def migrate_queries(fake: FakeQmp) -> int:
@@ -120,21 +122,21 @@ def test_a_vfio_device_closes_it_within_the_poll_interval_and_removal_reopens(so
 
 def test_migration_closes_it_postcopy_is_named_and_completion_reopens(sock):
     async def body(fake: FakeQmp, rig: Rig) -> None:
-        migrating(fake, "active")
+        await migrating(fake, "active")
         await until(lambda: rig.guard.reason is not None, timeout=1.0)
         assert rig.guard.reason == "migration in progress (active)"
         assert rig.guard.summary()["migration_status"] == "active"
-        migrating(fake, "postcopy-active")
+        await migrating(fake, "postcopy-active")
         await until(lambda: rig.guard.reason != "migration in progress (active)", timeout=1.0)
         assert rig.guard.reason == "postcopy migration in progress (postcopy-active)"
         anon_devices(fake, "vfio-pci")  # both at once: both named
         await until(lambda: rig.guard.reason is not None and "VFIO" in rig.guard.reason, timeout=1.0)
         assert rig.guard.reason == VFIO_REASON + "; postcopy migration in progress (postcopy-active)"
         anon_devices(fake)
-        migrating(fake, "completed")
+        await migrating(fake, "completed")
         await until(lambda: rig.guard.reason is None, timeout=1.0)
         for status in ("failed", "cancelled", "none"):
-            migrating(fake, status)
+            await migrating(fake, status)
             polls = migrate_queries(fake)
             await until(lambda polls=polls: migrate_queries(fake) >= polls + 2)
             assert rig.guard.reason is None, status
@@ -151,18 +153,98 @@ def test_migration_closes_it_postcopy_is_named_and_completion_reopens(sock):
 
 def test_a_migration_event_triggers_an_immediate_check(sock):
     async def body(fake: FakeQmp, rig: Rig) -> None:
-        migrating(fake, "setup")
-        await asyncio.sleep(0.1)  # no poll for 60 s: nobody asks
-        assert rig.guard.reason is None
-        await fake.emit("MIGRATION", {"status": "setup"})
+        assert fake.migrate_capabilities["events"] is True  # the guard turned them on
+        looks = migrate_queries(fake)
+        await asyncio.sleep(0.1)
+        assert migrate_queries(fake) == looks  # no poll for 60 s: only an event makes it look
+        assert await fake.set_migration_status("setup") is True  # QEMU sends MIGRATION
         await until(lambda: rig.guard.reason is not None, timeout=1.0)
         assert rig.guard.reason == "migration in progress (setup)"
-        migrating(fake, "completed")
-        await fake.emit("MIGRATION", {"status": "completed"})
+        await fake.set_migration_status("completed")
         await until(lambda: rig.guard.reason is None, timeout=1.0)
         assert rig.changes == [None, "migration in progress (setup)", None]
 
     scenario(sock, body, poll_interval=60.0)
+
+
+def test_it_turns_migration_events_on_before_its_first_look_at_every_connect(sock):
+    async def body(fake: FakeQmp, rig: Rig) -> None:
+        names = [name for name, _ in fake.calls]
+        assert ("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}) in fake.calls
+        assert names.index("migrate-set-capabilities") < names.index("query-migrate")
+        assert rig.guard.migration_events is True and rig.guard.summary()["migration_events"] is True
+        # QEMU restarts: the new process has the capability off again
+        fake.drop_clients()
+        await until(lambda: rig.guard.reason == NOT_CONNECTED, timeout=1.0)
+        assert rig.guard.migration_events is None
+        fake.migrate_capabilities["events"] = False
+        await until(lambda: rig.guard.reason is None)
+        assert rig.link.connects == 2
+        assert fake.migrate_capabilities["events"] is True
+        assert sum(1 for name, _ in fake.calls if name == "migrate-set-capabilities") == 2
+
+    with capture_logs() as logs:
+        scenario(sock, body, poll_interval=60.0)
+    assert [e["event"] for e in logs if "migration events" in e["event"]] == ["migration events on"] * 2
+
+
+def test_refused_during_a_migration_it_polls_then_turns_events_on_when_it_ends(sock):
+    async def main() -> None:
+        async with FakeQmp(sock) as fake:
+            await fake.set_migration_status("active")  # running before the daemon connects
+            rig = Rig(sock, poll_interval=0.05)
+            rig.link.start()
+            try:
+                await until(lambda: rig.guard.reason == "migration in progress (active)")
+                assert rig.guard.migration_events is False and fake.migrate_capabilities["events"] is False
+                assert await fake.set_migration_status("cancelled") is False  # unannounced...
+                await until(lambda: rig.guard.reason is None, timeout=1.0)  # ... but polled
+                await until(lambda: rig.guard.migration_events is True, timeout=1.0)
+                assert fake.migrate_capabilities["events"] is True
+                assert await fake.set_migration_status("setup") is True  # announced from now on
+                await until(lambda: rig.guard.reason == "migration in progress (setup)", timeout=1.0)
+            finally:
+                await rig.link.stop()
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    mentions = [(e["log_level"], e["event"]) for e in logs if "migration events" in e["event"]]
+    assert mentions == [
+        ("warning", "migration events refused: the discard guard relies on polling"),
+        ("info", "migration events on"),
+    ]
+    assert [e for e in logs if e["event"] == "migration events on"][0]["retried"] is True
+
+
+def test_refused_for_good_it_says_so_once_and_still_catches_migrations_by_polling(sock):
+    async def main() -> None:
+        async with FakeQmp(sock) as fake:
+
+            def refuse(_args: dict[str, Any]) -> Any:
+                raise QmpCommandError("GenericError", "capabilities are managed elsewhere")
+
+            fake.commands["migrate-set-capabilities"] = refuse
+            rig = Rig(sock, poll_interval=0.05)
+            rig.link.start()
+            try:
+                await until(lambda: rig.guard.reason is None)
+                assert rig.guard.migration_events is False
+                for _ in range(2):  # two migrations, start to end, none announced
+                    assert await fake.set_migration_status("setup") is False
+                    await until(lambda: rig.guard.reason == "migration in progress (setup)", timeout=1.0)
+                    await fake.set_migration_status("completed")
+                    await until(lambda: rig.guard.reason is None, timeout=1.0)
+                assert rig.link.connected and rig.link.connects == 1
+            finally:
+                await rig.link.stop()
+            assert sum(1 for name, _ in fake.calls if name == "migrate-set-capabilities") == 3  # connect + 2 ends
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    refusals = [e for e in logs if e["event"].startswith("migration events refused")]
+    assert len(refusals) == 1
+    assert refusals[0]["error_class"] == "GenericError" and refusals[0]["poll_interval"] == 0.05
+    assert "capabilities are managed elsewhere" in refusals[0]["error"]
 
 
 def test_a_dropped_link_closes_it_until_qemu_answers_again(sock):
@@ -221,6 +303,7 @@ def test_it_stays_closed_while_query_migrate_is_refused(sock):
             def refuse(_args: dict[str, Any]) -> Any:
                 raise QmpCommandError("GenericError", "not now")
 
+            answer = fake.commands["query-migrate"]
             fake.commands["query-migrate"] = refuse
             rig = Rig(sock)
             rig.link.start()
@@ -230,7 +313,7 @@ def test_it_stays_closed_while_query_migrate_is_refused(sock):
                 # failing closed: QEMU answers, but cannot say whether a migration runs
                 assert rig.guard.reason is not None and "could not tell" in rig.guard.reason
                 assert rig.changes == [rig.guard.reason]
-                migrating(fake, None)
+                fake.commands["query-migrate"] = answer
                 await until(lambda: rig.guard.reason is None, timeout=1.0)
             finally:
                 await rig.link.stop()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from balloond.services.policy import MiB
-from balloond.services.qmp_link import QmpLink, QmpUnavailable
+from balloond.services.qmp_link import QmpLink, QmpUnavailable, QmpWatch
 from tests.fake_qmp import FakeQmp, until
 from tests.unit.test_policy_loop import FakeVm, make_loop
 
@@ -157,5 +157,47 @@ def test_link_learns_the_ram_size_and_a_vm_checks_targets_against_it(sock):
                 assert vm.ram_bytes() == 384 * MiB  # remembered, as from a last connection
             finally:
                 await link.stop()
+
+    asyncio.run(main())
+
+
+class Journal(QmpWatch):
+    """A watch that writes down which of its hooks ran, in order, and whose
+    on_connect sets something up in QEMU (as the discard guard does)."""
+
+    poll_interval: float | None = 0.05
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def on_connect(self, client: Any) -> None:
+        self.seen.append("connect")
+        await client.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        await self.refresh(client)
+
+    async def refresh(self, client: Any) -> None:
+        self.seen.append("look")
+        await client.execute("query-migrate")
+
+
+def test_on_connect_runs_once_per_session_before_the_polls(sock):
+    async def main() -> None:
+        async with FakeQmp(sock) as fake:
+            watch = Journal()
+            link = QmpLink(sock, backoff_initial=0.01, backoff_max=0.05)
+            link.add(watch)
+            link.start()
+            try:
+                await until(lambda: watch.seen.count("look") >= 4)
+                assert watch.seen[:2] == ["connect", "look"] and watch.seen.count("connect") == 1
+                assert link.connected and fake.migrate_capabilities["events"] is True
+                fake.drop_clients()
+                await until(lambda: watch.seen.count("connect") == 2)
+                assert watch.seen[watch.seen.index("connect", 1) + 1] == "look"
+            finally:
+                await link.stop()
+            names = [name for name, _ in fake.calls if name in ("migrate-set-capabilities", "query-migrate")]
+            assert names[:2] == ["migrate-set-capabilities", "query-migrate"]
+            assert names.count("migrate-set-capabilities") == 2
 
     asyncio.run(main())
