@@ -75,6 +75,9 @@ class Settings:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     #: Test mode: the policy sees a pretend host of this many bytes (SimulatedHost).
     policy_simulate_host: int | None = None
+    #: Seconds between the discard guard's looks over QMP (migrations also
+    #: announce themselves by event; tests lengthen it to tell the two apart).
+    guard_poll_interval: float = 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-step", type=_size_arg, metavar="SIZE", help="largest change per VM per interval (100M)")
     p.add_argument("--policy-simulate-host", type=_size_arg, metavar="SIZE",
                    help="testing: the policy sees a host of SIZE whose used memory is the VMs' resident RAM")
+    p.add_argument("--guard-poll-interval", type=float, metavar="SECONDS",
+                   help="testing: seconds between the discard guard's looks over QMP (default 1)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON and exit")
     p.add_argument("--version", action="version", version=f"balloond {__version__}")
@@ -288,6 +293,8 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         raise ConfigError(str(exc)) from None
     if args.policy_simulate_host is not None:
         settings.policy_simulate_host = args.policy_simulate_host
+    if args.guard_poll_interval is not None:
+        settings.guard_poll_interval = args.guard_poll_interval
     validate(settings, args)
     return settings, args
 
@@ -311,6 +318,8 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
     # rejects, is refused too instead of reaching the timers.
     if not 0 <= settings.stats_interval < math.inf:
         raise ConfigError("--stats-interval must be a number of seconds, 0 or more (0 = never)")
+    if not 0 < settings.guard_poll_interval < math.inf:
+        raise ConfigError("--guard-poll-interval must be a number of seconds above 0")
     if not 0 <= settings.poll_us <= 100_000:
         raise ConfigError("--poll-us must be between 0 and 100000")
     if not 0 <= settings.discard_delay_ms <= 10_000:

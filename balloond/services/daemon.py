@@ -116,7 +116,8 @@ class Daemon:
             vm.listener = VhostUserListener(sock, path=path, log=vm.log)
             if vmc.qmp:
                 vm.qmp = QmpLink(vmc.qmp, log=vm.log)
-                vm.discard_guard = DiscardGuard(vm.set_discard_inhibit, log=vm.log)
+                vm.discard_guard = DiscardGuard(vm.set_discard_inhibit, log=vm.log,
+                                                poll_interval=self.settings.guard_poll_interval)
                 vm.qmp.add(vm.discard_guard)  # closed until QEMU answers
             self.vms[vmc.name] = vm
             self.listeners.append(vm.listener)
