@@ -12,6 +12,7 @@ fake transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -143,42 +144,97 @@ def test_refused_write_changes_nothing(daemon):
     assert daemon.api.vm("vm0")["target_bytes"] == before
 
 
-def test_refusals_are_rate_limited(daemon):
-    since = daemon.log_size()
-    for _ in range(12):
-        assert call_as(STRANGER, STRANGER, daemon.api_path)["status"] == 403
-    assert call_as(0, 0, daemon.api_path)["status"] == 200  # the API still serves root
-    # The burst (5 lines per 10 s) may be spent by the tests before: never more.
-    lines = refusals(daemon, since)
-    assert len(lines) <= 5, f"{len(lines)} log lines for 12 refusals"
-
-
-def _daemon_has_flag(flag: str) -> bool:
-    out = subprocess.run([sys.executable, "-m", "balloond", "--help"], check=False, cwd=REPO, capture_output=True, text=True)
-    return flag in out.stdout
-
-
-@pytest.mark.parametrize("flag, value, peer, allowed", [
-    ("--api-allow-uid", NOBODY, (NOBODY, NOBODY), True),
-    ("--api-allow-uid", NOBODY, (STRANGER, STRANGER), False),
-    ("--api-allow-gid", STRANGER, (NOBODY, STRANGER), True),
-    ("--api-allow-gid", STRANGER, (NOBODY, NOBODY), False),
-])
-def test_allowed_uids_and_gids_flags(flag, value, peer, allowed):
-    if not _daemon_has_flag(flag):
-        pytest.skip(f"balloond has no {flag} yet (ControlApi(allowed_uids=..., allowed_gids=...) is not wired to the CLI)")
+@contextlib.contextmanager
+def own_daemon(extra_args: list[str] = (), config: str | None = None) -> Iterator[DaemonProcess]:
+    """A daemon of the test's own (fresh rate limiter, its own access flags),
+    in a directory every user may search; `config` is written to a TOML file
+    passed with --config."""
     workdir = tempfile.mkdtemp(prefix="balloond-access-")
     os.chmod(workdir, 0o711)
-    proc = DaemonProcess(workdir, vms=("vm0",), extra_args=[flag, str(value)])
+    args = list(extra_args)
+    if config is not None:
+        path = os.path.join(workdir, "balloond.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        args += ["--config", path]
+    proc = DaemonProcess(workdir, vms=("vm0",), extra_args=args)
     try:
         proc.start()
         open_to_everyone(proc.api_path)
-        result = call_as(*peer, proc.api_path)
-        assert result["status"] == (200 if allowed else 403)
-        assert call_as(0, 0, proc.api_path)["status"] == 200
+        yield proc
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_refusals_are_rate_limited():
+    """5 lines per 10 s, counted on a daemon nobody has been refused by yet:
+    12 refusals in a burst log exactly the first 5."""
+    with own_daemon() as proc:
+        since = proc.log_size()
+        pids = [call_as(STRANGER, STRANGER, proc.api_path) for _ in range(12)]
+        assert [r["status"] for r in pids] == [403] * 12
+        assert call_as(0, 0, proc.api_path)["status"] == 200  # the API still serves root
+        lines = refusals(proc, since)
+        assert len(lines) == 5, f"{len(lines)} log lines for 12 refusals"
+        assert [line["pid"] for line in lines] == [r["pid"] for r in pids[:5]]
+
+
+ALLOW_CASES = [
+    ("uid", NOBODY, (NOBODY, NOBODY), True),
+    ("uid", NOBODY, (STRANGER, STRANGER), False),
+    ("gid", STRANGER, (NOBODY, STRANGER), True),
+    ("gid", STRANGER, (NOBODY, NOBODY), False),
+]
+
+
+def check_access(proc: DaemonProcess, peer: tuple[int, int], allowed: bool) -> None:
+    result = call_as(*peer, proc.api_path)
+    assert result["status"] == (200 if allowed else 403), result
+    if allowed:
+        assert [vm["name"] for vm in result["body"]] == ["vm0"]
+    assert call_as(0, 0, proc.api_path)["status"] == 200
+
+
+@pytest.mark.parametrize("kind, value, peer, allowed", ALLOW_CASES)
+def test_allowed_uids_and_gids_flags(kind, value, peer, allowed):
+    with own_daemon([f"--api-allow-{kind}", str(value)]) as proc:
+        check_access(proc, peer, allowed)
+
+
+@pytest.mark.parametrize("kind, value, peer, allowed", ALLOW_CASES)
+def test_allowed_uids_and_gids_in_the_config_file(kind, value, peer, allowed):
+    with own_daemon(config=f"api_allow_{kind}s = [{value}]\n") as proc:
+        check_access(proc, peer, allowed)
+
+
+def test_config_file_and_flags_add_up():
+    """A uid from the file and one from the command line are both served."""
+    with own_daemon(["--api-allow-uid", str(STRANGER)], config=f"api_allow_uids = [{NOBODY}]\n") as proc:
+        for uid in (NOBODY, STRANGER):
+            assert call_as(uid, uid, proc.api_path)["status"] == 200, uid
+        assert call_as(STRANGER - 1, STRANGER - 1, proc.api_path)["status"] == 403
+
+
+@pytest.mark.parametrize("args, toml", [
+    (["--api-allow-uid", "-1"], None),
+    (["--api-allow-gid", "4294967295"], None),
+    (["--api-allow-uid", "root"], None),
+    ([], 'api_allow_uids = ["nobody"]\n'),
+    ([], "api_allow_gids = [true]\n"),
+    ([], "api_allow_gids = [1.5]\n"),
+    ([], "api_allow_uids = 65534\n"),
+])
+def test_bad_allowed_ids_are_one_line_and_exit_2(tmp_path, args, toml):
+    if toml is not None:
+        (tmp_path / "b.toml").write_text(toml)
+        args = [*args, "--config", str(tmp_path / "b.toml")]
+    p = subprocess.run([sys.executable, "-m", "balloond", "--vm", f"a={tmp_path / 'a.sock'}", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("balloond: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "api" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "a.sock").exists()
 
 
 # ============================================= in-process: ControlApi and policy
