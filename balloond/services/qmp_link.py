@@ -59,7 +59,8 @@ class QmpWatch:
     poll_interval: float | None = None
 
     async def refresh(self, client: QMPClient) -> None:
-        """Ask QEMU what this watch needs; called on connect and when polled."""
+        """Ask QEMU what this watch needs; called when polled and, through
+        `on_connect`, on connect."""
         raise NotImplementedError
 
     async def on_connect(self, client: QMPClient) -> None:
