@@ -85,10 +85,32 @@ class Daemon:
         )
 
     async def _watchdog(self, interval: float) -> None:
-        """systemd's WatchdogSec=: ping at half the interval while the event loop runs."""
+        """systemd's WatchdogSec=: ping at half the interval while the event loop runs.
+
+        The pings come from the event loop itself (not a thread), so a loop
+        that hangs stops them and systemd restarts the daemon."""
         while True:
             sd_notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    def _watchdog_interval(self) -> float | None:
+        """Half of $WATCHDOG_USEC if systemd asks this process for pings, else None.
+
+        WATCHDOG_PID names the process meant (a child started by us must not
+        ping for us); a value that is not a positive number of microseconds
+        is logged and ignored rather than stopping the daemon."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        if not usec or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+            return None
+        try:
+            value = int(usec)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            self.log.warning("WATCHDOG_USEC is not a positive number of microseconds; no watchdog pings",
+                             watchdog_usec=usec)
+            return None
+        return value / 2e6
 
     def open_sockets(self) -> None:
         for vmc in self.settings.vms:
@@ -133,9 +155,9 @@ class Daemon:
                  for vm in self.vms.values() if isinstance(vm, VirtualMachine) and vm.listener is not None]
         tasks += [vm.qmp.start() for vm in self.vms.values() if vm.qmp is not None]
         tasks.append(self.policy.start())  # idles while the policy is off; the API can turn it on
-        watchdog_usec = os.environ.get("WATCHDOG_USEC")
-        if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
-            tasks.append(asyncio.create_task(self._watchdog(int(watchdog_usec) / 2e6)))
+        watchdog = self._watchdog_interval()
+        if watchdog is not None:
+            tasks.append(asyncio.create_task(self._watchdog(watchdog)))
         self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__,
                       policy=self.policy.enabled)
         sd_notify(f"READY=1\nSTATUS=serving {len(self.vms)} VM(s)")
