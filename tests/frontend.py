@@ -384,11 +384,14 @@ class DriverQueue:
         #: Kick after every add, whatever avail_event/NO_NOTIFY say.
         self.always_kick = False
         #: Kick again when `wait` sees no progress for this long (None: never,
-        #: as Linux). Recovers from a device that missed or mis-read a kick.
-        self.rekick_after: float | None = 1.0
+        #: as Linux). The default is Linux's, so a device that loses a kick or
+        #: never re-arms notifications makes `wait` time out instead of being
+        #: rescued; only tests of hostile input set it, saying why.
+        self.rekick_after: float | None = None
         #: Raise MissedInterrupt when the device used chains without the
-        #: interrupt asked for (else they are only counted).
-        self.strict_interrupts = False
+        #: interrupt asked for (else they are only counted). On by default: a
+        #: Linux driver would sleep for ever on such a queue.
+        self.strict_interrupts = True
         self.kicks = 0
         self.rekicks = 0
         self.missed_interrupts = 0
@@ -678,9 +681,9 @@ class TestFrontend:
       uaddr_base      the fake frontend address of memfd offset 0.
       pfn_slots       PFN buffers per inflate/deflate queue (max `inflight`).
       timeout         seconds to wait for any reply or used buffer.
-      rekick_after    kick again after this long without progress (None: never,
-                      exactly as Linux; see DriverQueue.rekick_after).
-      strict_interrupts  raise MissedInterrupt instead of counting.
+      rekick_after    kick again after this long without progress (default None:
+                      never, exactly as Linux; see DriverQueue.rekick_after).
+      strict_interrupts  raise MissedInterrupt instead of counting (default).
     """
 
     __test__ = False  # not a pytest test class
@@ -725,8 +728,8 @@ class TestFrontend:
         pfn_slots: int = 8,
         indirect_slots: int = 16,
         timeout: float = 5.0,
-        rekick_after: float | None = 1.0,
-        strict_interrupts: bool = False,
+        rekick_after: float | None = None,
+        strict_interrupts: bool = True,
         connect: bool = True,
     ) -> None:
         self.socket_path = os.fspath(socket_path)
