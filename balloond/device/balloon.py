@@ -118,6 +118,9 @@ class DeviceCounters:
     discard_inhibits: int = 0  # times discards were refused (VFIO, migration, QMP unknown)
     discard_errors: int = 0
     discard_calls: int = 0
+    #: Frames whose deferred discard a deflate (or migration) cancelled: the
+    #: guest took them back before the discard was due.
+    discards_cancelled: int = 0
     driver_resets: int = 0
     config_changes_sent: int = 0
 
@@ -508,6 +511,7 @@ class BalloonDevice:
         if self._pending:
             discarded = [p for p in pfns if p not in self._pending]
             self._pending.difference_update(pfns)
+            self.counters.discards_cancelled += len(pfns) - len(discarded)
         else:
             discarded = pfns
         if self.releaser.has_hugetlb:

@@ -6,6 +6,15 @@ Modules override `daemon_options` to change the daemon's command line.
 After every test the daemon must still be running and its log must hold no
 exception (a device bug is caught and logged by the engine, so a test could
 otherwise pass over one).
+
+Every test that uses the `daemon` fixture runs twice, once per discard mode
+(`discard_mode`): `immediate` (--discard-delay-ms 0: each inflate buffer's
+discards are done before it is returned) and `deferred` (the daemon's
+default delay, so the default is what is tested: with MUST_TELL_HOST the
+discards wait to be coalesced and a deflate cancels them). A test that
+looks at host memory right after an inflate waits for the deferred discards
+first (`settled`). A test that only makes sense in one mode says so with
+`@pytest.mark.only_discard_mode("immediate", reason="...")`.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.daemon.discards import DISCARD_MODES, SETTLE_TIMEOUT
 from tests.daemon.harness import DaemonProcess
 from tests.frontend import TestFrontend
 
@@ -22,19 +32,49 @@ from tests.frontend import TestFrontend
 BUG_EVENTS = {"device error", "internal error handling request", "API handler failed"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "only_discard_mode(mode, reason): run this daemon-level test in that discard mode only",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (visibly) the runs of a test in a discard mode it opted out of."""
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("only_discard_mode")
+        callspec = getattr(item, "callspec", None)
+        if marker is None or callspec is None or "discard_mode" not in callspec.params:
+            keep.append(item)
+            continue
+        mode = marker.args[0] if marker.args else marker.kwargs.get("mode")
+        if mode not in DISCARD_MODES or not marker.kwargs.get("reason"):
+            raise pytest.UsageError(f"{item.nodeid}: only_discard_mode needs one of {sorted(DISCARD_MODES)} and a reason")
+        (keep if callspec.params["discard_mode"] == mode else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="module")
 def daemon_options() -> dict[str, Any]:
     return {}
 
 
+@pytest.fixture(scope="module", params=list(DISCARD_MODES))
+def discard_mode(request: pytest.FixtureRequest) -> str:
+    """`immediate` or `deferred`: how the module's daemon discards (see above)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, daemon_options: dict[str, Any]) -> Iterator[DaemonProcess]:
-    # Discards happen before each buffer is returned, so memory can be checked
-    # right after an inflate; a module that tests deferred discards passes its
-    # own --discard-delay-ms, which comes later and wins.
+def daemon(
+    tmp_path_factory: pytest.TempPathFactory, daemon_options: dict[str, Any], discard_mode: str
+) -> Iterator[DaemonProcess]:
     options = {"vms": ("vm0", "vm1"), "stats_interval": 0.2, **daemon_options}
-    options["extra_args"] = ["--discard-delay-ms", "0", *options.get("extra_args", ())]
-    proc = DaemonProcess(tmp_path_factory.mktemp("balloond"), **options)
+    options["extra_args"] = [*DISCARD_MODES[discard_mode], *options.get("extra_args", ())]
+    proc = DaemonProcess(tmp_path_factory.mktemp(f"balloond-{discard_mode}"), **options)
     proc.start()
     yield proc
     alive = proc.alive
@@ -88,3 +128,18 @@ def connect(daemon: DaemonProcess) -> Iterator[Callable[..., TestFrontend]]:
         daemon.wait_disconnected(vm)
         daemon.api.set_target(vm, 0)
 
+
+
+@pytest.fixture
+def settled(daemon: DaemonProcess) -> Callable[..., dict[str, Any]]:
+    """settled(vm="vm0") -> the VM's API state once no discard is pending.
+
+    In the deferred mode an acknowledged inflate's memory may still be
+    allocated for up to the delay; a test that measures host memory calls
+    this first. Bounded: a discard that never comes fails the test.
+    """
+
+    def wait(vm: str = "vm0") -> dict[str, Any]:
+        return daemon.wait_vm(vm, lambda s: s["pending_discard_bytes"] == 0, SETTLE_TIMEOUT, "pending discards")
+
+    return wait

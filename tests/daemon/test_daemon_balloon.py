@@ -11,6 +11,7 @@ import pytest
 from protocol.balloon import Feature, QueueRole
 from protocol.vhost_user import ProtocolFeature
 from tests.frontend import PAGE_SIZE, GuestRam, RamRegion, TestFrontend
+from tests.daemon.discards import wait_past_deferral
 from tests.daemon.harness import assert_no_guest_errors
 
 PAGE = PAGE_SIZE
@@ -42,15 +43,15 @@ def test_handshake_reports_device(daemon, connect):
     assert fe.device_features & (1 << Feature.VERSION_1)
 
 
-def test_inflate_contiguous_frees_memory_and_deflate_returns_it(daemon, connect):
+def test_inflate_contiguous_frees_memory_and_deflate_returns_it(daemon, connect, settled):
     fe = connect()
     pfns = range(fe.first_free_pfn, fe.first_free_pfn + 4096)  # 16 MiB
     fe.ram.touch(pfns)
     before = fe.ram.allocated_bytes()
     assert fe.inflate(pfns) == 16
+    state = settled()
     after = fe.ram.allocated_bytes()
 
-    state = daemon.api.vm("vm0")
     assert state["ballooned_bytes"] == len(pfns) * PAGE
     assert state["host_freed_bytes"] == before - after == len(pfns) * PAGE
     assert state["resident_bytes"] == after
@@ -63,12 +64,14 @@ def test_inflate_contiguous_frees_memory_and_deflate_returns_it(daemon, connect)
     assert state["ballooned_bytes"] == 0
     assert daemon.api.pfns("vm0") == {"count": 0, "ranges": []}
     assert state["counters"]["deflate_buffers"] == 16
-    # The guest uses its pages again: they come back as fresh memory.
-    fe.ram.fill(pfns[:64], seed=7)
-    assert fe.ram.damaged(pfns[:64], seed=7) == []
+    # The guest uses its pages again: they come back as fresh memory, and
+    # stay what the guest wrote once any deferred discard would be due.
+    fe.ram.fill(pfns, seed=7)
+    wait_past_deferral()
+    assert fe.ram.damaged(pfns, seed=7) == []
 
 
-def test_inflate_scattered_touches_only_those_pages(daemon, connect):
+def test_inflate_scattered_touches_only_those_pages(daemon, connect, settled):
     fe = connect()
     rng = random.Random(1234)
     window = list(range(fe.first_free_pfn, fe.first_free_pfn + 3000))
@@ -80,9 +83,9 @@ def test_inflate_scattered_touches_only_those_pages(daemon, connect):
     shuffled = chosen[:]
     rng.shuffle(shuffled)
     fe.inflate(shuffled)
+    state = settled()
     after = fe.ram.allocated_bytes()
 
-    state = daemon.api.vm("vm0")
     assert state["ballooned_bytes"] == len(chosen) * PAGE
     assert state["host_freed_bytes"] == before - after == len(chosen) * PAGE
     assert fe.ram.nonzero(chosen) == []
@@ -96,9 +99,12 @@ def test_inflate_scattered_touches_only_those_pages(daemon, connect):
     assert daemon.api.pfn_set("vm0") == set(chosen) - set(half)
     fe.deflate(chosen[1::2])
     assert daemon.api.vm("vm0")["ballooned_bytes"] == 0
+    fe.ram.fill(chosen, seed=2)  # the guest's again
+    wait_past_deferral()
+    assert fe.ram.damaged(chosen, seed=2) == []
 
 
-def test_small_buffers_and_pipelined_buffers(daemon, connect):
+def test_small_buffers_and_pipelined_buffers(daemon, connect, settled):
     """1-PFN buffers (how Linux reports a single page) and many buffers in
     flight at once (a faster driver) reach the same state."""
     fe = connect(pfn_slots=16)
@@ -109,8 +115,8 @@ def test_small_buffers_and_pipelined_buffers(daemon, connect):
     before = fe.ram.allocated_bytes()
     assert fe.inflate(a, per_buffer=1) == 100
     assert fe.inflate(b, inflight=16) == 32
+    state = settled()
     freed = before - fe.ram.allocated_bytes()
-    state = daemon.api.vm("vm0")
     assert state["ballooned_bytes"] == state["host_freed_bytes"] == freed == (len(a) + len(b)) * PAGE
     fe.deflate(b, inflight=16)
     fe.deflate(a, per_buffer=7)
@@ -129,7 +135,7 @@ ABOVE_4G = [
     [("qemu", False), ("single", False), (ABOVE_4G, False), ("qemu", True), (ABOVE_4G, True)],
     ids=["qemu-pc", "single", "above-4g", "qemu-pc-memslots", "above-4g-memslots"],
 )
-def test_layouts_translate_both_ways(daemon, connect, layout, mem_slots):
+def test_layouts_translate_both_ways(daemon, connect, settled, layout, mem_slots):
     ram = GuestRam(48 << 20, layout)
     try:
         fe = connect(ram=ram, mem_slots=mem_slots)
@@ -145,12 +151,17 @@ def test_layouts_translate_both_ways(daemon, connect, layout, mem_slots):
         ram.fill(chosen + others, seed=3)
         before = ram.allocated_bytes()
         fe.inflate(chosen)
+        settled()
         assert before - ram.allocated_bytes() == len(chosen) * PAGE
         assert ram.nonzero(chosen) == []
         assert ram.damaged(others, seed=3) == []
         assert daemon.api.pfn_set("vm0") == set(chosen)
         fe.deflate(chosen)
         assert daemon.api.vm("vm0")["ballooned_bytes"] == 0
+        ram.fill(chosen, seed=4)
+        wait_past_deferral()
+        assert ram.damaged(chosen, seed=4) == []
+        assert ram.damaged(others, seed=3) == []
     finally:
         ram.close()
 
@@ -209,27 +220,72 @@ def test_deflated_page_reused_by_guest_keeps_its_data(daemon, connect):
     fe.deflate(y[1:])
     fe.restart(uaddr_base=fe.uaddr_base + (1 << 30))
     fe.inflate(y[1:])
+    wait_past_deferral()
     assert fe.ram.damaged(x, seed=11) == []
 
 
 def test_pages_reused_right_after_inflate_without_must_tell_host(daemon, connect):
     """Without MUST_TELL_HOST a driver may reuse a page it inflated before it
     deflates it: discarding must be finished when the inflate is acknowledged,
-    never deferred."""
+    never deferred, whatever --discard-delay-ms says (both modes run this)."""
     fe = connect(start=False)
     fe.start(fe.choose_features(drop=[Feature.MUST_TELL_HOST]))
     assert "MUST_TELL_HOST" not in daemon.api.vm("vm0")["features"]
     x = list(range(fe.first_free_pfn, fe.first_free_pfn + 256))
-    fe.ram.touch(x)
-    for rnd in range(5):
+    for rnd in range(3):
+        fe.ram.touch(x)
+        before = fe.ram.allocated_bytes()
         fe.inflate(x)
+        # Freed at the moment the buffer came back: no waiting here.
+        assert before - fe.ram.allocated_bytes() == len(x) * PAGE, f"round {rnd}"
         fe.ram.fill(x, seed=rnd)  # reused before it is deflated
         other = range(x[-1] + 1 + rnd * 300, x[-1] + 1 + rnd * 300 + 300)
         fe.ram.touch(other)
         fe.inflate(other)
+        assert daemon.api.vm("vm0")["pending_discard_bytes"] == 0
+        wait_past_deferral()  # a discard deferred by mistake would be done now
+        assert fe.ram.damaged(x, seed=rnd) == [], f"round {rnd}"
         fe.deflate(other)
         fe.deflate(x)
         assert fe.ram.damaged(x, seed=rnd) == [], f"round {rnd}"
+
+
+@pytest.mark.only_discard_mode("deferred", reason="cancelling a pending discard needs discards to wait")
+def test_deflate_cancels_a_pending_discard(daemon, connect):
+    """With MUST_TELL_HOST and the default delay, a deflate that follows its
+    inflate at once finds the frames' discards still pending and cancels
+    them: the guest's new data in those pages survives past the delay.
+
+    The daemon also discards as soon as the inflate queue has been quiet for
+    a few ms, so on a loaded machine the deflate can come too late to find
+    them pending; each round with fresh pages is another try, and the
+    `discards_cancelled` counter says which rounds took the pending path."""
+    fe = connect()
+    assert "MUST_TELL_HOST" in daemon.api.vm("vm0")["features"]
+    first = fe.first_free_pfn
+    rounds = [list(range(first + i * 256, first + (i + 1) * 256)) for i in range(10)]
+    cancelled_rounds, tried = [], []
+    for i, pages in enumerate(rounds):
+        tried.append(i)
+        fe.ram.touch(pages)
+        counters = daemon.api.vm("vm0")["counters"]
+        fe.inflate(pages)
+        fe.deflate(pages)
+        fe.ram.fill(pages, seed=i)  # the guest's again
+        after = daemon.api.vm("vm0")["counters"]
+        cancelled = after["discards_cancelled"] - counters["discards_cancelled"]
+        assert cancelled in (0, len(pages)), "one buffer is discarded or cancelled whole"
+        if cancelled:
+            assert after["discard_calls"] == counters["discard_calls"], "cancelled, yet discarded"
+            cancelled_rounds.append(i)
+            if len(cancelled_rounds) >= 3:
+                break
+    assert cancelled_rounds, "no deflate found its frames' discards pending: the path was not tested"
+    wait_past_deferral()
+    state = daemon.api.vm("vm0")
+    assert state["pending_discard_bytes"] == 0 and state["ballooned_bytes"] == 0
+    for i in tried:
+        assert fe.ram.damaged(rounds[i], seed=i) == [], f"round {i}"
 
 
 def test_pipelined_inflate_deflate_reuse(daemon, connect):
@@ -244,14 +300,17 @@ def test_pipelined_inflate_deflate_reuse(daemon, connect):
     fe.inflate(y, inflight=8)
     fe.restart()
     fe.deflate(y, inflight=8)
+    fe.ram.fill(y, seed=6)
+    wait_past_deferral()
     assert fe.ram.damaged(x, seed=5) == []
+    assert fe.ram.damaged(y, seed=6) == []
 
 
 # -------------------------------------------------------- restart / driver reset
 
 
 @pytest.mark.parametrize("mem_slots", [False, True], ids=["mem-table", "mem-slots"])
-def test_stop_cont_replay_keeps_the_balloon(daemon, connect, mem_slots):
+def test_stop_cont_replay_keeps_the_balloon(daemon, connect, settled, mem_slots):
     fe = connect(mem_slots=mem_slots)
     a = list(range(fe.first_free_pfn, fe.first_free_pfn + 1000, 3))
     fe.ram.touch(a)
@@ -273,6 +332,7 @@ def test_stop_cont_replay_keeps_the_balloon(daemon, connect, mem_slots):
     fe.ram.touch(b[:250])
     before = fe.ram.allocated_bytes()
     fe.inflate(b[:250])
+    settled()
     assert before - fe.ram.allocated_bytes() == 250 * PAGE
     assert fe.ram.damaged(b[250:], seed=2) == []
     fe.deflate(a[:100])
@@ -296,7 +356,7 @@ def test_second_frontend_replays_on_the_same_memfd(daemon, connect):
         ram.close()
 
 
-def test_driver_reset_empties_the_balloon(daemon, connect):
+def test_driver_reset_empties_the_balloon(daemon, connect, settled):
     fe = connect()
     a = range(fe.first_free_pfn, fe.first_free_pfn + 700)
     fe.ram.touch(a)
@@ -312,8 +372,8 @@ def test_driver_reset_empties_the_balloon(daemon, connect):
     fe.ram.touch(a)
     before = fe.ram.allocated_bytes()
     fe.inflate(a)
+    assert settled()["counters"]["double_inflate"] == 0
     assert before - fe.ram.allocated_bytes() == len(a) * PAGE
-    assert daemon.api.vm("vm0")["counters"]["double_inflate"] == 0
 
 
 def test_restart_before_any_inflate_is_not_a_reset(daemon, connect):
@@ -338,12 +398,13 @@ def test_frontend_api_sanity():
     assert TestFrontend.__test__ is False
 
 
-def test_metrics_follow_the_device(daemon, connect):
+def test_metrics_follow_the_device(daemon, connect, settled):
     fe = connect()
     first = fe.first_free_pfn
     fe.ram.touch(range(first, first + 256))
     fe.inflate(range(first, first + 256))
     fe.inflate([0xA0])  # refused: in the VGA hole
+    settled()
     text = daemon.api.metrics()
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
     assert lines['balloond_vm_connected{vm="vm0"}'] == 1.0

@@ -10,14 +10,16 @@ import signal
 import pytest
 
 from harness.daemon import DaemonProcess
+from tests.daemon.discards import DISCARD_MODES
 from tests.frontend import GuestRam, TestFrontend
 
 PAGE = 4096
 
 
 @pytest.fixture
-def stateful(tmp_path):
-    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=["--state-dir", str(tmp_path / "state")])
+def stateful(tmp_path, discard_mode):
+    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
+    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
     d.start()
     yield d
     d.stop()

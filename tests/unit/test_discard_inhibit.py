@@ -300,6 +300,7 @@ def test_with_must_tell_host_the_default_delay_defers_and_a_deflate_cancels():
         assert r.ram.damaged(kept, seed=5) == []
         assert r.ram.nonzero(freed) == []
         assert d.counters.discard_calls == 1 and d.counters.balloon_freed_bytes == len(freed) * PAGE
+        assert d.counters.discards_cancelled == len(kept)
 
     run_in_loop(DeviceSettings(stats_interval=0), FEATURES, body)
 
