@@ -14,16 +14,17 @@ retries: it listens before QEMU starts.
 
 from __future__ import annotations
 
+import http.client
+import json
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness import VhostUserBalloon, Vm
-from harness.daemon import DaemonProcess
+from harness.daemon import ApiError, DaemonProcess
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
@@ -39,30 +40,52 @@ SIMULATED_HOST = 1216 * MIB
 
 
 class Watcher:
-    """Polls the API in a thread: the peak of ballooned memory, every policy decision seen."""
+    """Polls the API in a thread: the peak of ballooned memory, every policy decision seen.
+
+    A poll may miss while the daemon is busy (a timeout, a reset connection,
+    an error answer): that is counted. Anything else is a bug in the test or
+    the daemon and is raised by `check()`, as is a watcher that saw nothing."""
+
+    MISSES = (OSError, ApiError, http.client.HTTPException, json.JSONDecodeError)
 
     def __init__(self, daemon: DaemonProcess) -> None:
         self.daemon = daemon
         self.peak_ballooned = 0
         self.decisions: dict[float, dict[str, Any]] = {}
+        self.polls = 0
+        self.misses: list[str] = []
+        self.failure: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
+            self.polls += 1
             try:
                 vms = self.daemon.api.vms()
                 self.peak_ballooned = max(self.peak_ballooned, sum(v["ballooned_bytes"] for v in vms))
                 last = self.daemon.api.get("/v1/policy")["last"]
                 if last:
-                    self.decisions[last["at"] if "at" in last else time.time()] = last
-            except Exception:  # noqa: BLE001, S110 - a poll missed while the daemon is busy; next one
-                pass
+                    self.decisions[last["at"]] = last
+            except self.MISSES as exc:
+                self.misses.append(repr(exc))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test's thread by check()
+                self.failure = exc
+                return
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def check(self) -> None:
+        """After stop(): fail if the watcher broke or saw too little to go by."""
+        assert not self._thread.is_alive(), "the API watcher is stuck"
+        if self.failure is not None:
+            raise AssertionError(f"the API watcher failed: {self.failure!r}") from self.failure
+        assert self.polls - len(self.misses) >= max(1, self.polls // 2), \
+            f"{len(self.misses)} of {self.polls} API polls failed; last: {self.misses[-3:]}"
+        assert self.decisions, "the watcher saw no policy decision"
 
 
 def policy(daemon: DaemonProcess) -> dict[str, Any]:
@@ -155,6 +178,8 @@ def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
         daemon.stop()
         print(f"balloond log: {daemon.log_path}")
 
+    assert watcher is not None
+    watcher.check()
     # every target the policy set: steps within the configured step, floors kept
     targets = daemon.policy_targets()
     steps = [abs(r["target_bytes"] - r["old_bytes"]) for r in targets]

@@ -43,12 +43,27 @@ def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
         qemu_pid = vm.qemu_pid
         rng = random.Random(7)
         sizes = [64, 256, 128, 320, 32, 288, 160, 0, 224, 96]
+        previous = 0
         for i in range(RESTARTS):
             target = sizes[i % len(sizes)] * MIB
             daemon.api.set_target("guest", target)
-            time.sleep(rng.uniform(0.1, 0.8))  # somewhere in the middle of the inflation
+            # Kill once the balloon has covered a random 5-45 % of the way:
+            # mid-change, with far more than one 1 MiB batch still to go.
+            way = abs(target - previous)
+            fraction = rng.uniform(0.05, 0.45)
+            mid = wait_for(f"restart {i + 1}: the balloon to move {fraction:.0%} of the way to {target // MIB} MiB",
+                           lambda: (b := daemon.api.vm("guest")["ballooned_bytes"]) != previous
+                           and abs(b - previous) >= fraction * way and b, 120, 0.01)
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait(10)
+            # With the daemon dead the driver cannot finish: what it holds now
+            # is the balloon at the kill, strictly between where it started
+            # and the target (at most the batch in flight past what we saw)
+            at_kill, _ = guest_summary(vm)
+            low, high = sorted((previous, target))
+            assert low < at_kill * 4096 < high, \
+                f"restart {i + 1}: the kill came at {at_kill * 4096 // MIB} MiB, not between {low // MIB} and {high // MIB}"
+            assert abs(at_kill * 4096 - mid) <= 2 * MIB, f"restart {i + 1}: the guest moved on without the daemon"
             daemon.start()
             assert vm.running, f"QEMU died after daemon restart {i + 1}"
             def reached() -> bool:
@@ -76,6 +91,7 @@ def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
             resident = vm.memfd_allocated_bytes()
             assert resident <= 768 * MIB - 0.95 * target, f"restart {i + 1}: {resident // MIB} MiB still resident"
             assert state["counters"]["guest_errors"] == 0
+            previous = target
         assert vm.qemu_pid == qemu_pid
         assert daemon.api.pfn_set("guest") == guest_pfns(vm)
         ok, bad = vm.verify_hold(pid)
