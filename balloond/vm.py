@@ -18,7 +18,7 @@ import structlog
 from protocol.balloon import PAGE_SIZE
 
 from .device.balloon import BalloonDevice, DeviceSettings
-from .device.journal import BalloonJournal
+from .device.journal import BalloonJournal, PeerProcess
 from .engine.connection import VhostUserConnection
 from .engine.listener import VhostUserListener
 
@@ -104,9 +104,12 @@ class VirtualMachine:
 
     async def serve_connection(self, sock: socket.socket) -> None:
         self.connections += 1
+        # Who connected (pid + start time, this boot): with the RAM files and
+        # the rings, what lets a restarted daemon tell the same QEMU from a new one.
+        peer = PeerProcess.of_socket(sock) if self.journal is not None else None
         device = BalloonDevice(
             DeviceSettings(**self.settings.__dict__), target_pages=self.target_pages, log=self.log,
-            journal=self.journal,
+            journal=self.journal, peer=peer,
         )
         device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
         connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds)
@@ -198,6 +201,10 @@ class VirtualMachine:
         snap.pop("guest_ram_bytes", None)
         snap.pop("target_bytes", None)
         base.update(snap)
+        if self.journal is not None:
+            # A failed write turns persistence off (the balloon keeps working): visible here and in metrics.
+            base["counters"]["journal_write_errors"] = self.journal.write_errors
+            base["journal_persisting"] = self.journal.persisting
         if not self.connected:
             base["running"] = False
         return base

@@ -49,7 +49,7 @@ from ..engine.device_api import DeviceHost
 from ..engine.memory import GuestMemory
 from ..engine.vring import Vring
 from ..logs import RateLimited
-from .journal import BalloonJournal
+from .journal import BalloonJournal, GuestIdentity, PeerProcess
 from .releaser import MemoryReleaser, ReleasableRegion
 from .tracker import PfnTracker
 
@@ -142,6 +142,7 @@ class BalloonDevice:
         target_pages: int = 0,
         log: Any = None,
         journal: BalloonJournal | None = None,
+        peer: PeerProcess | None = None,
     ) -> None:
         self.settings = settings or DeviceSettings()
         self.features = self.settings.features()
@@ -167,9 +168,18 @@ class BalloonDevice:
         self._flush_timer: asyncio.TimerHandle | None = None
         #: Why discards are refused right now (None: allowed); see set_discard_inhibit.
         self.discard_inhibit: str | None = None
-        # The balloon on disk (--state-dir); consulted once, at the first mapping.
+        # The balloon on disk (--state-dir). Settled once, at the first start:
+        # until then the rings are not looked at (see _settle_journal).
         self.journal = journal
-        self._journal_adopted = False
+        self.peer = peer
+        self._journal_pending = journal is not None
+        self._vrings: dict[int, Vring] = {}  # every ring that went live, by index
+        #: Whether config.poison_val is the driver's (see _settle_journal).
+        self._poison_known = True
+        self._poison_written: int | None = None
+        self._restored = False
+        #: Discards were allowed again while stopped: the balloon is discarded at the next start.
+        self._discard_at_start = False
         self.connected_at = time.time()
         # What each queue role's buffers mean; built once, looked up per kick.
         self._handlers = {
@@ -194,6 +204,15 @@ class BalloonDevice:
             self.log.debug("guest reports balloon size", actual_pages=self.config.actual)
         if "poison_val" in changed:
             self.log.info("guest poison value", poison_val=hex(self.config.poison_val))
+        if offset <= BalloonConfig.OFFSET_POISON_VAL < offset + len(data):
+            # Written by the driver once, at probe: persisted, or reported
+            # free pages could be discarded after a restart. A restored device
+            # trusts only a change: QEMU's writes echo its cached config.
+            self._poison_written = self.config.poison_val
+            if not self._journal_pending and ("poison_val" in changed or not self._restored):
+                self._poison_known = True
+                if self.journal is not None:
+                    self.journal.poison(self.config.poison_val)
 
     def set_features(self, features: int) -> None:
         self.acked = features
@@ -218,34 +237,88 @@ class BalloonDevice:
                 for r in memory.regions
             ]
         )
-        reassert = False
-        if self.journal is not None and not self._journal_adopted and memory.regions:
-            self._journal_adopted = True
-            st = os.fstat(memory.regions[0].fd)
-            restored = self.journal.adopt((st.st_dev, st.st_ino))
-            if restored:
-                # The same guest, reconnecting to a restarted daemon: its
-                # balloon is what the journal says. Discard those frames
-                # again: discards still pending at the crash were lost.
-                self.tracker.inflate(restored)
-                self.tracker.counters.inflated = 0
-                # The driver wrote `actual` to the config the daemon lost;
-                # it writes it again only when its balloon changes.
-                self.config.actual = len(self.tracker)
-                reassert = True
-                self.log.info("balloon restored from the state directory", frames=len(self.tracker))
-        # Rebuild huge-page fill counts from the tracker for the new regions.
+        self._rebuild_huge_fill()
+
+    def _rebuild_huge_fill(self) -> None:
+        """Huge-page fill counts from the tracker, for the current regions."""
         for region in self.releaser.regions:
             if region.huge_fill is not None:
                 for i in range(len(region.huge_fill)):
                     first = region.first_pfn + i * region.frames_per_page
                     region.huge_fill[i] = self.tracker.count_in(first, region.frames_per_page)
-        if reassert and self.may_defer_discards and not any(r.hugetlb for r in self.releaser.regions):
-            # (Without MUST_TELL_HOST the guest may be using those frames
-            # again, and its discards were never deferred: none were lost.)
-            self._release(list(self.tracker))
+
+    def _identity(self) -> GuestIdentity | None:
+        """Who the driver is now (None: the peer process is unknown)."""
+        if self.peer is None or self.memory is None:
+            return None
+        layout = []
+        for r in self.memory.regions:
+            st = os.fstat(r.fd)
+            layout.append((r.gpa, r.size, st.st_dev, st.st_ino, r.file_offset))
+        return GuestIdentity(self.peer.pid, self.peer.start, self.peer.boot_id, self.acked, tuple(sorted(layout)))
+
+    def _ring_positions(self) -> dict[str, int]:
+        """Where the rings the journal follows are, by role."""
+        out = {}
+        for index, vring in self._vrings.items():
+            role = self.roles.get(index)
+            if role in (QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.MIGRATE) and vring.queue is not None:
+                out[role.value] = vring.queue.last_avail
+        return out
+
+    def _settle_journal(self) -> None:
+        """The first start: every ring and all of guest RAM are known. Restore
+        the journal's balloon only if this is the very driver instance that
+        ballooned it (same QEMU process, RAM files and layout, features, and
+        every ring resuming where the journal says); a reset driver or
+        another QEMU may be using those frames, so then nothing is discarded
+        and the journal is dropped. Until now no ring was looked at, so the
+        reset check and the buffers waiting run only after this decision."""
+        assert self.journal is not None
+        self._journal_pending = False
+        identity = self._identity()
+        before = self.journal.state.identity
+        same_peer = identity is not None and before is not None and (
+            (before.peer_pid, before.peer_start, before.boot_id) == (identity.peer_pid, identity.peer_start, identity.boot_id))
+        rings = self._ring_positions()
+        adoption = self.journal.adopt(identity, rings)
+        if adoption.frames:
+            self._restored = True
+            self.tracker.inflate(adoption.frames)
+            self.tracker.counters.inflated = 0
+            # The driver wrote `actual` and poison_val to the config the
+            # daemon lost; it writes them again only when they change.
+            self.config.actual = len(self.tracker)
+            self._poison_known = adoption.poison is not None
+            self.config.poison_val = adoption.poison or 0
+            if "inflate" in rings:
+                self._inflate_stop_base = rings["inflate"]  # a resume, not a reset
+            self._rebuild_huge_fill()
+            self.log.info("balloon restored from the state directory", frames=len(self.tracker),
+                          poison_known=self._poison_known)
+            if self.may_defer_discards and not any(r.hugetlb for r in self.releaser.regions):
+                # Discards still pending at the crash were lost: do them again.
+                # (Without MUST_TELL_HOST the guest may be using those frames
+                # again, and its discards were never deferred: none were lost.)
+                self._release(list(self.tracker))
+        else:
+            if adoption.dropped is not None:
+                self.log.warning("state journal dropped: its frames are not restored, nothing discarded",
+                                 reason=adoption.dropped)
+            if self._poison_written is not None:
+                self.journal.poison(self._poison_written)
+            else:
+                # The same QEMU whose driver probed while we were away: the
+                # value it wrote then is lost.
+                self._poison_known = not same_peer
+        for vring in list(self._vrings.values()):
+            if vring.live:
+                self.queue_started(vring)
 
     def queue_started(self, vring: Vring) -> None:
+        self._vrings[vring.index] = vring
+        if self._journal_pending:
+            return  # looked at once the journal is settled (started)
         role = self.roles.get(vring.index)
         if role is QueueRole.INFLATE and len(self.tracker) and self._driver_was_reset(vring.base):
             self.flush_discards()
@@ -259,7 +332,7 @@ class BalloonDevice:
 
     def queue_kicked(self, vring: Vring) -> None:
         role = self.roles.get(vring.index)
-        if role is None or vring.queue is None or self.memory is None:
+        if role is None or vring.queue is None or self.memory is None or self._journal_pending:
             return
         handler = self._handlers.get(role, self._drain_unused)
         consumed_from = vring.queue.last_avail
@@ -290,6 +363,13 @@ class BalloonDevice:
 
     def started(self) -> None:
         self.running = True
+        if self._journal_pending:
+            self._settle_journal()
+        elif self.journal is not None:
+            self.journal.started(self._identity(), self._ring_positions())
+        if self._discard_at_start and self.discard_inhibit is None:
+            self._discard_at_start = False
+            self._discard_balloon()
         self._arm_stats_timer()
         if self._config_dirty:
             self._send_config_change()
@@ -347,6 +427,16 @@ class BalloonDevice:
             self._pending = set()
             return
         self.log.info("discards allowed again", ballooned_frames=len(self.tracker))
+        if not self.running:
+            # Stopped: the driver may be resetting, and a reset driver reuses
+            # its frames. The next start's reset check tells; discard then.
+            self._discard_at_start = True
+            return
+        self._discard_balloon()
+
+    def _discard_balloon(self) -> None:
+        """Discard every frame in the balloon (the device is running, and the
+        journal, if any, is settled)."""
         if not self.may_defer_discards:
             # A driver without MUST_TELL_HOST may already have reused frames
             # it ballooned while discards were refused: only the moment
@@ -443,7 +533,8 @@ class BalloonDevice:
         added = self.tracker.inflate(pfns)
         self._report_refusals(before, "inflate")
         if self.journal is not None:
-            self.journal.inflated(added)
+            assert vring.queue is not None
+            self.journal.inflated(added, vring.queue.last_avail)
         self._release(added)
         self._return(vring, chains)
 
@@ -454,7 +545,8 @@ class BalloonDevice:
         removed = self.tracker.deflate(pfns)
         self._report_refusals(before, "deflate")
         if self.journal is not None:
-            self.journal.deflated(removed)
+            assert vring.queue is not None
+            self.journal.deflated(removed, vring.queue.last_avail)
         self._forget(removed)
         self._return(vring, chains)
 
@@ -557,7 +649,8 @@ class BalloonDevice:
                 else:
                     self.limited.warning("migration refused", old_pfn=record.old_pfn, new_pfn=record.new_pfn)
         if self.journal is not None:
-            self.journal.migrated(list(zip(left, entered)))
+            assert vring.queue is not None
+            self.journal.migrated(list(zip(left, entered)), vring.queue.last_avail)
         # Only the batch's net effect: a frame that came in and went out again
         # (a->b, then b->c) is the guest's once more and must not be
         # discarded, nor counted as returned (found by fuzzing).
@@ -567,7 +660,8 @@ class BalloonDevice:
 
     def _report(self, vring: Vring, chains: list[Chain]) -> None:
         self.counters.report_buffers += len(chains)
-        poisoned = vb.has(self.acked, Feature.PAGE_POISON) and self.config.poison_val != 0
+        # A poison value not known (lost with a restart) may be non-zero.
+        poisoned = vb.has(self.acked, Feature.PAGE_POISON) and (self.config.poison_val != 0 or not self._poison_known)
         for chain in chains:
             for seg in chain.segments:
                 self.counters.reported_bytes += seg.length
