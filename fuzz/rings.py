@@ -24,13 +24,20 @@ After every call into the device the harness checks:
   number of guest errors counted, the exact set of ballooned frames after
   inflates, deflates and migrations, and the last stats sample;
 * log lines of the rate-limited events stay within the burst, and a guest
-  error is never counted without a log line.
+  error is never counted without a log line;
+* in the deferred discard mode (bit 5 of the input's second byte: the
+  daemon's default delay, inside an event loop so the device really defers),
+  the pending discards are done every DEFERRED_FLUSH_OPS ops, as the timer
+  would, and then only pages of frames in the balloon at that moment may
+  change: a frame deflated while its discard was pending must keep the data
+  the guest wrote since.
 
 Any violation raises `FuzzFailure`, which the fuzzers report as a crash.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 import os
@@ -98,6 +105,10 @@ RAM_PFN_SET = frozenset(RAM_PFNS)
 
 MAX_QUEUES = 5  # inflate, deflate, stats, reporting, migrate
 MAX_OPS = 48
+
+#: Deferred discard mode: the harness lets the discard timer fire after every
+#: this many ops (the inputs' notion of time passing).
+DEFERRED_FLUSH_OPS = 8
 
 #: Default ring layout: queue q's descriptor table and avail ring in page 2q,
 #: its used ring in page 2q+1 (room for 128 entries). Buffers live in the
@@ -234,6 +245,8 @@ class RunStats:
     max_call_seconds: float = 0.0
     stray_discards: int = 0  # always 0 when run() returns; counted for reports
     features: int = 0
+    deferred: bool = False  # discards waited (the default delay) instead of being done per buffer
+    deferred_flushes: int = 0  # flushes of pending discards the harness did, as the timer would
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -255,6 +268,8 @@ class RingRun:
         self.model: set[int] = set()
         self.model_valid = True
         self.allowed_pages: set[int] = set()  # file pages that may be discarded / rewritten
+        self.known_holes: set[int] = set()  # holes seen at the last check
+        self.deferred = False
         self.used_ranges: list[tuple[int, int]] = []  # file [start, end) the device may write
         self.custom_layout = False
         self.expected_stats: dict[str, int] | None = None
@@ -353,6 +368,7 @@ class RingRun:
         roles = vb.queue_roles(acked)
         self.roles = roles
         nq = len(roles)
+        self.deferred = self.stats.deferred = bool(sizes & 32)
         nums = [1 << (sizes & 7)] * nq
         if sizes & 8:
             nums = [1 << (inp.u8() & 7) for _ in range(nq)]
@@ -381,7 +397,14 @@ class RingRun:
         self.layouts = layouts
         self.nums = nums
 
-        settings = DeviceSettings(stats_interval=0, discard_max_delay=0)
+        # Deferred: the default delay, with an idle time no input outlasts, so
+        # pending discards are done only when the harness says time passed
+        # (`_flush_as_the_timer_would`), or by the device's own flushes.
+        settings = (
+            DeviceSettings(stats_interval=0, discard_idle=3600.0)
+            if self.deferred
+            else DeviceSettings(stats_interval=0, discard_max_delay=0)
+        )
         device = self.device = BalloonDevice(settings, target_pages=inp.u16(), log=self.log)
         acked &= device.features
         self.acked = acked
@@ -508,10 +531,16 @@ class RingRun:
     def _in_used(self, start: int, end: int) -> bool:
         return any(lo <= start and end <= hi for lo, hi in self.used_ranges)
 
-    def check_holes(self, where: str) -> None:
+    def check_holes(self, where: str, allowed: set[int] | None = None) -> None:
         self.note_balloon()
         holes = self.holes()
         self.stats.discarded_pages = max(self.stats.discarded_pages, len(holes))
+        new_holes = set(holes) - self.known_holes if allowed is not None else set()
+        self.known_holes = set(holes)
+        for page in new_holes:
+            if page not in allowed:  # type: ignore[operator]
+                self.stats.stray_discards += 1
+                raise FuzzFailure(f"after {where}: file page {page} was discarded but is not in the balloon")
         for page in holes:
             if page not in self.allowed_pages:
                 self.stats.stray_discards += 1
@@ -519,11 +548,13 @@ class RingRun:
             if page in NON_RAM_FILE_PAGES:
                 raise FuzzFailure(f"after {where}: file page {page}, not guest RAM, was discarded")
 
-    def check(self, where: str) -> None:
+    def check(self, where: str, allowed: set[int] | None = None) -> None:
+        """`allowed`: the pages that may have been discarded since the last
+        check (default: any page ever ballooned or reported)."""
         assert self.mem is not None and self.device is not None
         # Holes first, and contents with pread: a read fault through a shared
         # mapping would allocate the page again and hide the hole.
-        self.check_holes(where)
+        self.check_holes(where, allowed)
         actual = self.read_file()
         if actual != self.shadow:
             for page in range(FILE_PAGES):
@@ -533,7 +564,7 @@ class RingRun:
                     continue
                 # A byte may change only by a used-ring write, or to zero by a
                 # discard of a page that is (or was) ballooned or reported free.
-                discardable = page in self.allowed_pages
+                discardable = page in (self.allowed_pages if allowed is None else allowed)
                 if discardable and now == ZERO_PAGE:
                     continue
                 for i in self._changed_bytes(actual, lo, hi):
@@ -870,13 +901,39 @@ class RingRun:
         self.write(a + 2, U16.pack(new & 0xFFFF))
 
     def run(self) -> RunStats:
+        """Inside an event loop, as the daemon runs: without one the device
+        has no timer to defer discards with and does them at once."""
+
+        async def main() -> RunStats:
+            return self._run()
+
+        return asyncio.run(main())
+
+    def _flush_as_the_timer_would(self) -> None:
+        """Deferred mode: the discard timer fires. Only frames in the balloon
+        now may lose their contents; a frame that left it must not."""
+        device = self.device
+        assert device is not None
+        if not device._pending:
+            return
+        self.stats.deferred_flushes += 1
+        self.check("the ops before a deferred flush")
+        in_balloon = {page for pfn in device.tracker if (page := pfn_to_file_page(pfn)) is not None}
+        self.call(device.flush_discards)
+        self.check("a deferred flush", allowed=in_balloon)
+
+    def _run(self) -> RunStats:
         try:
             self.setup()
             while not self.inp.exhausted and self.stats.ops < MAX_OPS:
                 self.op()
+                if self.deferred and self.stats.ops % DEFERRED_FLUSH_OPS == 0:
+                    self._flush_as_the_timer_would()
             # The driver's last word: every queue is looked at once more.
             for vring in self.vrings:
                 self.kick(vring)
+            if self.deferred:
+                self._flush_as_the_timer_would()
             self.check("the input")
             self.finish()
         finally:

@@ -28,6 +28,11 @@ kicks and guest writes into the shared RAM. Checked per input:
 * a second connection on the same loop (the bystander, a running balloon
   with rings in its own guest RAM) keeps working: after every input it still
   answers GET_FEATURES and inflates and deflates a frame.
+
+Discards run in both of the daemon's modes: the fuzzed connection defers
+them (the default delay, on the loop's real timer) when bit 7 of the
+input's first byte is set, and discards before each buffer is returned
+otherwise; the bystander always defers.
 """
 
 from __future__ import annotations
@@ -284,7 +289,9 @@ class Bystander:
         os.ftruncate(self.ram_fd, RAM_SIZE)
         self.map = mmap.mmap(self.ram_fd, RAM_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.log = CapturingLog()
-        self.device = BalloonDevice(DeviceSettings(stats_interval=0, discard_max_delay=0), log=self.log)
+        # The default discard delay: its timer runs on the loop the fuzzed
+        # connections share, next to whatever they do.
+        self.device = BalloonDevice(DeviceSettings(stats_interval=0), log=self.log)
         self.kick_fds: list[int] = []
         self.avail_idx = [0, 0]
         self.rounds = 0
@@ -378,6 +385,7 @@ class ConnStats:
     max_live_rings: int = 0
     fds_sent: int = 0
     seconds: float = 0.0
+    deferred: bool = False  # the device deferred discards (the daemon's default delay)
 
 
 class ConnectionFuzzer:
@@ -430,7 +438,11 @@ class ConnectionFuzzer:
         ram = mmap.mmap(ram_fd, RAM_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         factory = FdFactory(ram_fd)
         log = CapturingLog()
-        device = BalloonDevice(DeviceSettings(stats_interval=inp.choice((0, 0, 0.001)), discard_max_delay=0), log=log)
+        # The discard mode from bit 7 of the first byte, read without taking
+        # it, so the inputs decode as they did before there were two modes.
+        stats.deferred = bool(data[:1]) and bool(data[0] & 0x80)
+        delay = DeviceSettings().discard_max_delay if stats.deferred else 0.0
+        device = BalloonDevice(DeviceSettings(stats_interval=inp.choice((0, 0, 0.001)), discard_max_delay=delay), log=log)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         # The daemon polls a ring for a while after each kick (--poll-us, 200
