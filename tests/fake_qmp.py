@@ -35,9 +35,10 @@ GREETING: dict[str, Any] = {
     "QMP": {"version": {"qemu": {"micro": 2, "minor": 2, "major": 10}, "package": ""}, "capabilities": []}
 }
 
-#: MigrationCapability values a Linux x86 build of QEMU 10.2 reports.
+#: MigrationCapability values a Linux x86 build of QEMU 10.2 reports, in its
+#: order (the deprecated zero-blocks included).
 MIGRATION_CAPABILITIES = (
-    "xbzrle", "rdma-pin-all", "auto-converge", "events", "postcopy-ram", "x-colo", "release-ram",
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram", "x-colo", "release-ram",
     "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
     "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
@@ -402,6 +403,7 @@ class FakeQmp:
         if self.migration_status in MIGRATION_RUNNING:
             raise QmpCommandError("GenericError", MIGRATION_ACTIVE_ERROR)
         await self.set_migration_status("setup")
+        await self.emit("MIGRATION_PASS", {"pass": 1})  # the first dirty-bitmap sync, before "active"
         await self.set_migration_status("active")
 
     async def _migrate_cancel(self, _args: dict[str, Any]) -> None:

@@ -412,12 +412,12 @@ def test_migration_events_are_sent_only_while_the_events_capability_is_on(sock):
                 assert await client.execute("migrate-set-capabilities", events_on) == {}
                 assert {"capability": "events", "state": True} in await client.execute("query-migrate-capabilities")
                 await client.execute("migrate", {"uri": "exec:cat > /dev/null"})
-                assert await fake.emit("MIGRATION_PASS", {"pass": 1}) is True
+                assert await fake.emit("MIGRATION_PASS", {"pass": 2}) is True
                 await client.execute("migrate_cancel")
                 assert await fake.set_migration_status("failed") is True
                 assert await events_until_marker(fake, listener) == [
-                    ("MIGRATION", {"status": "setup"}), ("MIGRATION", {"status": "active"}),
-                    ("MIGRATION_PASS", {"pass": 1}),
+                    ("MIGRATION", {"status": "setup"}), ("MIGRATION_PASS", {"pass": 1}),
+                    ("MIGRATION", {"status": "active"}), ("MIGRATION_PASS", {"pass": 2}),
                     ("MIGRATION", {"status": "cancelling"}), ("MIGRATION", {"status": "cancelled"}),
                     ("MIGRATION", {"status": "failed"}),
                 ]  # fmt: skip
