@@ -282,7 +282,7 @@ class BalloonDevice:
             (before.peer_pid, before.peer_start, before.boot_id) == (identity.peer_pid, identity.peer_start, identity.boot_id))
         rings = self._ring_positions()
         adoption = self.journal.adopt(identity, rings)
-        if adoption.frames:
+        if adoption.adopted:
             self._restored = True
             self.tracker.inflate(adoption.frames)
             self.tracker.counters.inflated = 0

@@ -191,6 +191,8 @@ class Adoption:
     frames: list[int]
     dropped: str | None
     poison: int | None
+    #: The same driver instance: its balloon (maybe empty) and poison_val carry on.
+    adopted: bool = False
 
 
 def _u64s(values: Iterable[int]) -> bytes:
@@ -493,7 +495,7 @@ class BalloonJournal:
         if reason is None:
             frames = list(state.frames)
             self._record_identity(identity, rings)  # type: ignore[arg-type]
-            return Adoption(frames, None, state.poison)
+            return Adoption(frames, None, state.poison, adopted=True)
         had = len(state.frames)
         state.frames.clear()
         self._append(CLEAR, b"")
