@@ -53,29 +53,32 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import balloon as vb
-from protocol import extension as ext
-from protocol import vhost_user as vu
-from protocol.balloon import Feature, QueueRole, StatTag
-from protocol.vhost_user import ProtocolFeature, Request
-from protocol.virtqueue import (
-    DESC,
+# Every byte this frontend puts on the socket or in the rings is packed by
+# tests/wire.py, written from the specs apart from protocol/, so a layout
+# mistake in the daemon cannot hide behind the same mistake here. QueueRole
+# is only a set of names (the numbering comes from wire.queue_order).
+from protocol.balloon import QueueRole
+from tests import wire
+from tests.wire import (
     DESC_SIZE,
-    U16,
-    USED_ELEM,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_F_NO_NOTIFY,
+    BackendRequest,
+    Feature,
+    ProtocolFeature,
+    Request,
+    StatTag,
     need_event,
 )
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("the test frontend packs PFN arrays natively and needs a little-endian host")
 
-PAGE_SIZE = vb.PAGE_SIZE
-PAGE_SHIFT = vb.PFN_SHIFT
+PAGE_SIZE = wire.PAGE_SIZE
+PAGE_SHIFT = wire.PFN_SHIFT
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 #: The frontend's "virtual address" of file offset 0 of guest RAM. Deliberately
@@ -111,7 +114,7 @@ DRIVER_FEATURES = (
 
 #: Protocol features this frontend implements (QEMU implements more; the
 #: daemon offers a subset of these).
-FRONTEND_PROTOCOL_FEATURES = vu.feature_mask(
+FRONTEND_PROTOCOL_FEATURES = wire.bits(
     ProtocolFeature.MQ,
     ProtocolFeature.REPLY_ACK,
     ProtocolFeature.BACKEND_REQ,
@@ -368,13 +371,13 @@ class DriverQueue:
         self.size = size
         self.desc_gpa = gpa
         self.avail_gpa = gpa + DESC_SIZE * size
-        self.used_gpa = _align(self.avail_gpa + 6 + 2 * size, 64)
-        self.end_gpa = self.used_gpa + 6 + 8 * size
+        self.used_gpa = _align(self.avail_gpa + wire.avail_ring_size(size), 64)
+        self.end_gpa = self.used_gpa + wire.used_ring_size(size)
         self.event_idx = event_idx
         self.timeout = timeout
         self.desc = ram.view(self.desc_gpa, DESC_SIZE * size)
-        self.avail = ram.view(self.avail_gpa, 6 + 2 * size)
-        self.used = ram.view(self.used_gpa, 6 + 8 * size)
+        self.avail = ram.view(self.avail_gpa, wire.avail_ring_size(size))
+        self.used = ram.view(self.used_gpa, wire.used_ring_size(size))
         # Indirect tables: a pool of `indirect_slots` tables of `indirect_max` entries.
         self._indirect_gpa = indirect_gpa
         self._indirect_max = indirect_max
@@ -401,7 +404,7 @@ class DriverQueue:
 
     @staticmethod
     def area_size(size: int) -> int:
-        return _align(_align(DESC_SIZE * size + 6 + 2 * size, 64) + 6 + 8 * size, PAGE_SIZE)
+        return _align(_align(DESC_SIZE * size + wire.avail_ring_size(size), 64) + wire.used_ring_size(size), PAGE_SIZE)
 
     def reset(self) -> None:
         """A fresh ring, as after a driver (re)probe."""
@@ -422,10 +425,10 @@ class DriverQueue:
 
     def write_desc(self, index: int, addr: int, length: int, flags: int = 0, next_index: int = 0) -> None:
         """Raw: write descriptor `index` of the table (no bookkeeping)."""
-        DESC.pack_into(self.desc, DESC_SIZE * index, addr, length, flags, next_index)
+        wire.write_desc(self.desc, index, addr, length, flags, next_index)
 
     def read_desc(self, index: int) -> tuple[int, int, int, int]:
-        return DESC.unpack_from(self.desc, DESC_SIZE * index)
+        return wire.read_desc(self.desc, index)
 
     def add(
         self,
@@ -454,7 +457,7 @@ class DriverQueue:
             table = bytearray(DESC_SIZE * len(segments))
             for i, (addr, length, writable) in enumerate(segments):
                 flags = (VRING_DESC_F_WRITE if writable else 0) | (VRING_DESC_F_NEXT if i + 1 < len(segments) else 0)
-                DESC.pack_into(table, DESC_SIZE * i, addr, length, flags, i + 1 if i + 1 < len(segments) else 0)
+                wire.write_desc(table, i, addr, length, flags, i + 1 if i + 1 < len(segments) else 0)
             self.ram.write(table_gpa, table)
             head = self._free.pop()
             self.write_desc(head, table_gpa, len(table), VRING_DESC_F_INDIRECT, 0)
@@ -484,26 +487,26 @@ class DriverQueue:
 
     def put_avail(self, head: int) -> None:
         """Make `head` available: ring entry first, then the index (as a driver must)."""
-        U16.pack_into(self.avail, 4 + 2 * (self.avail_idx % self.size), head & 0xFFFF)
+        wire.write_u16(self.avail, wire.avail_slot_offset(self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        U16.pack_into(self.avail, 2, self.avail_idx)
+        wire.write_u16(self.avail, wire.RING_IDX, self.avail_idx)
 
     def set_avail_idx(self, value: int) -> None:
         """Raw: store an arbitrary avail index (and adopt it as the shadow)."""
         self.avail_idx = value & 0xFFFF
-        U16.pack_into(self.avail, 2, self.avail_idx)
+        wire.write_u16(self.avail, wire.RING_IDX, self.avail_idx)
 
     def read_avail_idx(self) -> int:
-        return U16.unpack_from(self.avail, 2)[0]
+        return wire.read_u16(self.avail, wire.RING_IDX)
 
     def read_used_idx(self) -> int:
-        return U16.unpack_from(self.used, 2)[0]
+        return wire.read_u16(self.used, wire.RING_IDX)
 
     def read_avail_event(self) -> int:
-        return U16.unpack_from(self.used, 4 + 8 * self.size)[0]
+        return wire.read_u16(self.used, wire.avail_event_offset(self.size))
 
     def read_used_event(self) -> int:
-        return U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+        return wire.read_u16(self.avail, wire.used_event_offset(self.size))
 
     def in_flight(self) -> int:
         return len(self._chains)
@@ -516,7 +519,7 @@ class DriverQueue:
             return False
         if self.event_idx:
             return need_event(self.read_avail_event(), new, old)
-        return not U16.unpack_from(self.used, 0)[0] & VRING_USED_F_NO_NOTIFY
+        return not wire.read_u16(self.used, wire.RING_FLAGS) & VRING_USED_F_NO_NOTIFY
 
     def kick(self, force: bool = False) -> bool:
         """Notify the device if it asked for it (or always, with force/always_kick)."""
@@ -539,15 +542,15 @@ class DriverQueue:
 
     def _want_interrupt(self) -> None:
         if self.event_idx:
-            U16.pack_into(self.avail, 4 + 2 * self.size, self.last_used)
+            wire.write_u16(self.avail, wire.used_event_offset(self.size), self.last_used)
         else:
-            U16.pack_into(self.avail, 0, 0)
+            wire.write_u16(self.avail, wire.RING_FLAGS, 0)
 
     def suppress_interrupts(self) -> None:
         if self.event_idx:
-            U16.pack_into(self.avail, 4 + 2 * self.size, (self.last_used - 1) & 0xFFFF)
+            wire.write_u16(self.avail, wire.used_event_offset(self.size), self.last_used - 1)
         else:
-            U16.pack_into(self.avail, 0, VRING_AVAIL_F_NO_INTERRUPT)
+            wire.write_u16(self.avail, wire.RING_FLAGS, VRING_AVAIL_F_NO_INTERRUPT)
 
     def get_used(self) -> list[Used]:
         """Collect what the device has used since the last call (non-blocking)."""
@@ -566,7 +569,7 @@ class DriverQueue:
                 f"queue {self.index}: used index {used_idx} is more than {self.size} past {self.last_used}"
             )
         while self.last_used != used_idx:
-            head, length = USED_ELEM.unpack_from(self.used, 4 + 8 * (self.last_used % self.size))
+            head, length = wire.read_used_elem(self.used, self.last_used % self.size)
             self.last_used = (self.last_used + 1) & 0xFFFF
             chain = self._chains.pop(head, None)
             if chain is None:
@@ -721,7 +724,7 @@ class TestFrontend:
         layout: str | Sequence[RamRegion] = "qemu",
         num_vqs: int = 6,
         queue_size: int = 128,
-        config_size: int = vb.CONFIG_SIZE,
+        config_size: int = wire.CONFIG_SIZE,
         protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
         mem_slots: bool = False,
         uaddr_base: int = DEFAULT_UADDR_BASE,
@@ -758,7 +761,7 @@ class TestFrontend:
         self.queues: dict[int, DriverQueue] = {}
         self.started = False
         self.config_cache = bytearray(config_size)
-        self.backend_messages: list[vu.Message] = []
+        self.backend_messages: list[wire.Message] = []
         self._backend_buffer = bytearray()
         self._call_fds: dict[int, int] = {}
         self._err_fds: dict[int, int] = {}
@@ -772,7 +775,7 @@ class TestFrontend:
         self._indirect_slots = indirect_slots
         ring = DriverQueue.area_size(queue_size)
         pfn = _align(pfn_slots * PFNS_PER_BUFFER * 4, PAGE_SIZE)
-        aux = _align(ext.MIGRATIONS_PER_BUFFER * ext.MIGRATION_SIZE, PAGE_SIZE)
+        aux = _align(wire.MIGRATIONS_PER_BUFFER * wire.MIGRATION_SIZE, PAGE_SIZE)
         ind = _align(indirect_slots * REPORT_CAPACITY * DESC_SIZE, PAGE_SIZE)
         per_queue = ring + pfn + aux + ind
         gpa = DRIVER_AREA_GPA
@@ -841,8 +844,8 @@ class TestFrontend:
     ) -> None:
         """Send one message; `flags`/`size` override the header for hostile tests."""
         if flags is None:
-            flags = vu.VERSION | (vu.FLAG_NEED_REPLY if need_reply else 0)
-        header = vu.HEADER.pack(request, flags, len(payload) if size is None else size)
+            flags = wire.VERSION | (wire.FLAG_NEED_REPLY if need_reply else 0)
+        header = wire.pack_header(request, flags, len(payload) if size is None else size)
         self.send_raw(header + payload, fds)
 
     def _recv_exact(self, sock: socket.socket, n: int, timeout: float) -> bytes:
@@ -860,22 +863,22 @@ class TestFrontend:
             buf += chunk
         return bytes(buf)
 
-    def recv_message(self, timeout: float | None = None) -> vu.Message:
+    def recv_message(self, timeout: float | None = None) -> wire.Message:
         """Read one message (a reply) from the main socket."""
         assert self.sock is not None, "not connected"
         timeout = self.timeout if timeout is None else timeout
-        request, flags, size = vu.HEADER.unpack(self._recv_exact(self.sock, vu.HEADER_SIZE, timeout))
-        if size > vu.MAX_PAYLOAD:
+        request, flags, size = wire.unpack_header(self._recv_exact(self.sock, wire.HEADER_SIZE, timeout))
+        if size > wire.MAX_REPLY_PAYLOAD:
             raise UnexpectedReply(f"reply of {size} bytes to {_request_name(request)}")
         payload = self._recv_exact(self.sock, size, timeout) if size else b""
-        return vu.Message(request, flags, payload)
+        return wire.Message(request, flags, payload)
 
     def recv_reply(self, request: int, size: int | None = None, timeout: float | None = None) -> bytes:
         """Read a reply to `request` and check it as QEMU does; return its payload."""
         reply = self.recv_message(timeout)
         if reply.request != request:
             raise UnexpectedReply(f"reply to {_request_name(reply.request)}, expected {_request_name(request)}")
-        if reply.flags != vu.VERSION | vu.FLAG_REPLY:
+        if reply.flags != wire.VERSION | wire.FLAG_REPLY:
             raise UnexpectedReply(f"{_request_name(request)} reply flags {reply.flags:#x}, expected 0x5")
         if size is not None and len(reply.payload) != size:
             raise UnexpectedReply(f"{_request_name(request)} reply of {len(reply.payload)} bytes, expected {size}")
@@ -894,17 +897,17 @@ class TestFrontend:
         if request in self.REPLY_REQUESTS:
             return self.recv_reply(request)
         if ack:
-            status = struct.unpack("<Q", self.recv_reply(request, 8))[0]
+            status = wire.unpack_u64(self.recv_reply(request, 8))
             if status:
                 raise Nack(request, status)
         return None
 
     def get_u64(self, request: Request) -> int:
         self.send(request)
-        return struct.unpack("<Q", self.recv_reply(request, 8))[0]
+        return wire.unpack_u64(self.recv_reply(request, 8))
 
     def set_u64(self, request: Request, value: int) -> None:
-        self.request(request, struct.pack("<Q", value))
+        self.request(request, wire.pack_u64(value))
 
     def has_protocol(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & (1 << feature))
@@ -942,7 +945,7 @@ class TestFrontend:
         sock.connect(self.socket_path)
         self.sock = sock
         self.device_features = self.get_u64(Request.GET_FEATURES)
-        self.protocol_bit = bool(self.device_features & (1 << vu.F_PROTOCOL_FEATURES))
+        self.protocol_bit = bool(self.device_features & (1 << wire.F_PROTOCOL_FEATURES))
         if self.protocol_bit:
             offered = self.get_u64(Request.GET_PROTOCOL_FEATURES)
             self.protocol_features = offered & self.wanted_protocol_features
@@ -966,7 +969,7 @@ class TestFrontend:
 
     def _set_vring_fd(self, request: Request, index: int, table: dict[int, int]) -> int:
         fd = _eventfd()
-        self.request(request, vu.encode_vring_file(index, True), [fd])
+        self.request(request, wire.pack_vring_file(index, True), [fd])
         old = table.pop(index, None)
         if old is not None:
             os.close(old)
@@ -979,7 +982,7 @@ class TestFrontend:
         """The feature word the driver acks: `want` (default: what it knows)
         intersected with what the device offers, minus `drop`."""
         mask = DRIVER_FEATURES if want is None else feature_mask(want)
-        return self.device_features & mask & ~feature_mask(drop) & ~(1 << vu.F_PROTOCOL_FEATURES)
+        return self.device_features & mask & ~feature_mask(drop) & ~(1 << wire.F_PROTOCOL_FEATURES)
 
     def has_feature(self, feature: Feature) -> bool:
         return self.driver_features is not None and bool(self.driver_features & (1 << feature))
@@ -987,7 +990,7 @@ class TestFrontend:
     def _setup_driver(self, features: int) -> None:
         """Driver probe: number the queues from the features and lay out rings."""
         self.driver_features = features
-        self.roles = vb.queue_roles(features)
+        self.roles = [QueueRole(name) for name in wire.queue_order(features)]
         # The driver's memory is ordinary, resident guest memory: zero (and so
         # allocate) all of it now, so later measurements of the memfd see only
         # what the test and the daemon do.
@@ -1043,8 +1046,8 @@ class TestFrontend:
         """The frontend's virtual address of guest-physical `gpa`."""
         return self.uaddr_base + self.ram.offset(gpa)
 
-    def memory_regions(self) -> list[vu.MemoryRegion]:
-        return [vu.MemoryRegion(r.gpa, r.size, self.uaddr_base + r.offset, r.offset) for r in self.ram.regions]
+    def memory_regions(self) -> list[wire.MemRegion]:
+        return [wire.MemRegion(r.gpa, r.size, self.uaddr_base + r.offset, r.offset) for r in self.ram.regions]
 
     def send_memory(self) -> None:
         """SET_MEM_TABLE with every region (or the ADD/REM_MEM_REG difference)."""
@@ -1053,13 +1056,13 @@ class TestFrontend:
             wanted = {(r.guest_phys_addr, r.size, r.userspace_addr): r for r in regions}
             for key in list(self._slots_sent):
                 if key not in wanted:
-                    self.request(Request.REM_MEM_REG, vu.encode_single_region(self._slots_sent.pop(key)), [self.ram.fd])
+                    self.request(Request.REM_MEM_REG, wire.pack_single_region(self._slots_sent.pop(key)), [self.ram.fd])
             for key, region in wanted.items():
                 if key not in self._slots_sent:
-                    self.request(Request.ADD_MEM_REG, vu.encode_single_region(region), [self.ram.fd])
+                    self.request(Request.ADD_MEM_REG, wire.pack_single_region(region), [self.ram.fd])
                     self._slots_sent[key] = region
             return
-        self.request(Request.SET_MEM_TABLE, vu.encode_mem_table(regions), [self.ram.fd] * len(regions))
+        self.request(Request.SET_MEM_TABLE, wire.pack_mem_table(regions), [self.ram.fd] * len(regions))
 
     def start(self, features: int | Iterable[int] | None = None, *, uaddr_base: int | None = None) -> None:
         """DRIVER_OK: the vhost_dev_start sequence.
@@ -1075,20 +1078,22 @@ class TestFrontend:
             self.uaddr_base = uaddr_base
         self.probe(features)
         assert self.driver_features is not None
-        acked = self.driver_features | ((1 << vu.F_PROTOCOL_FEATURES) if self.protocol_bit else 0)
+        acked = self.driver_features | ((1 << wire.F_PROTOCOL_FEATURES) if self.protocol_bit else 0)
         self.set_u64(Request.SET_FEATURES, acked)
         self.send_memory()
         for index, q in self.queues.items():
-            self.request(Request.SET_VRING_NUM, vu.VringState(index, q.size).encode())
-            self.request(Request.SET_VRING_BASE, vu.VringState(index, q.base).encode())
-            addr = vu.VringAddr(index, 0, self.uaddr(q.desc_gpa), self.uaddr(q.used_gpa), self.uaddr(q.avail_gpa), 0)
-            self.request(Request.SET_VRING_ADDR, addr.encode())
+            self.request(Request.SET_VRING_NUM, wire.pack_vring_state(index, q.size))
+            self.request(Request.SET_VRING_BASE, wire.pack_vring_state(index, q.base))
+            addr = wire.pack_vring_addr(
+                index, 0, desc=self.uaddr(q.desc_gpa), used=self.uaddr(q.used_gpa), avail=self.uaddr(q.avail_gpa)
+            )
+            self.request(Request.SET_VRING_ADDR, addr)
             q.kick_fd = self._set_vring_fd(Request.SET_VRING_KICK, index, self._kick_fds)
             q.call_fd = self._set_vring_fd(Request.SET_VRING_CALL, index, self._call_fds)
             q._kicked_at = q.avail_idx
         if self.protocol_bit:
             for index in range(self.num_vqs):
-                self.request(Request.SET_VRING_ENABLE, vu.VringState(index, 1).encode())
+                self.request(Request.SET_VRING_ENABLE, wire.pack_vring_state(index, 1))
         # The guest notifiers (irqfds) replace the call fds once the device runs.
         for index in range(self.num_vqs):
             fd = self._set_vring_fd(Request.SET_VRING_CALL, index, self._call_fds)
@@ -1106,14 +1111,14 @@ class TestFrontend:
         assert self.started, "not started"
         if self.protocol_bit:
             for index in range(self.num_vqs):
-                self.request(Request.SET_VRING_ENABLE, vu.VringState(index, 0).encode())
+                self.request(Request.SET_VRING_ENABLE, wire.pack_vring_state(index, 0))
         bases = {}
         for index, q in self.queues.items():
-            payload = self.request(Request.GET_VRING_BASE, vu.VringState(index, 0).encode())
+            payload = self.request(Request.GET_VRING_BASE, wire.pack_vring_state(index, 0))
             assert payload is not None
-            if len(payload) != vu.VRING_STATE.size:
+            if len(payload) != 8:
                 raise UnexpectedReply(f"GET_VRING_BASE reply of {len(payload)} bytes")
-            got_index, base = vu.VRING_STATE.unpack(payload)
+            got_index, base = wire.unpack_vring_state(payload)
             if got_index != index:
                 raise UnexpectedReply(f"GET_VRING_BASE for queue {index} answered for queue {got_index}")
             q.base = base
@@ -1132,49 +1137,48 @@ class TestFrontend:
 
     # ============================================================ config space
 
-    def get_config(self) -> vb.BalloonConfig:
+    def get_config(self) -> wire.BalloonConfig:
         """GET_CONFIG of the whole config space (refreshes QEMU's cached copy)."""
-        window = vu.ConfigSpace(0, self.config_size, 0, bytes(self.config_size))
-        payload = self.request(Request.GET_CONFIG, window.encode())
+        window = wire.pack_config_space(0, self.config_size, 0, bytes(self.config_size))
+        payload = self.request(Request.GET_CONFIG, window)
         assert payload is not None
-        if len(payload) != vu.CONFIG_HEAD.size + self.config_size:
+        if len(payload) != wire.CONFIG_HEADER_SIZE + self.config_size:
             raise UnexpectedReply(f"GET_CONFIG reply of {len(payload)} bytes")
-        offset, size, _ = vu.CONFIG_HEAD.unpack_from(payload)
+        offset, size, _, data = wire.unpack_config_space(payload)
         if (offset, size) != (0, self.config_size):
             raise UnexpectedReply(f"GET_CONFIG reply for window {offset}+{size}")
-        self.config_cache[:] = payload[vu.CONFIG_HEAD.size :]
+        self.config_cache[:] = data
         return self.cached_config()
 
-    def cached_config(self) -> vb.BalloonConfig:
-        data = bytes(self.config_cache) + bytes(max(0, vb.CONFIG_SIZE - self.config_size))
-        return vb.BalloonConfig(*vb.CONFIG.unpack(data[: vb.CONFIG_SIZE]))
+    def cached_config(self) -> wire.BalloonConfig:
+        return wire.BalloonConfig.decode(bytes(self.config_cache))
 
     def write_config(self, offset: int, data: bytes) -> None:
         """A driver write: patch QEMU's cached copy, send all of it (stale
         num_pages included) as QEMU's vhost-user-base does."""
         self.config_cache[offset : offset + len(data)] = data
-        window = vu.ConfigSpace(0, self.config_size, 0, bytes(self.config_cache))
-        self.request(Request.SET_CONFIG, window.encode())
+        window = wire.pack_config_space(0, self.config_size, 0, bytes(self.config_cache))
+        self.request(Request.SET_CONFIG, window)
 
     def num_pages(self) -> int:
         """The target the device asks for (reads the config space)."""
         return self.get_config().num_pages
 
     def set_actual(self, pages: int) -> None:
-        self.write_config(vb.BalloonConfig.OFFSET_ACTUAL, struct.pack("<I", pages))
+        self.write_config(wire.OFFSET_ACTUAL, wire.pack_u32(pages))
 
     def set_poison(self, value: int) -> None:
-        self.write_config(vb.BalloonConfig.OFFSET_POISON_VAL, struct.pack("<I", value))
+        self.write_config(wire.OFFSET_POISON_VAL, wire.pack_u32(value))
 
     # ========================================================= backend channel
 
-    def poll_backend(self, timeout: float = 0.0) -> list[vu.Message]:
+    def poll_backend(self, timeout: float = 0.0) -> list[wire.Message]:
         """Read the backend-channel messages already there or, if none, the
         first to arrive within `timeout`. Acknowledges those that ask for it.
         They are also appended to `backend_messages`."""
         if self.backend_sock is None:
             return []
-        out: list[vu.Message] = []
+        out: list[wire.Message] = []
         deadline = time.monotonic() + timeout
         while True:
             wait = 0.0 if out else max(0.0, deadline - time.monotonic())
@@ -1184,16 +1188,16 @@ class TestFrontend:
             if not data:
                 break  # the daemon closed the channel
             self._backend_buffer += data
-            while len(self._backend_buffer) >= vu.HEADER_SIZE:
-                request, flags, size = vu.HEADER.unpack_from(self._backend_buffer)
-                if len(self._backend_buffer) < vu.HEADER_SIZE + size:
+            while len(self._backend_buffer) >= wire.HEADER_SIZE:
+                request, flags, size = wire.unpack_header(self._backend_buffer)
+                if len(self._backend_buffer) < wire.HEADER_SIZE + size:
                     break
-                payload = bytes(self._backend_buffer[vu.HEADER_SIZE : vu.HEADER_SIZE + size])
-                del self._backend_buffer[: vu.HEADER_SIZE + size]
-                if flags & vu.FLAG_NEED_REPLY:
-                    reply = vu.encode_message(request, struct.pack("<Q", 0), vu.VERSION | vu.FLAG_REPLY)
+                payload = bytes(self._backend_buffer[wire.HEADER_SIZE : wire.HEADER_SIZE + size])
+                del self._backend_buffer[: wire.HEADER_SIZE + size]
+                if flags & wire.FLAG_NEED_REPLY:
+                    reply = wire.pack_message(request, wire.pack_u64(0), wire.VERSION | wire.FLAG_REPLY)
                     self.backend_sock.sendall(reply)
-                out.append(vu.Message(request, flags, payload))
+                out.append(wire.Message(request, flags, payload))
         self.backend_messages.extend(out)
         return out
 
@@ -1203,7 +1207,7 @@ class TestFrontend:
         deadline = time.monotonic() + timeout
         while True:
             for m in self.poll_backend(max(0.0, deadline - time.monotonic())):
-                if m.request == vu.BackendRequest.CONFIG_CHANGE_MSG:
+                if m.request == BackendRequest.CONFIG_CHANGE_MSG:
                     return True
             if time.monotonic() >= deadline:
                 return False
@@ -1274,7 +1278,7 @@ class TestFrontend:
         if values:
             for tag, value in values.items():
                 self._stats_values[int(tag)] = value
-        buf = b"".join(vb.STAT.pack(int(tag), self._stats_values.get(int(tag), 0)) for tag in LINUX_STAT_TAGS)
+        buf = wire.pack_stats((int(tag), self._stats_values.get(int(tag), 0)) for tag in LINUX_STAT_TAGS)
         self.ram.write(self._slots[self.queue_index(QueueRole.STATS)].aux_gpa, buf)
         return len(buf)
 
@@ -1336,9 +1340,9 @@ class TestFrontend:
         q = self.queue(QueueRole.MIGRATE)
         gpa = self._slots[self.queue_index(QueueRole.MIGRATE)].aux_gpa
         buffers = 0
-        for start in range(0, len(moves), ext.MIGRATIONS_PER_BUFFER):
-            chunk = moves[start : start + ext.MIGRATIONS_PER_BUFFER]
-            data = ext.encode_migrations([ext.Migration(old, new) for old, new in chunk])
+        for start in range(0, len(moves), wire.MIGRATIONS_PER_BUFFER):
+            chunk = moves[start : start + wire.MIGRATIONS_PER_BUFFER]
+            data = wire.pack_migrations(chunk)
             self.ram.write(gpa, data)
             q.submit([(gpa, len(data), False)], "migrate")
             while not any(u.token == "migrate" for u in q.wait(1, timeout)):
