@@ -14,6 +14,7 @@ import pytest
 
 from protocol import virtqueue as vq
 from protocol.errors import GuestAddressError, GuestError
+from tests import wire
 from tests.frontend import DriverQueue, GuestRam
 
 RING = 0x100000
@@ -124,7 +125,7 @@ def test_alloc_desc_reclaimed_on_use(ram):
     driver, device = pair(ram)
     mem = RamAccess(ram)
     idx = driver.alloc_desc(2, "raw")
-    driver.write_desc(idx[0], 0x200000, 4, vq.VRING_DESC_F_NEXT, idx[1])
+    driver.write_desc(idx[0], 0x200000, 4, wire.VRING_DESC_F_NEXT, idx[1])
     driver.write_desc(idx[1], 0x200004, 4, 0, 0)
     driver.put_avail(idx[0])
     chain = device.pop(mem)
@@ -140,9 +141,9 @@ def test_indirect_table_longer_than_the_queue_is_refused(ram):
     driver, device = pair(ram)
     mem = RamAccess(ram)
     n = QSIZE + 1
-    ram.write(TABLES, vq.DESC.pack(0x200000, 4, 0, 0) * n)
+    ram.write(TABLES, wire.pack_desc(0x200000, 4, 0, 0) * n)
     idx = driver.alloc_desc(1)
-    driver.write_desc(idx[0], TABLES, n * vq.DESC_SIZE, vq.VRING_DESC_F_INDIRECT, 0)
+    driver.write_desc(idx[0], TABLES, n * wire.DESC_SIZE, wire.VRING_DESC_F_INDIRECT, 0)
     driver.put_avail(idx[0])
     with pytest.raises(GuestError, match="exceeds the queue size"):
         device.pop(mem)
@@ -152,12 +153,12 @@ def test_indirect_table_of_exactly_the_queue_size_is_fine(ram):
     driver, device = pair(ram)
     mem = RamAccess(ram)
     table = b"".join(
-        vq.DESC.pack(0x200000 + 4 * i, 4, vq.VRING_DESC_F_NEXT if i + 1 < QSIZE else 0, i + 1 if i + 1 < QSIZE else 0)
+        wire.pack_desc(0x200000 + 4 * i, 4, wire.VRING_DESC_F_NEXT if i + 1 < QSIZE else 0, i + 1 if i + 1 < QSIZE else 0)
         for i in range(QSIZE)
     )
     ram.write(TABLES, table)
     idx = driver.alloc_desc(1)
-    driver.write_desc(idx[0], TABLES, len(table), vq.VRING_DESC_F_INDIRECT, 0)
+    driver.write_desc(idx[0], TABLES, len(table), wire.VRING_DESC_F_INDIRECT, 0)
     driver.put_avail(idx[0])
     assert len(device.pop(mem).segments) == QSIZE
 
@@ -180,10 +181,10 @@ def test_used_index_glitch_is_reread(ram):
     device.push(chain.head, 0)
     real = driver.read_used_idx()
     view = driver.used
-    vq.U16.pack_into(view, 2, 0x8000)
+    wire.write_u16(view, wire.RING_IDX, 0x8000)
     import threading
 
-    threading.Timer(0.02, lambda: vq.U16.pack_into(view, 2, real)).start()
+    threading.Timer(0.02, lambda: wire.write_u16(view, wire.RING_IDX, real)).start()
     used = driver.get_used()
     assert [u.head for u in used] == [chain.head]
     assert driver.glitches >= 1
