@@ -8,16 +8,29 @@ The guest is untrusted. Every index read from guest memory is checked before
 use, chains are bounded by the queue size (so a looping chain is an error,
 not a hang), and indirect tables are bounded by their own length.
 
-Memory ordering: Python issues no barriers. Publishing a used element and then
-the used index with two plain stores, and reading the avail index before the
-ring entries it covers, is correct on a TSO machine (x86-64), which is what
-this daemon runs on; a port to a weakly ordered machine needs real barriers
-in `SplitQueue.push` and `SplitQueue.pop`.
+Memory ordering: Python issues no barriers of its own. Publishing a used
+element and then the used index with two plain stores, and reading the avail
+index before the ring entries it covers, is correct on a TSO machine (x86-64),
+which is what this daemon runs on; a port to a weakly ordered machine needs
+real barriers in `SplitQueue.push` and `SplitQueue.pop`.
+
+TSO still lets a store be passed by a later load from another address, and
+the two notification handshakes are exactly that pattern on both sides: the
+device stores "kick me" (or the used index) and then loads the avail index
+(or the driver's used_event), while the driver stores the avail index (or
+used_event) and then loads the device's flag (or the used index). Without a
+full barrier between the store and the load each side can read the other's
+old value, and the device sleeps waiting for a kick that the driver thought
+unnecessary, or the driver for an interrupt the device thought unwanted.
+Linux (virtio_mb) and QEMU (smp_mb in virtio_should_notify and after
+re-enabling notification) put one there; so does this module
+(`full_barrier`, in `enable_kicks` and `should_notify`).
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,6 +64,17 @@ def avail_ring_size(num: int, event_idx: bool = True) -> int:
 def used_ring_size(num: int, event_idx: bool = True) -> int:
     """flags, idx, ring[num] of (id, len), avail_event."""
     return 4 + 8 * num + (2 if event_idx else 0)
+
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """Order every earlier store before every later load (see the module
+    docstring). Taking and releasing an uncontended lock is a locked
+    read-modify-write on x86-64, which is a full fence; about 100 ns."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 def valid_queue_size(num: int) -> bool:
@@ -252,11 +276,13 @@ class SplitQueue:
         """The device is about to sleep: the next buffer must kick it.
 
         The caller must look at the ring once more afterwards: a buffer added
-        while kicks were off is not announced."""
+        while kicks were off is not announced. The barrier makes that look
+        see a buffer the driver published before it read our request."""
         if self.event_idx:
             self.set_avail_event()
         else:
             U16.pack_into(self.used, 0, 0)
+        full_barrier()
 
     def disable_kicks(self) -> None:
         """The device is polling the ring: kicks would only cost the guest."""
@@ -280,6 +306,9 @@ class SplitQueue:
 
     def should_notify(self) -> bool:
         """Whether the guest wants an interrupt for what was pushed since the last one."""
+        # The used index just stored must be visible before the driver's
+        # request is read, or both sides can miss each other's update.
+        full_barrier()
         if self.event_idx:
             old = self.signalled_used
             new = self.used_idx
