@@ -3,8 +3,10 @@
 Nothing in this package opens a socket, touches an event loop or maps memory:
 callers hand in bytes, file descriptors and memory views, and get typed values
 back (or hand in typed values and get bytes). That keeps each format testable
-on its own and lets the daemon, the test frontend and the fuzzers share one
-definition of every byte.
+on its own and lets the daemon and the fuzzers share one definition of every
+byte. The test frontend deliberately does not: it packs with tests/wire.py,
+written from the specs apart from this package, and tests/unit/
+test_wire_golden.py holds both to the same literal bytes.
 
 Modules:
   errors      -- the error hierarchy (who broke the protocol)
