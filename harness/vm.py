@@ -84,6 +84,9 @@ class Vm:
     Parameters:
       kernel        "6.1", "6.12", an exact release, or a Kernel.
       memory_mib    guest RAM (one memfd backend).
+      memory_path   back guest RAM with this file instead (memory-backend-file,
+                    share=on; e.g. on /dev/shm): a later QEMU given the same
+                    path runs on the same RAM file.
       balloon       None, BuiltinBalloon(...) or VhostUserBalloon(...).
       hugepages     back RAM with 2 MiB hugetlb pages (host must have them).
       cpus          vCPUs.
@@ -118,9 +121,11 @@ class Vm:
         name: str = "vm",
         qemu_args: Sequence[str] = (),
         qemu: QemuInfo | None = None,
+        memory_path: str | Path | None = None,
     ) -> None:
         self.kernel = find_kernel(kernel) if isinstance(kernel, str) else kernel
         self.memory_mib = memory_mib
+        self.memory_path = Path(memory_path) if memory_path is not None else None
         self.balloon = balloon
         self.hugepages = hugepages
         self.cpus = cpus
@@ -155,6 +160,8 @@ class Vm:
     def command_line(self, initrd: Path) -> list[str]:
         """The full QEMU command line (for logs and for debugging by hand)."""
         mem = f"memory-backend-memfd,id=mem,size={self.memory_mib}M,share=on"
+        if self.memory_path is not None:
+            mem = f"memory-backend-file,id=mem,size={self.memory_mib}M,share=on,mem-path={self.memory_path}"
         if self.hugepages:
             mem += ",hugetlb=on,hugetlbsize=2M"
         args = [
@@ -369,6 +376,8 @@ class Vm:
         The memfd is found among QEMU's fds by its name ("/memfd:..."), and
         its size equal to the guest RAM size.
         """
+        if self.memory_path is not None:
+            return os.stat(self.memory_path).st_blocks * 512
         want = self.memory_mib * 1024 * 1024
         fd_dir = f"/proc/{self.qemu_pid}/fd"
         best = None
@@ -387,6 +396,26 @@ class Vm:
         if best is None:
             raise GuestError("guest RAM memfd not found among QEMU's fds")
         return best.st_blocks * 512
+
+    def reset(self, timeout: float = 300.0) -> float:
+        """Reset the machine as a reboot would (QMP system_reset; the
+        harness's -no-reboot is overridden for this VM) and wait until the
+        new boot's command agent is up; returns its boot seconds."""
+        assert self._channel is not None, "start() first"
+        self.qmp("set-action", reboot="reset")
+        t0 = time.monotonic()
+        self.qmp("system_reset")
+        deadline = t0 + timeout
+        while True:
+            try:
+                self._channel.wait_ready(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                return time.monotonic() - t0
+            except GuestTimeout:
+                self._check_alive("while rebooting")
+                if time.monotonic() > deadline:
+                    raise GuestTimeout(
+                        f"guest did not boot again within {timeout}s; see {self.console_log}"
+                    ) from None
 
     # --------------------------------------------------------------- shutdown
     def poweroff(self, timeout: float = 60.0) -> int:
