@@ -56,14 +56,16 @@ def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
                            and abs(b - previous) >= fraction * way and b, 120, 0.01)
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait(10)
-            # With the daemon dead the driver cannot finish: what it holds now
-            # is the balloon at the kill, strictly between where it started
-            # and the target (at most the batch in flight past what we saw)
+            # With the daemon dead the driver cannot go on (it waits for the
+            # batch in flight): what it holds is the balloon at the kill, and
+            # it lies strictly between where it started and the target
             at_kill, _ = guest_summary(vm)
+            time.sleep(0.3)
+            assert guest_summary(vm)[0] == at_kill, f"restart {i + 1}: the guest's balloon moved without the daemon"
             low, high = sorted((previous, target))
             assert low < at_kill * 4096 < high, \
-                f"restart {i + 1}: the kill came at {at_kill * 4096 // MIB} MiB, not between {low // MIB} and {high // MIB}"
-            assert abs(at_kill * 4096 - mid) <= 2 * MIB, f"restart {i + 1}: the guest moved on without the daemon"
+                f"restart {i + 1}: the kill came at {at_kill * 4096 // MIB} MiB (seen {mid // MIB} MiB before it), " \
+                f"not between {low // MIB} and {high // MIB}"
             daemon.start()
             assert vm.running, f"QEMU died after daemon restart {i + 1}"
             def reached() -> bool:
