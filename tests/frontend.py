@@ -48,6 +48,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -517,6 +518,7 @@ class DriverQueue:
         old, new = self._kicked_at, self.avail_idx
         if old == new:
             return False
+        _full_barrier()  # our avail index out before the device's request is read (Linux: virtio_mb)
         if self.event_idx:
             return need_event(self.read_avail_event(), new, old)
         return not wire.read_u16(self.used, wire.RING_FLAGS) & VRING_USED_F_NO_NOTIFY
@@ -597,6 +599,7 @@ class DriverQueue:
         got = self.get_used()
         while len(got) < count:
             self._want_interrupt()
+            _full_barrier()  # used_event out before the used index is read again (Linux: virtio_mb)
             got += self.get_used()  # the device may have used more before it saw the request
             if len(got) >= count:
                 break
@@ -638,6 +641,17 @@ class DriverQueue:
             return os.eventfd_read(self.call_fd)
         except BlockingIOError:
             return 0
+
+
+_FENCE = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory fence, as Linux's virtio_mb: x86 lets a load pass an
+    earlier store, and each notification handshake is a store then a load.
+    Taking an uncontended lock is a locked instruction, a full fence."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 def _align(value: int, alignment: int) -> int:
