@@ -60,7 +60,9 @@ from protocol.virtqueue import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    BudgetExhausted,
     avail_ring_size,
+    descriptor_budget,
     desc_table_size,
     used_ring_size,
     walk_chain,
@@ -611,15 +613,29 @@ class RingRun:
         if pending > q.num:
             out["errors"] += 1
         else:
+            # A pass walks at most descriptor_budget(num) descriptors, and a
+            # head the device holds (popped, not returned) is an error.
+            in_flight, budget = set(q.in_flight), descriptor_budget(q.num)
             for i in range(pending):
                 head = U16.unpack_from(avail, 4 + 2 * ((q.last_avail + i) % q.num))[0]
-                out["popped"] += 1
+                if head in in_flight:
+                    out["popped"] += 1
+                    out["errors"] += 1
+                    continue
                 try:
-                    chains.append(walk_chain(desc, q.num, head, snap, q.indirect))
+                    chain = walk_chain(desc, q.num, head, snap, q.indirect, budget=budget)
+                except BudgetExhausted:
+                    break
                 except GuestError:
+                    out["popped"] += 1
                     out["errors"] += 1
                     if head < q.num:
                         out["pushes"] += 1
+                    continue
+                out["popped"] += 1
+                budget -= chain.descriptors
+                in_flight.add(head)
+                chains.append(chain)
         model = set(self.model)
         if role in (QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.MIGRATE, QueueRole.REPORTING):
             out["pushes"] += len(chains)

@@ -51,6 +51,25 @@ VRING_USED_F_NO_NOTIFY = 1
 #: Largest queue size the split ring allows.
 MAX_QUEUE_SIZE = 32768
 
+#: Descriptors one pass over a ring may walk (see `descriptor_budget`). A
+#: chain costs about a microsecond per descriptor in Python; without a budget
+#: a guest that puts one chain of `num` descriptors in all `num` avail slots
+#: makes a single kick walk num**2 of them (1.4 s at 1024).
+MAX_DESCRIPTORS_PER_PASS = 2048
+
+
+def descriptor_budget(num: int) -> int:
+    """Descriptors one pass may walk: a fixed budget, but never less than the
+    longest walk of one chain (an indirect descriptor, then a table of `num`
+    and the one step that proves it loops), so a fresh pass always gets
+    through its first chain and a ring never stalls on one."""
+    return max(MAX_DESCRIPTORS_PER_PASS, num + 2)
+
+
+class BudgetExhausted(Exception):
+    """The pass's descriptor budget ran out in the middle of a chain: not the
+    guest's fault; the chain is walked again, whole, by the next pass."""
+
 
 def desc_table_size(num: int) -> int:
     return DESC_SIZE * num
@@ -109,6 +128,8 @@ class Chain:
 
     head: int
     segments: tuple[Segment, ...]
+    #: Descriptors walked to build it (indirect ones included): its cost.
+    descriptors: int = 0
 
     @property
     def readable(self) -> tuple[Segment, ...]:
@@ -137,6 +158,8 @@ def walk_chain(
     head: int,
     memory: GuestMemoryAccess,
     indirect_allowed: bool,
+    *,
+    budget: int | None = None,
 ) -> Chain:
     """Follow the descriptor chain starting at `head`.
 
@@ -145,7 +168,11 @@ def walk_chain(
     loops); an INDIRECT descriptor only if negotiated, only as the sole
     descriptor of the chain, never nested, with a non-empty table whose length
     is a multiple of 16; device-readable descriptors come before
-    device-writable ones.
+    device-writable ones; no descriptor has length 0 (QEMU refuses them
+    too: a zero-length chain is free for the guest and costs the device).
+
+    `budget`: raise BudgetExhausted rather than walk more descriptors than
+    this in all (the caller's per-pass allowance).
     """
     if not 0 <= head < queue_size:
         raise GuestError(f"chain head {head} outside a queue of {queue_size}")
@@ -155,8 +182,12 @@ def walk_chain(
     seen = 0
     in_indirect = False
     seen_writable = False
+    walked = 0
     while True:
         seen += 1
+        walked += 1
+        if budget is not None and walked > budget:
+            raise BudgetExhausted(head)
         if seen > table_len:
             raise GuestError(f"descriptor chain from head {head} loops or exceeds {table_len} descriptors")
         addr, length, flags, next_index = DESC.unpack_from(table, index * DESC_SIZE)
@@ -180,6 +211,8 @@ def walk_chain(
             index = 0
             seen = 0
             continue
+        if length == 0:
+            raise GuestError(f"zero-length descriptor in the chain from head {head}")
         writable = bool(flags & VRING_DESC_F_WRITE)
         if seen_writable and not writable:
             raise GuestError("device-readable descriptor after a device-writable one")
@@ -190,7 +223,7 @@ def walk_chain(
         if not 0 <= next_index < table_len:
             raise GuestError(f"next index {next_index} outside a table of {table_len}")
         index = next_index
-    return Chain(head, tuple(segments))
+    return Chain(head, tuple(segments), walked)
 
 
 class SplitQueue:
@@ -199,6 +232,10 @@ class SplitQueue:
     `last_avail` is the next avail-ring slot the device will consume and
     `used_idx` the device's used index; both are free-running 16-bit counters,
     restored with SET_VRING_BASE and reported with GET_VRING_BASE.
+
+    `in_flight` holds the heads popped and not yet pushed back: a guest that
+    makes such a head available again is reusing a chain the device still
+    owns (and could make one chain be processed many times per kick).
     """
 
     def __init__(
@@ -231,6 +268,7 @@ class SplitQueue:
         self.used_idx = self.read_used_idx() if used_idx is None else used_idx & 0xFFFF
         self.signalled_used = self.used_idx
         self._signalled_valid = False
+        self.in_flight: set[int] = set()
 
     # -- avail side
 
@@ -261,11 +299,27 @@ class SplitQueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return head
 
-    def pop(self, memory: GuestMemoryAccess) -> Chain | None:
+    def unpop(self) -> None:
+        """Give the last popped avail slot back (its chain did not fit the
+        pass's budget); the next pass pops it again."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    def pop(self, memory: GuestMemoryAccess, *, budget: int | None = None) -> Chain | None:
+        """The next chain, walked and marked in flight. Raises GuestError for
+        a bad chain or a head already in flight (that slot is consumed), and
+        BudgetExhausted (the slot is given back) when `budget` runs out."""
         head = self.pop_head()
         if head is None:
             return None
-        return walk_chain(self.desc, self.num, head, memory, self.indirect)
+        if head in self.in_flight:
+            raise GuestError(f"chain head {head} made available again while the device still holds it")
+        try:
+            chain = walk_chain(self.desc, self.num, head, memory, self.indirect, budget=budget)
+        except BudgetExhausted:
+            self.unpop()
+            raise
+        self.in_flight.add(head)
+        return chain
 
     def set_avail_event(self) -> None:
         """Ask the guest to kick when it adds the entry after the ones seen."""
@@ -299,6 +353,7 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Return a chain to the guest; the element is stored before the index."""
+        self.in_flight.discard(head)
         slot = self.used_idx % self.num
         USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF

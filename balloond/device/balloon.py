@@ -43,7 +43,7 @@ from protocol import balloon as vb
 from protocol import extension as ext
 from protocol.balloon import BalloonConfig, Feature, QueueRole
 from protocol.errors import GuestError, ProtocolError
-from protocol.virtqueue import Chain, walk_chain
+from protocol.virtqueue import BudgetExhausted, Chain, descriptor_budget, walk_chain
 
 from ..engine.device_api import DeviceHost
 from ..engine.memory import GuestMemory
@@ -463,9 +463,15 @@ class BalloonDevice:
     # =========================================================== the queues
 
     def _pop_all(self, vring: Vring) -> list[Chain]:
+        """The chains available now, within one pass's budget: at most a
+        queue's worth of chains and `descriptor_budget` descriptors, so one
+        kick costs the event loop (every VM) a bounded time whatever the
+        guest wrote. What is left stays pending; the engine sees it and comes
+        back after the other callbacks (its `_continue_later`)."""
         q, memory = vring.queue, self.memory
         assert q is not None and memory is not None
         chains = []
+        budget = descriptor_budget(q.num)
         # At most one queue's worth per pass: a guest whose used ring overlaps
         # its avail index makes every returned chain look like a new one, and
         # an unbounded loop here would hang the daemon (found by fuzzing).
@@ -479,13 +485,22 @@ class BalloonDevice:
                 break
             if head is None:
                 break
+            if head in q.in_flight:
+                # Not returned either: the device still owns that chain.
+                self._guest_error(vring, GuestError(f"chain head {head} made available again while the device still holds it"))
+                continue
             try:
-                chain = walk_chain(q.desc, q.num, head, memory, q.indirect)
+                chain = walk_chain(q.desc, q.num, head, memory, q.indirect, budget=budget)
+            except BudgetExhausted:
+                q.unpop()  # walked whole by the next pass
+                break
             except GuestError as exc:
                 self._guest_error(vring, exc)
                 if head < q.num:
                     q.push(head, 0)  # returned empty, so the driver does not leak it
                 continue
+            budget -= chain.descriptors
+            q.in_flight.add(head)
             chains.append(chain)
             vring.counters.chains += 1
         return chains

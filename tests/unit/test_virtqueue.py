@@ -192,6 +192,7 @@ def test_set_avail_event_writes_after_the_used_ring():
     put_desc(mem, DESC, 0, 0x10000, 4)
     for _ in range(3):
         q.pop(mem)
+        q.push(0, 0)  # returned, so the guest may make it available again
     q.set_avail_event()
     assert struct.unpack_from("<H", mem.ram, USED + 4 + 8 * q.num)[0] == 3
 
@@ -216,3 +217,58 @@ def test_queue_size_must_be_a_power_of_two():
     mem = FlatMemory()
     with pytest.raises(GuestError):
         make_queue(mem, num=6)
+
+
+def test_a_zero_length_descriptor_is_a_guest_error():
+    mem = FlatMemory()
+    q = make_queue(mem)
+    put_desc(mem, DESC, 0, 0x10000, 8, vq.VRING_DESC_F_NEXT, 1)
+    put_desc(mem, DESC, 1, 0x20000, 0)
+    publish(mem, q, [0])
+    with pytest.raises(GuestError, match="zero-length"):
+        q.pop(mem)
+
+
+def test_a_head_still_in_flight_is_a_guest_error_until_pushed():
+    mem = FlatMemory()
+    q = make_queue(mem)
+    put_desc(mem, DESC, 3, 0x10000, 8)
+    publish(mem, q, [3, 3])
+    assert q.pop(mem).head == 3
+    with pytest.raises(GuestError, match="still holds it"):
+        q.pop(mem)
+    q.push(3, 0)
+    publish(mem, q, [3])
+    assert q.pop(mem).head == 3
+
+
+def test_the_descriptor_budget_stops_a_pass_between_chains():
+    """One long chain in every avail slot: a pass walks at most its budget
+    and hands the rest back (the slot is popped again, whole, next pass)."""
+    num = 1024
+    mem = FlatMemory(4 << 20)
+    q = vq.SplitQueue(
+        num,
+        mem.view(0x100000, vq.desc_table_size(num)),
+        mem.view(0x200000, vq.avail_ring_size(num)),
+        mem.view(0x300000, vq.used_ring_size(num)),
+        event_idx=True,
+        indirect=False,
+    )
+    for i in range(num):  # descriptor i -> i+1 -> ... -> num-1
+        flags = vq.VRING_DESC_F_NEXT if i < num - 1 else 0
+        vq.DESC.pack_into(mem.ram, 0x100000 + 16 * i, 0x10000, 1, flags, i + 1)
+    struct.pack_into(f"<{num}H", mem.ram, 0x200000 + 4, *range(num))
+    struct.pack_into("<H", mem.ram, 0x200000 + 2, num)
+    budget = vq.descriptor_budget(num)
+    walked, chains = 0, 0
+    while True:
+        try:
+            chain = q.pop(mem, budget=budget - walked)
+        except vq.BudgetExhausted:
+            break
+        walked += chain.descriptors
+        chains += 1
+    assert walked <= budget and chains == 2  # 1024 + 1023, then 1022 would not fit
+    assert q.last_avail == 2  # the third chain stays available
+    assert q.pop(mem, budget=budget).descriptors == num - 2
