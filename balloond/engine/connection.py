@@ -34,17 +34,33 @@ from protocol.balloon import Feature
 from protocol.errors import FrontendError, GuestError, ProtocolError
 from protocol.vhost_user import ProtocolFeature, Request
 
+from ..logs import RateLimited
 from .device_api import VirtioDevice
 from .memory import GuestMemory
-from .vring import Vring
+from .vring import Vring, eventfd_drain
 
 #: Queue indices accepted in vring requests (QEMU's num_vqs for a balloon is < 8).
 MAX_QUEUES = 16
+
+#: Largest queue size accepted: QEMU's own maximum (VIRTQUEUE_MAX_SIZE). The
+#: split ring allows 32768, but the cost of a pass over a ring grows with its
+#: size and no frontend needs more.
+MAX_QUEUE_NUM = 1024
 
 #: The longest one kick keeps the event loop (seconds), polling its ring
 #: whatever --poll-us says about the gaps between buffers; a ring still not
 #: empty then is served again after the other connections' callbacks.
 MAX_POLL_BURST = 0.01
+
+#: Replies waiting for a frontend that does not read them: past this, the
+#: socket is not read until they drain, so such a frontend cannot grow the
+#: daemon's memory (one more reply at most: requests are read one at a time).
+MAX_OUTBOX = 64 * 1024
+
+#: How soon a CONFIG_CHANGE_MSG that found the backend channel full is tried
+#: again (seconds). Sends never wait: the frontend shares the socket's file
+#: description and may have made it blocking.
+BACKEND_RETRY_SECONDS = 0.5
 
 #: Protocol features offered. CONFIG is required by QEMU's generic device,
 #: BACKEND_REQ carries config changes, REPLY_ACK lets QEMU confirm each
@@ -100,6 +116,11 @@ class VhostUserConnection:
         self._closed = self._loop.create_future()
         self._outbox = bytearray()
         self._resuming: set[int] = set()  # rings with a _resume scheduled
+        self._reading = False  # the socket is watched (not while the outbox is full)
+        self._backend_retry: asyncio.TimerHandle | None = None
+        #: CONFIG_CHANGE_MSGs that found the backend channel full (retried).
+        self.backend_full = 0
+        self.limited = RateLimited(self.log)
         self._handlers: dict[Request, Callable[[vu.DecodedRequest], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -133,7 +154,7 @@ class VhostUserConnection:
 
     async def run(self) -> str:
         """Serve until the frontend goes away; return why the connection closed."""
-        self._loop.add_reader(self.sock.fileno(), self._readable)
+        self._watch_socket(True)
         self.log.info("frontend connected")
         try:
             return await self._closed
@@ -163,6 +184,9 @@ class VhostUserConnection:
                 self._closed.set_result(reason)
 
     def _teardown(self) -> None:
+        if self._backend_retry is not None:
+            self._backend_retry.cancel()
+            self._backend_retry = None
         for fd in (self.sock.fileno(),):
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
@@ -201,7 +225,7 @@ class VhostUserConnection:
         except OSError as exc:
             self.close(f"socket error: {exc}", error=True)
             return
-        fds = []
+        fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
@@ -233,7 +257,7 @@ class VhostUserConnection:
             decoded = vu.decode_request(message)
         except vu.UnsupportedRequest as exc:
             _close_fds(message.fds)
-            self.log.warning("refused request", request=message.request_name, reason=str(exc))
+            self.limited.warning("refused request", request=message.request_name, reason=str(exc))
             if message.need_reply:
                 self._send(vu.encode_reply(message, vu.encode_u64(1)))
             return
@@ -256,9 +280,19 @@ class VhostUserConnection:
         elif message.need_reply and self._has_protocol(ProtocolFeature.REPLY_ACK):
             self._send(vu.encode_reply(message, vu.encode_u64(0)))
 
+    def _watch_socket(self, on: bool) -> None:
+        """Read requests, or stop reading them while replies pile up."""
+        if on and not self._reading and self.open:
+            self._loop.add_reader(self.sock.fileno(), self._readable)
+        elif not on and self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+        self._reading = on and self.open
+
     def _send(self, data: bytes) -> None:
         if self._outbox:
             self._outbox += data
+            if len(self._outbox) > MAX_OUTBOX:
+                self._watch_socket(False)
             return
         try:
             sent = self.sock.send(data)
@@ -270,6 +304,8 @@ class VhostUserConnection:
         if sent < len(data):
             self._outbox += data[sent:]
             self._loop.add_writer(self.sock.fileno(), self._writable)
+            if len(self._outbox) > MAX_OUTBOX:
+                self._watch_socket(False)
 
     def _writable(self) -> None:
         try:
@@ -282,6 +318,7 @@ class VhostUserConnection:
         del self._outbox[:sent]
         if not self._outbox:
             self._loop.remove_writer(self.sock.fileno())
+            self._watch_socket(True)
 
     def _has_protocol(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & (1 << feature))
@@ -377,7 +414,7 @@ class VhostUserConnection:
         live = [v for v in self.vrings.values() if v.live]
         for vring in live:
             held = self._safe_device_call(self.device.queue_stopped, vring) or 0
-            self._loop.remove_reader(vring.kick_fd)
+            self._unwatch_kick(vring)
             vring.base = (vring.stop() - held) & 0xFFFF
         return live
 
@@ -398,8 +435,8 @@ class VhostUserConnection:
     def _set_vring_num(self, d: vu.DecodedRequest) -> None:
         state: vu.VringState = d.payload  # type: ignore[assignment]
         vring = self._vring(state.index)
-        if not 0 < state.num <= 32768 or state.num & (state.num - 1):
-            raise FrontendError(f"queue {state.index}: size {state.num} is not a power of two up to 32768")
+        if not 0 < state.num <= MAX_QUEUE_NUM or state.num & (state.num - 1):
+            raise FrontendError(f"queue {state.index}: size {state.num} is not a power of two up to {MAX_QUEUE_NUM}")
         vring.num = state.num
 
     def _set_vring_base(self, d: vu.DecodedRequest) -> None:
@@ -412,7 +449,7 @@ class VhostUserConnection:
         vring.addr = addr
         if vring.live:  # addresses changed under a running ring: remap it
             held = self._safe_device_call(self.device.queue_stopped, vring) or 0
-            self._loop.remove_reader(vring.kick_fd)
+            self._unwatch_kick(vring)
             vring.base = (vring.stop() - held) & 0xFFFF
             self._try_start(vring)
 
@@ -505,9 +542,15 @@ class VhostUserConnection:
         self._sleep(vring)
         self._check_started()
 
+    def _unwatch_kick(self, vring: Vring) -> None:
+        if vring.kick_fd is not None:
+            self._loop.remove_reader(vring.kick_fd)
+
     def _watch_kick(self, vring: Vring) -> None:
         """Listen to a ring's kick fd; one epoll cannot watch (a memfd, a
         directory, /dev/null) is the frontend's error, not ours."""
+        if vring.kick_fd is None:
+            raise FrontendError(f"queue {vring.index}: no kick fd")
         try:
             self._loop.add_reader(vring.kick_fd, self._kicked, vring)
         except (OSError, ValueError) as exc:
@@ -526,11 +569,12 @@ class VhostUserConnection:
             self._safe_device_call(self.device.stopped)
 
     def _kicked(self, vring: Vring) -> None:
+        assert vring.kick_fd is not None
         try:
-            os.eventfd_read(vring.kick_fd)  # type: ignore[arg-type]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
+            # Only after poll() says readable, and non-blocking whatever the
+            # frontend did to the shared flag: it may have read it first.
+            eventfd_drain(vring.kick_fd)
+        except (OSError, ValueError) as exc:
             self.log.warning("kick fd unreadable", queue=vring.index, error=str(exc))
             self._loop.remove_reader(vring.kick_fd)
             return
@@ -651,8 +695,15 @@ class VhostUserConnection:
             return False
         message = vu.encode_message(vu.BackendRequest.CONFIG_CHANGE_MSG, b"")
         try:
-            sent = self.backend_sock.send(message)
+            # MSG_DONTWAIT: non-blocking for this call whatever the frontend
+            # did to O_NONBLOCK on the file description it shares with us.
+            sent = self.backend_sock.send(message, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
+            self.backend_full += 1
+            self.limited.warning("backend channel full; config change will be sent again",
+                                 retry_seconds=BACKEND_RETRY_SECONDS, times=self.backend_full)
+            if self._backend_retry is None:
+                self._backend_retry = self._loop.call_later(BACKEND_RETRY_SECONDS, self._retry_config_change)
             return False
         except OSError as exc:
             self.log.warning("backend channel send failed", error=str(exc))
@@ -665,3 +716,10 @@ class VhostUserConnection:
             self.backend_sock = None
             return False
         return True
+
+    def _retry_config_change(self) -> None:
+        """Send the change the full channel refused. The device also sends it
+        again at the next start; a second notice only makes the driver read
+        the config once more."""
+        self._backend_retry = None
+        self.config_changed()

@@ -10,14 +10,26 @@ device's state. When the frontend goes away the socket keeps listening.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
+
+from ..logs import RateLimited
+
+#: accept() failures that mean the listening socket itself is gone (closed
+#: at shutdown): the only ones that end the accept loop. Every other one
+#: (EMFILE, ENFILE, ECONNABORTED, ENOBUFS, ENOMEM: out of fds, memory or
+#: buffers, or a peer that gave up before we took it) means "not now": the
+#: loop sleeps ACCEPT_RETRY_SECONDS and accepts again. A local client holding
+#: every fd of the daemon must not end a VM's listener for good.
+FATAL_ACCEPT_ERRORS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
+ACCEPT_RETRY_SECONDS = 0.1
 
 
 class ListenerError(Exception):
@@ -90,15 +102,27 @@ class VhostUserListener:
         self.sock = sock
         self.path = path
         self.log = log or structlog.get_logger()
+        self.limited = RateLimited(self.log)
         self.busy = False
+        #: accept() calls that failed for want of a resource (retried).
+        self.accept_errors = 0
 
-    async def serve(self, serve_connection: Callable[[socket.socket], Awaitable[None]]) -> None:
+    async def serve(self, serve_connection: Callable[[socket.socket], Coroutine[Any, Any, None]]) -> None:
         """Accept frontends forever, handing each to `serve_connection`."""
         loop = asyncio.get_running_loop()
-        active: asyncio.Task | None = None
+        active: asyncio.Task[None] | None = None
         try:
             while True:
-                conn, _ = await loop.sock_accept(self.sock)
+                try:
+                    conn, _ = await loop.sock_accept(self.sock)
+                except OSError as exc:
+                    if exc.errno in FATAL_ACCEPT_ERRORS:
+                        raise
+                    self.accept_errors += 1
+                    self.limited.warning("accept failed; trying again", error=os.strerror(exc.errno or 0),
+                                         retry_seconds=ACCEPT_RETRY_SECONDS, times=self.accept_errors)
+                    await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                    continue
                 if active is not None and not active.done():
                     self.log.warning("refused a second frontend: this VM's device is in use")
                     conn.close()

@@ -9,7 +9,9 @@ enabled, and guest memory is mapped.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 from dataclasses import dataclass
 
 from protocol.virtqueue import SplitQueue, avail_ring_size, desc_table_size, used_ring_size
@@ -18,12 +20,63 @@ from protocol.vhost_user import VringAddr
 from .memory import GuestMemory
 
 
+# Eventfds come from the frontend, which keeps its own reference to the same
+# open file description: it can clear O_NONBLOCK on it at any time, fill the
+# counter (a write then blocks) or empty it (a read then blocks). A private
+# description would fix the flag, but an eventfd is an anonymous inode and
+# re-opening /proc/self/fd/N fails (ENXIO); pwritev2(RWF_NOWAIT) is refused
+# (EOPNOTSUPP). So every access first asks poll() with a zero timeout and
+# re-asserts O_NONBLOCK: what remains is a window of two syscalls in which
+# the frontend would have to change both the counter and the flag.
+
+
+def _ensure_nonblocking(fd: int) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_NONBLOCK:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+def _ready(fd: int, event: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, event)
+    return any(ev & event for _, ev in poller.poll(0))
+
+
+def eventfd_signal(fd: int) -> bool:
+    """Add 1 to an eventfd without ever blocking; False (nothing written) if
+    its counter is at the maximum or it is not writable."""
+    try:
+        if not _ready(fd, select.POLLOUT):
+            return False
+        _ensure_nonblocking(fd)
+        os.eventfd_write(fd, 1)
+    except (OSError, ValueError):  # EAGAIN included: the frontend raced us
+        return False
+    return True
+
+
+def eventfd_drain(fd: int) -> bool:
+    """Read (reset) an eventfd without ever blocking; False if there was
+    nothing to read (the frontend may have read it first)."""
+    if not _ready(fd, select.POLLIN):
+        return False
+    _ensure_nonblocking(fd)
+    try:
+        os.eventfd_read(fd)
+    except (BlockingIOError, InterruptedError):
+        return False
+    return True
+
+
 @dataclass
 class VringCounters:
     kicks: int = 0
     chains: int = 0
     notifications: int = 0
     guest_errors: int = 0
+    #: Interrupts not sent because the call eventfd could not take a write
+    #: (its counter at the maximum: only a hostile frontend does that).
+    calls_skipped: int = 0
 
 
 class Vring:
@@ -71,10 +124,10 @@ class Vring:
             return
         if self.queue.should_notify():
             self.counters.notifications += 1
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError:
-                pass  # a stale call fd after a restart; the next SET_VRING_CALL fixes it
+            # Never blocks (see eventfd_signal); a stale call fd after a
+            # restart fails the same way, and the next SET_VRING_CALL fixes it.
+            if not eventfd_signal(self.call_fd):
+                self.counters.calls_skipped += 1
 
     def replace_fd(self, attr: str, fd: int | None) -> None:
         old = getattr(self, attr)
