@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import structlog
@@ -21,6 +22,7 @@ from .device.balloon import BalloonDevice, DeviceSettings
 from .device.journal import BalloonJournal, PeerProcess
 from .engine.connection import VhostUserConnection
 from .engine.listener import VhostUserListener
+from .status import Disconnect, ServingStatus, VmStatus
 
 
 class TargetError(ValueError):
@@ -31,6 +33,10 @@ class NotSupported(Exception):
     """What was asked is not something this kind of VM can do or tell."""
 
 
+class VmUnavailable(Exception):
+    """What was asked needs the process serving the VM, which is not running now."""
+
+
 class ManagedVm(Protocol):
     """What the API, the policy and the metrics need of a VM, whichever
     device backs its balloon (ours: VirtualMachine; QEMU's: QemuBalloonVm)."""
@@ -39,13 +45,33 @@ class ManagedVm(Protocol):
     #: Its QMP link (services.qmp_link.QmpLink), or None.
     qmp: Any
 
-    def summary(self) -> dict[str, Any]: ...
+    def status(self) -> VmStatus: ...
 
     def set_target_bytes(self, value: Any) -> int: ...
 
     def set_stats_interval(self, seconds: Any) -> None: ...
 
-    def pfn_ranges(self) -> dict[str, Any]: ...
+    def pfn_ranges(self) -> dict[str, Any] | Awaitable[dict[str, Any]]: ...
+
+
+def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: Any) -> VmStatus:
+    """Fill a VM's status from what serves its socket and from its QMP link
+    and discard guard (shared by the in-process VM and the worker's proxy)."""
+    status.qmp = qmp.path if qmp is not None else None
+    status.qmp_connected = bool(qmp is not None and qmp.connected)
+    status.run_state = qmp.status if qmp is not None else None
+    status.discard_guard = guard.summary() if guard is not None else None
+    status.connected = serving.connected
+    status.connections = serving.connections
+    status.guest_ram_bytes = serving.guest_ram_bytes
+    status.last_disconnect = serving.last_disconnect
+    if serving.device is not None:
+        status.apply_device(serving.device)
+        if serving.journal_write_errors is not None:
+            # A failed write turns persistence off (the balloon keeps working): visible here and in metrics.
+            status.counters["journal_write_errors"] = serving.journal_write_errors
+            status.journal_persisting = serving.journal_persisting
+    return status
 
 
 def target_pages(value: Any, ram_bytes: int) -> int:
@@ -93,12 +119,14 @@ class VirtualMachine:
         self.connection: VhostUserConnection | None = None
         self.device: BalloonDevice | None = None
         self.connections = 0
-        self.last_disconnect: dict[str, Any] | None = None
+        self.last_disconnect: Disconnect | None = None
         self.guest_ram_bytes = 0  # remembered from the last connection
         #: The VM's QMP link (services.qmp_link.QmpLink) when configured with qmp=PATH.
         self.qmp: Any = None
         #: Its discard guard (services.discard_guard.DiscardGuard), with the link.
         self.discard_guard: Any = None
+        #: In a worker (no guard of its own): the supervisor's guard's last verdict.
+        self.forwarded_inhibit: str | None = None
 
     # ------------------------------------------------------------ serving
 
@@ -120,7 +148,7 @@ class VirtualMachine:
             self.ram_bytes()
             if self.connection is connection:
                 self.connection = None
-        self.last_disconnect = {"at": time.time(), "reason": reason}
+        self.last_disconnect = Disconnect(at=time.time(), reason=str(reason))
 
     @property
     def connected(self) -> bool:
@@ -150,11 +178,15 @@ class VirtualMachine:
     @property
     def discard_inhibit(self) -> str | None:
         """Why the device must not free guest memory now (None: it may):
-        the guard's verdict, which every new connection's device starts with."""
-        return self.discard_guard.reason if self.discard_guard is not None else None
+        the guard's verdict, which every new connection's device starts with
+        (in a worker, the verdict the supervisor's guard last sent)."""
+        if self.discard_guard is not None:
+            return self.discard_guard.reason
+        return self.forwarded_inhibit
 
     def set_discard_inhibit(self, reason: str | None) -> None:
         """The guard changed its verdict: the live device follows at once."""
+        self.forwarded_inhibit = reason
         if self.device is not None:
             self.device.set_discard_inhibit(reason)
 
@@ -165,49 +197,37 @@ class VirtualMachine:
 
     # ------------------------------------------------------------ reading
 
+    def serving_status(self) -> ServingStatus:
+        """What serving the socket knows (in process isolation: the worker's report)."""
+        device = self.device.snapshot() if self.device is not None else None
+        if device is not None and not self.connected:
+            device.running = False
+        return ServingStatus(
+            connected=self.connected,
+            connections=self.connections,
+            guest_ram_bytes=self.ram_bytes(),
+            target_pages=self.target_pages,
+            last_disconnect=self.last_disconnect,
+            device=device,
+            journal_persisting=self.journal.persisting if self.journal is not None else None,
+            journal_write_errors=self.journal.write_errors if self.journal is not None else None,
+        )
+
+    def status(self) -> VmStatus:
+        return compose_status(
+            VmStatus(
+                name=self.name,
+                socket=self.socket_path,
+                target_bytes=self.target_pages * PAGE_SIZE,
+                stats_interval=self.settings.stats_interval,
+                discard_inhibited=self.discard_inhibit,
+            ),
+            self.serving_status(), self.qmp, self.discard_guard,
+        )
+
     def summary(self) -> dict[str, Any]:
-        base: dict[str, Any] = {
-            "name": self.name,
-            "kind": self.kind,
-            "socket": self.socket_path,
-            "qmp": self.qmp.path if self.qmp is not None else None,
-            "connected": self.connected,
-            "connections": self.connections,
-            "guest_ram_bytes": self.ram_bytes(),
-            "target_bytes": self.target_pages * PAGE_SIZE,
-            "stats_interval": self.settings.stats_interval,
-            "last_disconnect": self.last_disconnect,
-            "qmp_connected": bool(self.qmp is not None and self.qmp.connected),
-            "run_state": self.qmp.status if self.qmp is not None else None,
-            "discard_inhibited": self.discard_inhibit,
-            "discard_guard": self.discard_guard.summary() if self.discard_guard is not None else None,
-        }
-        if self.device is None:
-            base.update(
-                actual_bytes=0,
-                ballooned_bytes=0,
-                host_freed_bytes=0,
-                reported_freed_bytes=0,
-                resident_bytes=0,
-                features=[],
-                stats={},
-                stats_updated_at=None,
-                migrations=0,
-                running=False,
-                counters={},
-            )
-            return base
-        snap = self.device.snapshot()
-        snap.pop("guest_ram_bytes", None)
-        snap.pop("target_bytes", None)
-        base.update(snap)
-        if self.journal is not None:
-            # A failed write turns persistence off (the balloon keeps working): visible here and in metrics.
-            base["counters"]["journal_write_errors"] = self.journal.write_errors
-            base["journal_persisting"] = self.journal.persisting
-        if not self.connected:
-            base["running"] = False
-        return base
+        """The API's JSON for this VM."""
+        return self.status().to_json()
 
     def pfn_ranges(self) -> dict[str, Any]:
         if self.device is None:

@@ -49,6 +49,7 @@ from ..engine.device_api import DeviceHost
 from ..engine.memory import GuestMemory
 from ..engine.vring import Vring
 from ..logs import RateLimited
+from ..status import DeviceStatus
 from .journal import BalloonJournal, GuestIdentity, PeerProcess
 from .releaser import MemoryReleaser, ReleasableRegion
 from .tracker import PfnTracker
@@ -748,22 +749,23 @@ class BalloonDevice:
 
     # ============================================================ reporting
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> DeviceStatus:
+        """The device's numbers for the VM's status (typed: see balloond/status.py)."""
         memory = self.memory
-        return {
-            "features": vb.feature_names(self.acked),
-            "guest_ram_bytes": memory.total_bytes if memory else 0,
-            "target_bytes": self.config.num_pages * vb.PAGE_SIZE,
-            "actual_bytes": self.config.actual * vb.PAGE_SIZE,
-            "ballooned_bytes": len(self.tracker) * vb.PAGE_SIZE,
-            "host_freed_bytes": self.counters.balloon_freed_bytes,
-            "reported_freed_bytes": self.counters.reported_freed_bytes,
-            "resident_bytes": self.releaser.allocated_bytes() if memory else 0,
-            "pending_discard_bytes": len(self._pending) * vb.PAGE_SIZE,
-            "discard_inhibited": self.discard_inhibit,
-            "stats": dict(self.stats.values),
-            "stats_updated_at": self.stats.updated_at,
-            "migrations": self.tracker.counters.migrations,
-            "running": self.running,
-            "counters": {**self.counters.as_dict(), **self.tracker.counters.as_dict()},
-        }
+        return DeviceStatus(
+            features=vb.feature_names(self.acked),
+            guest_ram_bytes=memory.total_bytes if memory else 0,
+            target_bytes=self.config.num_pages * vb.PAGE_SIZE,
+            actual_bytes=self.config.actual * vb.PAGE_SIZE,
+            ballooned_bytes=len(self.tracker) * vb.PAGE_SIZE,
+            host_freed_bytes=self.counters.balloon_freed_bytes,
+            reported_freed_bytes=self.counters.reported_freed_bytes,
+            resident_bytes=self.releaser.allocated_bytes() if memory else 0,
+            pending_discard_bytes=len(self._pending) * vb.PAGE_SIZE,
+            discard_inhibited=self.discard_inhibit,
+            stats=dict(self.stats.values),
+            stats_updated_at=self.stats.updated_at,
+            migrations=self.tracker.counters.migrations,
+            running=self.running,
+            counters={**self.counters.as_dict(), **self.tracker.counters.as_dict()},
+        )

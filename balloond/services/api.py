@@ -122,10 +122,10 @@ class ControlApi:
         return body[key]
 
     async def list_vms(self, request: web.Request) -> web.Response:
-        return web.json_response([vm.summary() for vm in self.vms.values()])
+        return web.json_response([vm.status().to_json() for vm in self.vms.values()])
 
     async def get_vm(self, request: web.Request) -> web.Response:
-        return web.json_response(self._vm(request).summary())
+        return web.json_response(self._vm(request).status().to_json())
 
     async def put_target(self, request: web.Request) -> web.Response:
         return await self._put_setting(request, "bytes", lambda vm, value: vm.set_target_bytes(value))
@@ -141,7 +141,7 @@ class ControlApi:
             apply(vm, value)
         except TargetError as exc:
             return _error(400, str(exc))
-        return web.json_response(vm.summary())
+        return web.json_response(vm.status().to_json())
 
     async def get_pfns(self, request: web.Request) -> web.Response:
         try:

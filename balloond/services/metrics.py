@@ -1,6 +1,6 @@
 """Prometheus metrics, read from the VMs at scrape time.
 
-A custom collector asks each VM for its summary when scraped, so there is no
+A custom collector asks each VM for its status when scraped, so there is no
 second copy of any number to keep in step with the device.
 """
 
@@ -51,10 +51,10 @@ class _VmCollector:
         self.vms = vms
 
     def collect(self) -> Iterator[Any]:
-        summaries = {name: vm.summary() for name, vm in self.vms.items()}
+        summaries = {name: vm.status() for name, vm in self.vms.items()}
         up = GaugeMetricFamily("balloond_vm_connected", "1 while a frontend is connected", labels=["vm"])
         for name, s in summaries.items():
-            up.add_metric([name], 1.0 if s["connected"] else 0.0)
+            up.add_metric([name], 1.0 if s.connected else 0.0)
         yield up
         info = GaugeMetricFamily("balloond_vm_info", "Which device backs the VM's balloon (vhost-user: ours; "
                                  "qemu: QEMU's built-in, over QMP)", labels=["vm", "kind"])
@@ -62,32 +62,34 @@ class _VmCollector:
                                       "1 while discards are refused (VFIO device, migration, QMP unknown)",
                                       labels=["vm"])
         for name, s in summaries.items():
-            info.add_metric([name, str(s.get("kind"))], 1.0)
-            inhibited.add_metric([name], 1.0 if s.get("discard_inhibited") else 0.0)
+            info.add_metric([name, s.kind], 1.0)
+            inhibited.add_metric([name], 1.0 if s.discard_inhibited else 0.0)
         yield info
         yield inhibited
         for key, doc in _GAUGES.items():
             g = GaugeMetricFamily(f"balloond_vm_{key}", doc, labels=["vm"])
             for name, s in summaries.items():
-                if s.get(key) is not None:  # None: this kind of VM cannot tell
-                    g.add_metric([name], float(s[key]))
+                value = getattr(s, key)
+                if value is not None:  # None: this kind of VM cannot tell
+                    g.add_metric([name], float(value))
             yield g
         for key, doc in _COUNTERS.items():
             metric = key[: -len("_total")] if key.endswith("_total") else key
             c = CounterMetricFamily(f"balloond_vm_{metric}", doc, labels=["vm"])
             for name, s in summaries.items():
-                if s.get(key) is not None:
-                    c.add_metric([name], float(s[key]))
+                value = getattr(s, key)
+                if value is not None:
+                    c.add_metric([name], float(value))
             yield c
         events = CounterMetricFamily("balloond_vm_events", "Device events and refusals, by kind", labels=["vm", "kind"])
         for name, s in summaries.items():
-            counters = s.get("counters") or {}
+            counters = s.counters
             for kind in _DEVICE_COUNTERS:
                 events.add_metric([name, kind], float(counters.get(kind, 0)))
         yield events
         stats = GaugeMetricFamily("balloond_guest_stat", "Guest statistics from the stats queue", labels=["vm", "stat"])
         for name, s in summaries.items():
-            for stat, value in (s.get("stats") or {}).items():
+            for stat, value in s.stats.items():
                 stats.add_metric([name, stat], float(value))
         yield stats
 

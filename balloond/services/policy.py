@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from .sizes import format_size, parse_size
+from ..status import VmStatus
 
 PAGE_SIZE = 4096
 MiB = 1 << 20
@@ -88,19 +89,18 @@ class VmSample:
     run_state: str | None = None
 
     @classmethod
-    def from_summary(cls, summary: Mapping[str, Any], now: float) -> VmSample:
-        """From `VirtualMachine.summary()` (stats_updated_at is wall-clock time)."""
-        updated = summary.get("stats_updated_at")
-        stats = summary.get("stats") or {}
+    def from_status(cls, status: VmStatus, now: float) -> VmSample:
+        """From a VM's status (stats_updated_at is wall-clock time)."""
+        updated, stats = status.stats_updated_at, status.stats
         return cls(
-            name=str(summary["name"]),
-            guest_ram_bytes=int(summary.get("guest_ram_bytes") or 0),
-            target_bytes=int(summary.get("target_bytes") or 0),
-            actual_bytes=int(summary.get("actual_bytes") or 0),
+            name=status.name,
+            guest_ram_bytes=status.guest_ram_bytes or 0,
+            target_bytes=status.target_bytes or 0,
+            actual_bytes=status.actual_bytes or 0,
             stats={k: int(v) for k, v in stats.items()},
             stats_age=None if not updated or not stats else max(0.0, now - float(updated)),
-            connected=bool(summary.get("connected")),
-            run_state=summary.get("run_state"),
+            connected=status.connected,
+            run_state=status.run_state,
         )
 
 

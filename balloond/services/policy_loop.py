@@ -6,7 +6,7 @@ ask the policy, apply its targets, and keep the decision for the API.
     loop.snapshot()               # GET /v1/policy
     await loop.stop()
 
-VMs are anything with `name`, `summary()` and `set_target_bytes(n)` (the
+VMs are anything with `name`, `status()` and `set_target_bytes(n)` (the
 daemon's `VirtualMachine`, or a fake in tests); targets are applied only to
 connected VMs. The host comes from `HostMemorySampler` (/proc) unless another
 source is given: `SimulatedHost` (a pretend host size, for tests on big
@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from ..status import VmStatus
 from .host_memory import HostMemorySampler, SimulatedHost
 from .policy import (
     Decision,
@@ -42,7 +43,7 @@ ACTIONS = ("inflate", "deflate", "hold", "skip", "error")
 
 
 class PolicyVm(Protocol):
-    def summary(self) -> dict[str, Any]: ...
+    def status(self) -> VmStatus: ...
 
     def set_target_bytes(self, value: Any) -> int: ...
 
@@ -113,17 +114,17 @@ class PolicyLoop:
 
     # ----------------------------------------------------------------- one interval
 
-    def sample_host(self, summaries: list[dict[str, Any]]) -> HostSample:
-        if self._host_takes_summaries:
-            return self.host(summaries)
+    def sample_host(self, statuses: list[VmStatus]) -> HostSample:
+        if self._host_takes_summaries:  # host sources read the VMs' API objects (a simulated host: resident bytes)
+            return self.host([s.to_json() for s in statuses])
         return self.host()
 
     def tick(self) -> Decision:
         """Sample, decide and apply once (synchronously; all of it is cheap)."""
         now = self.clock()
-        summaries = [vm.summary() for vm in self.vms.values()]
-        host = self.sample_host(summaries)
-        samples = [VmSample.from_summary(s, now) for s in summaries]
+        statuses = [vm.status() for vm in self.vms.values()]
+        host = self.sample_host(statuses)
+        samples = [VmSample.from_status(s, now) for s in statuses]
         decision = self.policy.decide(host, samples, {n: self.settings_for(n) for n in self.vms}, now)
         for d in decision.vms:
             vm = self.vms.get(d.name)

@@ -40,6 +40,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from protocol.balloon import PAGE_SIZE, decode_qemu_guest_stats
 
+from ..status import VmStatus
 from ..vm import NotSupported, TargetError, stats_interval, target_pages
 from .discard_guard import list_devices
 from .qmp_link import QmpLink, QmpUnavailable, QmpWatch
@@ -222,35 +223,39 @@ class QemuBalloonVm(QmpWatch):
             return 0
         return max(0, self.guest_ram_bytes - self.logical_bytes)
 
-    def summary(self) -> dict[str, Any]:
+    def status(self) -> VmStatus:
         ballooned = self.ballooned_bytes()
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "socket": None,
-            "qmp": self.qmp.path,
-            "connected": self.connected,
-            "connections": self.qmp.connects,
-            "guest_ram_bytes": self.guest_ram_bytes,
-            "target_bytes": self.target_bytes or 0,
-            "stats_interval": self.stats_interval,
-            "last_disconnect": None,
-            "qmp_connected": self.qmp.connected,
-            "run_state": self.qmp.status,
-            "discard_inhibited": None,  # QEMU's own device enforces its inhibit
-            "discard_guard": None,
-            "device": self.device_path,
-            "last_error": self.last_error,
-            "actual_bytes": ballooned,
-            "ballooned_bytes": ballooned,
-            "host_freed_bytes": None,
-            "reported_freed_bytes": None,
-            "resident_bytes": qemu_resident_bytes(self.qmp.pid),
-            "features": [],
-            "stats": dict(self.stats),
-            "stats_updated_at": self.stats_updated_at,
-            "migrations": None,
-            "running": self.connected and self.qmp.running is True,
-            "counters": {"targets_sent": self.targets_sent},
-            "updated_at": time.time(),
-        }
+        return VmStatus(
+            name=self.name,
+            kind=self.kind,
+            socket=None,
+            qmp=self.qmp.path,
+            connected=self.connected,
+            connections=self.qmp.connects,
+            guest_ram_bytes=self.guest_ram_bytes,
+            target_bytes=self.target_bytes or 0,
+            stats_interval=self.stats_interval,
+            last_disconnect=None,
+            qmp_connected=self.qmp.connected,
+            run_state=self.qmp.status,
+            discard_inhibited=None,  # QEMU's own device enforces its inhibit
+            discard_guard=None,
+            device=self.device_path,
+            last_error=self.last_error,
+            actual_bytes=ballooned,
+            ballooned_bytes=ballooned,
+            host_freed_bytes=None,
+            reported_freed_bytes=None,
+            resident_bytes=qemu_resident_bytes(self.qmp.pid),
+            features=[],
+            stats=dict(self.stats),
+            stats_updated_at=self.stats_updated_at,
+            migrations=None,
+            running=self.connected and self.qmp.running is True,
+            counters={"targets_sent": self.targets_sent},
+            updated_at=time.time(),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The API's JSON for this VM."""
+        return self.status().to_json()

@@ -340,7 +340,7 @@ def test_a_virtual_machine_wired_to_a_guard_passes_the_reason_to_its_device(sock
         await serve_once(vm)
         device = vm.device
         assert device is not None
-        assert device.discard_inhibit == NOT_CONNECTED and device.snapshot()["discard_inhibited"] == NOT_CONNECTED
+        assert device.discard_inhibit == NOT_CONNECTED and device.snapshot().discard_inhibited == NOT_CONNECTED
         assert device.counters.discard_inhibits == 1
         async with FakeQmp(sock) as fake:
             vm.qmp.start()

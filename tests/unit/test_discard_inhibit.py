@@ -120,16 +120,16 @@ def test_inflate_while_inhibited_is_tracked_not_freed_and_allowing_frees_all(rig
     assert len(rig.device.tracker) == len(BALLOONED) and set(rig.device.tracker) == set(BALLOONED)
     assert rig.ram.nonzero(BALLOONED) == list(BALLOONED)  # the data is still there
     snap = rig.device.snapshot()
-    assert snap["ballooned_bytes"] == len(BALLOONED) * PAGE and snap["pending_discard_bytes"] == 0
-    assert snap["discard_inhibited"].startswith("assigned device(s)")
-    assert snap["counters"]["discard_inhibits"] == 1 and snap["host_freed_bytes"] == 0
+    assert snap.ballooned_bytes == len(BALLOONED) * PAGE and snap.pending_discard_bytes == 0
+    assert snap.discard_inhibited.startswith("assigned device(s)")
+    assert snap.counters["discard_inhibits"] == 1 and snap.host_freed_bytes == 0
     # Deflates still work while refused.
     rig.deflate(range(256, 264))
     assert len(rig.device.tracker) == len(BALLOONED) - 8
     rig.device.set_discard_inhibit(None)
     assert before - rig.allocated() == (len(BALLOONED) - 8) * PAGE  # every frame still ballooned, freed
     assert rig.ram.nonzero(range(256, 264)) == list(range(256, 264))  # the deflated ones kept
-    assert rig.device.snapshot()["discard_inhibited"] is None
+    assert rig.device.snapshot().discard_inhibited is None
     assert rig.device.counters.balloon_freed_bytes == (len(BALLOONED) - 8) * PAGE
 
 
@@ -160,7 +160,7 @@ def test_a_changed_reason_is_not_another_closing_and_reopening_without_balloon_i
 def test_a_device_without_memory_yet_accepts_the_verdict():
     d = BalloonDevice(DeviceSettings())
     d.set_discard_inhibit("QMP not connected: cannot tell whether discards are safe")
-    assert d.snapshot()["discard_inhibited"].startswith("QMP not connected")
+    assert d.snapshot().discard_inhibited.startswith("QMP not connected")
     d.set_discard_inhibit(None)  # nothing mapped, nothing ballooned: nothing to do
     assert d.discard_inhibit is None and d.counters.discard_calls == 0
 
@@ -173,13 +173,13 @@ def test_pending_deferred_discards_are_dropped_when_inhibited():
             d = r.device
             before = touched(r, BALLOONED)
             r.inflate(range(256, 320))
-            assert d.snapshot()["pending_discard_bytes"] == 64 * PAGE
+            assert d.snapshot().pending_discard_bytes == 64 * PAGE
             d.flush_discards()  # control: deferred discards do free when due
             assert before - r.allocated() == 64 * PAGE
             r.inflate(range(320, 512))
-            assert d.snapshot()["pending_discard_bytes"] == 192 * PAGE and d._flush_timer is not None
+            assert d.snapshot().pending_discard_bytes == 192 * PAGE and d._flush_timer is not None
             d.set_discard_inhibit("assigned device(s) (VFIO): /machine/peripheral/gpu0")
-            assert d.snapshot()["pending_discard_bytes"] == 0 and d._flush_timer is None
+            assert d.snapshot().pending_discard_bytes == 0 and d._flush_timer is None
             d.flush_discards()  # what the timer would have done: nothing left to do
             assert before - r.allocated() == 64 * PAGE
             assert r.ram.nonzero(range(320, 512)) == list(range(320, 512))
@@ -249,7 +249,7 @@ def test_pages_reused_right_after_inflate_without_must_tell_host(delay):
         assert not d.may_defer_discards
         r.inflate(pages)
         # Freed at the moment the buffer came back, nothing left pending.
-        assert d.snapshot()["pending_discard_bytes"] == 0
+        assert d.snapshot().pending_discard_bytes == 0
         assert before - r.allocated() == len(pages) * PAGE
         assert d.counters.balloon_freed_bytes == len(pages) * PAGE
         r.ram.fill(pages, seed=3)  # reused before any deflate
@@ -290,13 +290,13 @@ def test_with_must_tell_host_the_default_delay_defers_and_a_deflate_cancels():
         assert d.may_defer_discards
         r.inflate(kept)
         r.inflate(freed)
-        assert d.snapshot()["pending_discard_bytes"] == 128 * PAGE  # deferred, not done
+        assert d.snapshot().pending_discard_bytes == 128 * PAGE  # deferred, not done
         assert r.allocated() == before and d.counters.discard_calls == 0
         r.deflate(kept)  # cancels the discard of these before it is acknowledged
-        assert d.snapshot()["pending_discard_bytes"] == 64 * PAGE
+        assert d.snapshot().pending_discard_bytes == 64 * PAGE
         r.ram.fill(kept, seed=5)
         await asyncio.sleep(DEFAULT_DELAY + 0.05)
-        assert d.snapshot()["pending_discard_bytes"] == 0
+        assert d.snapshot().pending_discard_bytes == 0
         assert r.ram.damaged(kept, seed=5) == []
         assert r.ram.nonzero(freed) == []
         assert d.counters.discard_calls == 1 and d.counters.balloon_freed_bytes == len(freed) * PAGE

@@ -24,11 +24,12 @@ from balloond.services.policy import (
     PolicyError,
     VmPolicySettings,
 )
+from balloond.status import VmStatus
 from balloond.services.policy_loop import PolicyCollector, PolicyLoop
 
 
 class FakeVm:
-    """What the loop uses of VirtualMachine: summary() and set_target_bytes()."""
+    """What the loop uses of VirtualMachine: status() and set_target_bytes()."""
 
     def __init__(self, name, *, ram=4 * GiB, used=1 * GiB, connected=True, stats=True):
         self.name = name
@@ -40,19 +41,19 @@ class FakeVm:
         self.calls: list[int] = []
         self.refuse = False
 
-    def summary(self):
+    def status(self):
         total = self.ram - 64 * MiB
-        return {
-            "name": self.name,
-            "connected": self.connected,
-            "guest_ram_bytes": self.ram,
-            "target_bytes": self.target,
-            "actual_bytes": self.target,
-            "resident_bytes": self.ram - self.target,
-            "stats": {"total_memory": total, "available_memory": total - self.used - self.target,
-                      "major_faults": 0} if self.stats else {},
-            "stats_updated_at": time.time() - 1 if self.stats else None,
-        }
+        return VmStatus(
+            name=self.name,
+            connected=self.connected,
+            guest_ram_bytes=self.ram,
+            target_bytes=self.target,
+            actual_bytes=self.target,
+            resident_bytes=self.ram - self.target,
+            stats={"total_memory": total, "available_memory": total - self.used - self.target,
+                   "major_faults": 0} if self.stats else {},
+            stats_updated_at=time.time() - 1 if self.stats else None,
+        )
 
     def set_target_bytes(self, value):
         if self.refuse:

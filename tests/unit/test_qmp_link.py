@@ -4,6 +4,7 @@ leaving a VM alone whose QEMU is not running."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -79,8 +80,8 @@ def test_policy_leaves_a_paused_vm_alone_and_says_why():
     class QmpVm(FakeVm):
         run_state: str | None = "running"
 
-        def summary(self):
-            return {**super().summary(), "run_state": self.run_state}
+        def status(self):
+            return dataclasses.replace(super().status(), run_state=self.run_state)
 
     a, b = QmpVm("a", used=512 * MiB), QmpVm("b", used=512 * MiB)
     loop = make_loop([a, b], available=256 * MiB)  # host short: reclaim

@@ -1,0 +1,136 @@
+"""VmStatus: what one VM looks like right now, as typed values.
+
+The API, `balloonctl status`, the metrics and the policy all read the same
+facts about a VM; with one dataclass for them a field renamed or misspelt
+is an error where it is made, not a missing key found at scrape time. The
+same values cross the channel from a VM's worker process (see
+balloond/worker/), so a typed decoder can check what a worker says.
+
+JSON exists only at the HTTP edge: `VmStatus.to_json()` gives the object
+GET /v1/vms/{name} has always sent (same field names, same values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DeviceStatus:
+    """What a connected BalloonDevice knows (BalloonDevice.snapshot())."""
+
+    features: list[str] = field(default_factory=list)
+    guest_ram_bytes: int = 0
+    target_bytes: int = 0
+    actual_bytes: int = 0
+    ballooned_bytes: int = 0
+    host_freed_bytes: int = 0
+    reported_freed_bytes: int = 0
+    resident_bytes: int = 0
+    pending_discard_bytes: int = 0
+    discard_inhibited: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    stats_updated_at: float | None = None
+    migrations: int = 0
+    running: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Disconnect:
+    """When and why the VM's last frontend went away."""
+
+    at: float
+    reason: str
+
+
+@dataclass
+class ServingStatus:
+    """What the code serving a VM's socket knows: its connections, device and
+    journal. In process isolation this is all a worker can tell the
+    supervisor (the QMP link, the guard and the target live there)."""
+
+    connected: bool = False
+    connections: int = 0
+    guest_ram_bytes: int = 0
+    target_pages: int = 0
+    last_disconnect: Disconnect | None = None
+    device: DeviceStatus | None = None
+    #: None without --state-dir.
+    journal_persisting: bool | None = None
+    journal_write_errors: int | None = None
+
+
+@dataclass
+class WorkerStatus:
+    """The process serving a VM (process isolation only)."""
+
+    state: str  # "running" | "restarting" | "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    #: How the last worker ended: "killed by SIGBUS", "exit code 1", "no heartbeat for 5.0 s".
+    last_exit: str | None = None
+
+
+#: Sent only by VMs on QEMU's built-in balloon (QemuBalloonVm).
+_QEMU_ONLY = ("device", "last_error", "updated_at")
+#: Left out of the JSON when None: the VM has no such thing (no device yet, no journal, no worker).
+_OMIT_IF_NONE = ("pending_discard_bytes", "journal_persisting", "worker")
+
+
+@dataclass
+class VmStatus:
+    """One VM, whichever device backs its balloon. None: this kind of VM cannot tell."""
+
+    name: str
+    kind: str = "vhost-user"
+    socket: str | None = None
+    qmp: str | None = None
+    connected: bool = False
+    connections: int = 0
+    guest_ram_bytes: int = 0
+    target_bytes: int = 0
+    stats_interval: float = 0.0
+    last_disconnect: Disconnect | None = None
+    qmp_connected: bool = False
+    run_state: str | None = None
+    discard_inhibited: str | None = None
+    discard_guard: dict[str, Any] | None = None
+    device: str | None = None
+    last_error: str | None = None
+    features: list[str] = field(default_factory=list)
+    actual_bytes: int = 0
+    ballooned_bytes: int = 0
+    host_freed_bytes: int | None = 0
+    reported_freed_bytes: int | None = 0
+    resident_bytes: int | None = 0
+    pending_discard_bytes: int | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    stats_updated_at: float | None = None
+    migrations: int | None = 0
+    running: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+    journal_persisting: bool | None = None
+    updated_at: float | None = None
+    worker: WorkerStatus | None = None
+
+    def apply_device(self, device: DeviceStatus) -> None:
+        """Take the live device's numbers (its own discard verdict included)."""
+        for f in dataclasses.fields(device):
+            if f.name not in ("guest_ram_bytes", "target_bytes"):
+                setattr(self, f.name, getattr(device, f.name))
+        self.stats = dict(device.stats)
+        self.counters = dict(device.counters)
+        self.features = list(device.features)
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's object for this VM (the HTTP edge; nothing else reads it)."""
+        out = dataclasses.asdict(self)
+        for key in _QEMU_ONLY if self.kind != "qemu" else ():
+            del out[key]
+        for key in _OMIT_IF_NONE:
+            if out[key] is None:
+                del out[key]
+        return out
