@@ -4,6 +4,12 @@ One bit per 4 KiB frame of guest RAM (32 KiB per GiB, the bound the design
 asks for), kept per RAM range so holes in the guest-physical map (the VGA hole
 below 1 MiB, the PCI hole below 4 GiB) cost nothing. Every update is O(1).
 
+The bits are allocated lazily, one 4 KiB chunk (32768 frames, 128 MiB of
+guest RAM) at a time, when a frame in it first enters the balloon: a
+frontend that describes terabytes of sparse memory costs nothing until the
+guest balloons there, and a new memory layout (every SET_MEM_TABLE) costs
+time in proportion to the chunks in use, not to the size of guest RAM.
+
 The tracker is the authority on what may be discarded: the device asks it
 which frames of an inflate are newly ballooned, and discards only those. A
 frame outside guest RAM, an inflate of a frame already in the balloon and a
@@ -15,6 +21,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+#: Frames per bitmap chunk (4 KiB of bits).
+CHUNK_FRAMES = 32768
+CHUNK_BYTES = CHUNK_FRAMES // 8
+_CHUNK_SHIFT = 15  # log2(CHUNK_FRAMES)
+_BYTE_SHIFT = _CHUNK_SHIFT - 3  # byte offset -> chunk index
 
 
 @dataclass
@@ -31,11 +43,96 @@ class TrackerCounters:
         return dict(self.__dict__)
 
 
+class _Bitmap:
+    """`nbits` bits, stored as lazily allocated chunks; a missing chunk reads
+    as zeros. Byte offsets (as in a flat bytearray) are the interface."""
+
+    __slots__ = ("nbits", "chunks")
+
+    def __init__(self, nbits: int) -> None:
+        self.nbits = nbits
+        self.chunks: dict[int, bytearray] = {}
+
+    def _chunk(self, index: int) -> bytearray:
+        chunk = self.chunks.get(index)
+        if chunk is None:
+            size = min(CHUNK_BYTES, (self.nbits + 7) // 8 - index * CHUNK_BYTES)
+            chunk = self.chunks[index] = bytearray(size)
+        return chunk
+
+    def get(self, off: int) -> bool:
+        chunk = self.chunks.get(off >> _CHUNK_SHIFT)
+        return chunk is not None and bool(chunk[(off >> 3) & (CHUNK_BYTES - 1)] & (1 << (off & 7)))
+
+    def set(self, off: int) -> None:
+        self._chunk(off >> _CHUNK_SHIFT)[(off >> 3) & (CHUNK_BYTES - 1)] |= 1 << (off & 7)
+
+    def clear(self, off: int) -> None:
+        chunk = self.chunks.get(off >> _CHUNK_SHIFT)
+        if chunk is not None:
+            chunk[(off >> 3) & (CHUNK_BYTES - 1)] &= ~(1 << (off & 7)) & 0xFF
+
+    def _pieces(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """Bytes [start, end) as (chunk index, start, end) within each chunk."""
+        while start < end:
+            index = start >> _BYTE_SHIFT
+            base = index * CHUNK_BYTES
+            stop = min(end, base + CHUNK_BYTES)
+            yield index, start - base, stop - base
+            start = stop
+
+    def count_bytes(self, start: int, end: int, value: int) -> int:
+        """How many bytes of [start, end) hold `value`."""
+        n = 0
+        for index, a, b in self._pieces(start, end):
+            chunk = self.chunks.get(index)
+            if chunk is None:
+                n += (b - a) if value == 0 else 0
+            else:
+                n += chunk[a:b].count(value)
+        return n
+
+    def fill_bytes(self, start: int, end: int, value: int) -> None:
+        for index, a, b in self._pieces(start, end):
+            if value == 0 and index not in self.chunks:
+                continue
+            self._chunk(index)[a:b] = bytes([value]) * (b - a)
+
+    def popcount(self) -> int:
+        return sum(int.from_bytes(c, "little").bit_count() for c in self.chunks.values())
+
+    def any(self) -> bool:
+        return any(any(c) for c in self.chunks.values())
+
+    def nbytes(self) -> int:
+        return sum(len(c) for c in self.chunks.values())
+
+    def iter_set(self) -> Iterator[int]:
+        """Offsets of the set bits, ascending."""
+        for index in sorted(self.chunks):
+            bits = self.chunks[index]
+            # Skip empty stretches 8 bytes at a time: the balloon is usually
+            # sparse relative to RAM or made of long runs.
+            n = len(bits)
+            i = 0
+            while i < n:
+                if i + 8 <= n and not any(bits[i : i + 8]):
+                    i += 8
+                    continue
+                b = bits[i]
+                if b:
+                    base = index * CHUNK_FRAMES + i * 8
+                    for k in range(8):
+                        if b & (1 << k):
+                            yield base + k
+                i += 1
+
+
 @dataclass
 class _Range:
     first: int
     count: int
-    bits: bytearray = field(repr=False)
+    bits: _Bitmap = field(repr=False)
 
 
 class PfnTracker:
@@ -50,7 +147,7 @@ class PfnTracker:
         # Stock-driver migration detection: a 1-frame inflate immediately
         # followed by a 1-frame deflate is how Linux reports a compaction move.
         self._single_inflate: int | None = None
-        self._parked: dict[tuple[int, int], bytearray] = {}
+        self._parked: dict[tuple[int, int], _Bitmap] = {}
         self.resize(ranges)
 
     # ----------------------------------------------------------- layout
@@ -62,7 +159,7 @@ class PfnTracker:
         are dropped from the balloon).
         """
         old = self._ranges
-        new = [_Range(first, count, bytearray((count + 7) // 8)) for first, count in sorted(ranges) if count > 0]
+        new = [_Range(first, count, _Bitmap(count)) for first, count in sorted(ranges) if count > 0]
         for a, b in zip(new, new[1:]):
             if a.first + a.count > b.first:
                 raise ValueError("guest RAM ranges overlap")
@@ -73,8 +170,8 @@ class PfnTracker:
         for r in old:
             same = next((n for n in new if (n.first, n.count) == (r.first, r.count)), None)
             if same is not None:
-                same.bits[:] = r.bits
-                self.count += sum(bin(b).count("1") for b in r.bits if b)
+                same.bits = r.bits  # taken over whole: no copy, no scan
+                self.count += r.bits.popcount()
                 continue
             for pfn in _iter_bits(r):
                 if self._locate(pfn) is not None:
@@ -85,11 +182,11 @@ class PfnTracker:
         # a memory slot: REM_MEM_REG, then ADD_MEM_REG) keeps its frames.
         for r in new:
             parked = self._parked.pop((r.first, r.count), None)
-            if parked is not None and not any(r.bits):
-                r.bits[:] = parked
-                self.count += sum(bin(b).count("1") for b in parked if b)
+            if parked is not None and not r.bits.any():
+                r.bits = parked
+                self.count += parked.popcount()
         for r in old:
-            if not any((n.first, n.count) == (r.first, r.count) for n in new) and any(r.bits):
+            if not any((n.first, n.count) == (r.first, r.count) for n in new) and r.bits.any():
                 self._parked[(r.first, r.count)] = r.bits
         return dropped
 
@@ -102,7 +199,8 @@ class PfnTracker:
         return sum(r.count for r in self._ranges)
 
     def bitmap_bytes(self) -> int:
-        return sum(len(r.bits) for r in self._ranges)
+        """Bytes of bitmap allocated (chunks in use; parked ranges included)."""
+        return sum(r.bits.nbytes() for r in self._ranges) + sum(b.nbytes() for b in self._parked.values())
 
     def _locate(self, pfn: int) -> tuple[_Range, int] | None:
         i = bisect.bisect_right(self._firsts, pfn) - 1
@@ -116,7 +214,7 @@ class PfnTracker:
 
     def _set(self, pfn: int) -> None:
         r, off = self._locate(pfn)  # type: ignore[misc]
-        r.bits[off >> 3] |= 1 << (off & 7)
+        r.bits.set(off)
         self.count += 1
 
     # ----------------------------------------------------------- queries
@@ -129,7 +227,7 @@ class PfnTracker:
         if hit is None:
             return False
         r, off = hit
-        return bool(r.bits[off >> 3] & (1 << (off & 7)))
+        return r.bits.get(off)
 
     def __len__(self) -> int:
         return self.count
@@ -210,11 +308,11 @@ class PfnTracker:
         runs = self._fast_runs(pfns)
         whole = 0x00 if entering else 0xFF  # what every byte must hold for the fast path
         if runs is not None and all(
-            r.bits[o >> 3 : (o + c) >> 3].count(whole) == c >> 3 for r, o, c in runs
+            r.bits.count_bytes(o >> 3, (o + c) >> 3, whole) == c >> 3 for r, o, c in runs
         ):
             fill = 0xFF ^ whole
             for r, o, c in runs:
-                r.bits[o >> 3 : (o + c) >> 3] = bytes([fill]) * (c >> 3)
+                r.bits.fill_bytes(o >> 3, (o + c) >> 3, fill)
             self.count += len(pfns) if entering else -len(pfns)
             return pfns
         changed = []
@@ -224,14 +322,16 @@ class PfnTracker:
                 self.counters.invalid_pfn += 1
                 continue
             r, off = hit
-            byte, bit = off >> 3, 1 << (off & 7)
-            if bool(r.bits[byte] & bit) == entering:
+            if r.bits.get(off) == entering:
                 if entering:
                     self.counters.double_inflate += 1
                 else:
                     self.counters.stray_deflate += 1
                 continue
-            r.bits[byte] ^= bit
+            if entering:
+                r.bits.set(off)
+            else:
+                r.bits.clear(off)
             changed.append(pfn)
         self.count += len(changed) if entering else -len(changed)
         return changed
@@ -247,11 +347,11 @@ class PfnTracker:
             self.counters.bad_migration += 1
             return False
         (ro, oo), (rn, on) = old_hit, new_hit
-        if not ro.bits[oo >> 3] & (1 << (oo & 7)) or rn.bits[on >> 3] & (1 << (on & 7)):
+        if not ro.bits.get(oo) or rn.bits.get(on):
             self.counters.bad_migration += 1
             return False
-        ro.bits[oo >> 3] &= ~(1 << (oo & 7)) & 0xFF
-        rn.bits[on >> 3] |= 1 << (on & 7)
+        ro.bits.clear(oo)
+        rn.bits.set(on)
         self.counters.migrations += 1
         self._single_inflate = None
         return True
@@ -261,26 +361,12 @@ class PfnTracker:
         self._parked.clear()
         held = self.count
         for r in self._ranges:
-            r.bits[:] = bytes(len(r.bits))
+            r.bits = _Bitmap(r.count)
         self.count = 0
         self._single_inflate = None
         return held
 
 
 def _iter_bits(r: _Range) -> Iterator[int]:
-    bits = r.bits
-    # Skip empty stretches 8 bytes at a time: the balloon is usually sparse
-    # relative to RAM or made of long runs.
-    n = len(bits)
-    i = 0
-    while i < n:
-        if i + 8 <= n and not any(bits[i : i + 8]):
-            i += 8
-            continue
-        b = bits[i]
-        if b:
-            base = r.first + i * 8
-            for k in range(8):
-                if b & (1 << k):
-                    yield base + k
-        i += 1
+    for off in r.bits.iter_set():
+        yield r.first + off

@@ -36,7 +36,7 @@ from protocol.vhost_user import ProtocolFeature, Request
 
 from ..logs import RateLimited
 from .device_api import VirtioDevice
-from .memory import GuestMemory
+from .memory import DEFAULT_MAX_GUEST_RAM, GuestMemory
 from .vring import Vring, eventfd_drain
 
 #: Queue indices accepted in vring requests (QEMU's num_vqs for a balloon is < 8).
@@ -92,6 +92,7 @@ class VhostUserConnection:
         log: Any = None,
         poll_seconds: float = 0.0,
         protocol_features: int = OFFERED_PROTOCOL_FEATURES,
+        max_guest_ram: int = DEFAULT_MAX_GUEST_RAM,
     ) -> None:
         self.id = next(_connection_ids)
         self.sock = sock
@@ -106,7 +107,8 @@ class VhostUserConnection:
         self.owner_set = False
         self.status = 0
         self.reader = vu.MessageReader()
-        self.memory = GuestMemory()
+        self.max_guest_ram = max_guest_ram
+        self.memory = GuestMemory(max_guest_ram)
         self.vrings: dict[int, Vring] = {}
         self.backend_sock: socket.socket | None = None
         self.started = False
@@ -366,10 +368,16 @@ class VhostUserConnection:
 
     def _set_mem_table(self, d: vu.DecodedRequest) -> None:
         table: vu.MemTable = d.payload  # type: ignore[assignment]
+        total = sum(r.size for r in table.regions)
+        if total > self.max_guest_ram:
+            # Refused before anything is unmapped or mapped: the frontend
+            # cannot make us build a bitmap for terabytes of sparse memfd.
+            _close_fds(list(table.fds))
+            raise FrontendError(f"memory table of {total:#x} bytes exceeds the guest RAM cap of {self.max_guest_ram:#x}")
         live = self._suspend_rings()
         self._safe_device_call(self.device.memory_unmapping)
         self.memory.close()
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(self.max_guest_ram)
         fds = list(table.fds)
         try:
             while fds:
@@ -382,6 +390,8 @@ class VhostUserConnection:
             "guest memory mapped",
             regions=[(hex(r.gpa), r.size) for r in self.memory.regions],
             total_bytes=self.memory.total_bytes,
+            # Files the frontend could still shrink under us (SIGBUS).
+            unsealed_regions=self.memory.unsealed,
         )
         self.device.set_memory(self.memory)
         self._resume_rings(live)

@@ -9,10 +9,22 @@ every region, or a range that crosses a region's end, is a GuestAddressError.
 Each region is mapped from file offset 0 up to mmap_offset + size, so the
 mapping's offset is always aligned whatever the backing page size (hugetlbfs
 needs 2 MiB alignment, which an mmap_offset like 0xc0000 would break).
+
+Two things a hostile frontend could do with the fds it sends are closed here:
+a table far larger than any guest (terabytes of sparse memfd, costing the
+tracker's bitmap and every rescan) is refused above `max_bytes`; and each
+region's file is sealed against shrinking (F_SEAL_SHRINK) before it is
+mapped, so a later ftruncate by the frontend fails with EPERM instead of
+turning our next access to a vanished page into SIGBUS. QEMU's memfd
+backend seals its files itself (grow, shrink, seal: the shrink seal is then
+already there); a file that cannot be sealed (a regular file, a memfd made
+without MFD_ALLOW_SEALING) is mapped as before and counted in `unsealed`.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -45,11 +57,41 @@ class MappedRegion:
         return self.region.mmap_offset
 
 
+#: Default cap on a connection's guest RAM (bytes): more than any guest
+#: this daemon serves, and what bounds the tracker's and the releaser's work.
+DEFAULT_MAX_GUEST_RAM = 1 << 40
+
+
+def seal_against_shrinking(fd: int) -> bool:
+    """Make ftruncate() to a smaller size fail on `fd`'s file; False if the
+    file does not allow it (not a memfd, or made without sealing)."""
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            return True
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+            return False
+        raise
+    return True
+
+
 class GuestMemory:
     """The set of mapped guest RAM regions of one connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_GUEST_RAM) -> None:
         self.regions: list[MappedRegion] = []
+        self.max_bytes = max_bytes
+        #: Regions whose file could not be sealed against shrinking.
+        self.unsealed = 0
+
+    def check_total(self, extra: int) -> None:
+        """Refuse a table that would take guest RAM beyond `max_bytes`."""
+        total = self.total_bytes + extra
+        if total > self.max_bytes:
+            raise FrontendError(
+                f"guest RAM of {total:#x} bytes exceeds the cap of {self.max_bytes:#x} (--max-guest-ram)"
+            )
 
     # ------------------------------------------------------------ building
 
@@ -59,7 +101,12 @@ class GuestMemory:
             for other in self.regions:
                 if region.guest_phys_addr < other.gpa + other.size and other.gpa < region.guest_phys_addr + region.size:
                     raise FrontendError("memory region overlaps an existing region")
+            self.check_total(region.size)
+            # Sealed before the size check and the mapping: once sealed, the
+            # size seen below can only grow.
             try:
+                if not seal_against_shrinking(fd):
+                    self.unsealed += 1
                 file_size = os.fstat(fd).st_size
             except OSError as exc:
                 raise FrontendError(f"memory region fd unusable: {exc}") from None

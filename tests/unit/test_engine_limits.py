@@ -98,3 +98,61 @@ def test_the_listener_keeps_accepting_after_emfile(monkeypatch):
         return listener.accept_errors
 
     assert asyncio.run(main()) == 5
+
+
+def _region(size, gpa=0):
+    from protocol.vhost_user import MemoryRegion
+
+    return MemoryRegion(guest_phys_addr=gpa, size=size, userspace_addr=0x7F0000000000 + gpa, mmap_offset=0)
+
+
+def test_a_mapped_memfd_is_sealed_so_the_frontend_cannot_shrink_it():
+    from balloond.engine.memory import GuestMemory
+
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    frontend_copy = os.dup(fd)  # the frontend keeps its own fd to the file
+    memory = GuestMemory()
+    try:
+        memory.add(_region(1 << 20), fd)
+        assert memory.unsealed == 0
+        with pytest.raises(PermissionError):
+            os.ftruncate(frontend_copy, 0)
+        memory.view(0xFF000, 4096)[0] = 1  # still mapped, no SIGBUS
+    finally:
+        memory.close()
+        os.close(frontend_copy)
+
+
+def test_a_file_that_refuses_sealing_is_mapped_and_counted():
+    from balloond.engine.memory import GuestMemory
+
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)  # no MFD_ALLOW_SEALING
+    os.ftruncate(fd, 1 << 20)
+    memory = GuestMemory()
+    try:
+        memory.add(_region(1 << 20), fd)
+        assert memory.unsealed == 1 and memory.total_bytes == 1 << 20
+    finally:
+        memory.close()
+
+
+def test_guest_ram_beyond_the_cap_is_refused_and_its_fd_closed():
+    from balloond.engine.memory import GuestMemory
+    from protocol.errors import FrontendError
+
+    memory = GuestMemory(max_bytes=2 << 20)
+    fds = []
+    for _ in range(2):
+        fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 2 << 20)
+        fds.append(fd)
+    try:
+        memory.add(_region(2 << 20), fds[0])
+        with pytest.raises(FrontendError, match="exceeds the cap"):
+            memory.add(_region(2 << 20, gpa=4 << 20), fds[1])
+        with pytest.raises(OSError):
+            os.fstat(fds[1])  # taken over and closed
+        assert memory.total_bytes == 2 << 20
+    finally:
+        memory.close()

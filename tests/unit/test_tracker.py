@@ -144,3 +144,27 @@ def test_a_range_that_leaves_and_returns_unchanged_keeps_its_frames():
     assert sorted(t) == [5]
     t.resize([LOW, HIGH])  # ADD_MEM_REG of the same range
     assert sorted(t) == [5, 300, 60000] and len(t) == 3
+
+
+def test_terabytes_of_sparse_guest_ram_cost_only_the_chunks_in_use():
+    """2 x 4 TiB of RAM ranges: the bitmap is allocated only where frames are
+    ballooned, and a new layout (every SET_MEM_TABLE) is fast however large
+    guest RAM is."""
+    import time
+
+    from balloond.device.tracker import CHUNK_BYTES
+
+    tib = 1 << 28  # frames in 1 TiB
+    layout = [(0, 4 * tib), (8 * tib, 4 * tib)]
+    t = PfnTracker(layout)
+    assert t.bitmap_bytes() == 0
+    assert t.inflate([5, 6, 8 * tib + 7, 8 * tib + 4 * tib - 1]) == [5, 6, 8 * tib + 7, 12 * tib - 1]
+    assert t.bitmap_bytes() <= 3 * CHUNK_BYTES < 1 << 20
+    start = time.monotonic()
+    for i in range(50):
+        t.resize(layout if i % 2 else list(reversed(layout)))
+    assert time.monotonic() - start < 0.5
+    assert sorted(t) == [5, 6, 8 * tib + 7, 12 * tib - 1] and len(t) == 4
+    t.resize([(0, 4 * tib), (8 * tib, 2 * tib)])  # the second range shrinks: its frames move or drop
+    assert sorted(t) == [5, 6, 8 * tib + 7]
+    assert t.clear() == 3 and t.bitmap_bytes() <= 2 * CHUNK_BYTES
