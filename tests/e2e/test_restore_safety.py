@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import VhostUserBalloon
+from harness import GuestError, VhostUserBalloon
 from harness.daemon import DaemonProcess
 from tests.e2e.waiting import MIB, wait_for
 
@@ -75,13 +75,21 @@ def load_driver_and_check(vm, daemon: DaemonProcess, since: int, hold: int, held
     its journal), then: every held page intact, the journal dropped for
     `reason`, the daemon's balloon empty, no RAM given back to the host."""
     before = vm.memfd_allocated_bytes()
-    vm.load_module("virtio_balloon")
-    decided = wait_for("the daemon to decide about its journal",
-                       lambda: settle_records(daemon, since), 60)
-    # Anything the decision queued for discard is done by now.
-    wait_for("pending discards to finish",
-             lambda: (v := daemon.api.vm("guest"))["running"] and v["pending_discard_bytes"] == 0, 30)
-    ok, bad = vm.verify_hold(hold)
+    try:
+        # Short guest timeouts: a guest whose pages were discarded under it
+        # crashes or hangs, and that must fail fast.
+        order = vm.image.module_load_order("virtio_balloon")
+        vm.sh("\n".join(f"insmod /lib/modules/{m}.ko || exit 1" for m in order), timeout=20)
+        decided = wait_for("the daemon to decide about its journal",
+                           lambda: settle_records(daemon, since), 60)
+        # Anything the decision queued for discard is done by now.
+        wait_for("pending discards to finish",
+                 lambda: (v := daemon.api.vm("guest"))["running"] and v["pending_discard_bytes"] == 0, 30)
+        ok, bad = vm.verify_hold(hold, timeout=60)
+    except GuestError as exc:
+        console = "\n".join(vm.console_log.read_text(errors="replace").splitlines()[-15:])
+        pytest.fail(f"the guest broke once its balloon driver loaded ({exc}); the daemon decided: "
+                    f"{settle_records(daemon, since)}\nconsole:\n{console}")
     assert ok, (f"{bad} of the {held_mib * 256} pages the new driver instance's guest wrote were "
                 f"damaged; the daemon decided: {decided}")
     assert [r["event"] for r in decided] == [DROPPED], decided
