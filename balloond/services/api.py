@@ -11,13 +11,16 @@ Only root, the daemon's own uid and the uids/gids it is told to allow are
 served (peer credentials, see access.py); anyone else gets 403.
 
 Errors are JSON `{"error": "..."}` with 400 (bad request body), 403 (peer not
-allowed), 404 (unknown VM or path), 405, or 409 (not something this kind of
-VM can do: the frames held by QEMU's built-in balloon); a bug in a handler is a 500 with a
+allowed), 404 (unknown VM or path), 405, 409 (not something this kind of
+VM can do: the frames held by QEMU's built-in balloon) or 503 (the VM's
+worker process is restarting, for what only it knows: its frames); a bug in a handler is a 500 with a
 log line, never a dropped connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 from collections.abc import Iterable
@@ -26,7 +29,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ..vm import ManagedVm, NotSupported, TargetError
+from ..worker.supervisor import WorkerVm
+from ..vm import ManagedVm, NotSupported, TargetError, VmUnavailable
 from .access import AccessPolicy, access_middleware
 from .metrics import render_metrics
 from .policy import PolicyError
@@ -35,6 +39,11 @@ from .policy_loop import PolicyLoop
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+async def _refresh(*vms: ManagedVm) -> None:
+    """VMs served by a worker process report afresh before their status is read."""
+    await asyncio.gather(*(vm.report_now() for vm in vms if isinstance(vm, WorkerVm)))
 
 
 @web.middleware
@@ -122,10 +131,13 @@ class ControlApi:
         return body[key]
 
     async def list_vms(self, request: web.Request) -> web.Response:
+        await _refresh(*self.vms.values())
         return web.json_response([vm.status().to_json() for vm in self.vms.values()])
 
     async def get_vm(self, request: web.Request) -> web.Response:
-        return web.json_response(self._vm(request).status().to_json())
+        vm = self._vm(request)
+        await _refresh(vm)
+        return web.json_response(vm.status().to_json())
 
     async def put_target(self, request: web.Request) -> web.Response:
         return await self._put_setting(request, "bytes", lambda vm, value: vm.set_target_bytes(value))
@@ -141,13 +153,19 @@ class ControlApi:
             apply(vm, value)
         except TargetError as exc:
             return _error(400, str(exc))
+        await _refresh(vm)
         return web.json_response(vm.status().to_json())
 
     async def get_pfns(self, request: web.Request) -> web.Response:
         try:
-            return web.json_response(self._vm(request).pfn_ranges())
+            ranges = self._vm(request).pfn_ranges()
+            if inspect.isawaitable(ranges):  # a worker's VM: asked over its channel
+                ranges = await ranges
+            return web.json_response(ranges)
         except NotSupported as exc:
             return _error(409, str(exc))
+        except VmUnavailable as exc:
+            return _error(503, str(exc))
 
     def _policy(self) -> PolicyLoop:
         if self.policy is None:
@@ -182,5 +200,6 @@ class ControlApi:
         return web.json_response(vars(settings))
 
     async def metrics(self, request: web.Request) -> web.Response:
+        await _refresh(*self.vms.values())
         body, content_type = render_metrics(self.vms, self.policy)
         return web.Response(body=body, headers={"Content-Type": content_type})

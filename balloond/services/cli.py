@@ -93,7 +93,16 @@ _COLUMNS = [
     ("HOST FREED", lambda v: format_size(v["host_freed_bytes"])),
     ("RESIDENT", lambda v: format_size(v["resident_bytes"])),
     ("MIGR", lambda v: "-" if v["migrations"] is None else str(v["migrations"])),
+    ("WORKER", lambda v: _worker_cell(v.get("worker"))),
 ]
+
+
+def _worker_cell(worker: dict[str, Any] | None) -> str:
+    """A VM's worker process in one cell: its pid while running, and restarts if any."""
+    if not worker:
+        return "-"
+    cell = str(worker["pid"]) if worker["state"] == "running" and worker.get("pid") else worker["state"]
+    return cell + (f" ({worker['restarts']} restarts)" if worker.get("restarts") else "")
 
 
 def render_table(vms: list[dict[str, Any]]) -> str:
@@ -112,6 +121,15 @@ def render_detail(vm: dict[str, Any]) -> str:
                      + (f", {vm['run_state']}" if vm.get("run_state") else "") + ")")
     if vm.get("discard_inhibited"):
         lines.append(f"discards refused: {vm['discard_inhibited']}")
+    worker = vm.get("worker")
+    if worker:
+        line = f"worker: {worker['state']}"
+        if worker.get("pid"):
+            line += f", pid {worker['pid']}"
+        line += f", {worker['restarts']} restart(s)"
+        if worker.get("last_exit"):
+            line += f", last exit: {worker['last_exit']}"
+        lines.append(line)
     if vm.get("last_error"):
         lines.append(f"problem: {vm['last_error']}")
     if vm.get("features"):

@@ -78,6 +78,10 @@ class Settings:
     #: Seconds between the discard guard's looks over QMP (migrations also
     #: announce themselves by event; tests lengthen it to tell the two apart).
     guard_poll_interval: float = 1.0
+    #: "process": each VM's socket served by a worker process of its own; "none": all in this process.
+    vm_isolation: str = "process"
+    #: Seconds without a word from a worker before it is killed and restarted.
+    worker_timeout: float = 5.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing: the policy sees a host of SIZE whose used memory is the VMs' resident RAM")
     p.add_argument("--guard-poll-interval", type=float, metavar="SECONDS",
                    help="testing: seconds between the discard guard's looks over QMP (default 1)")
+    p.add_argument("--vm-isolation", metavar="MODE",
+                   help="process (default): serve each VM in a worker process of its own; none: all in one process")
+    p.add_argument("--worker-timeout", type=float, metavar="SECONDS",
+                   help="kill and restart a VM's worker silent for this long (5)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON and exit")
     p.add_argument("--version", action="version", version=f"balloond {__version__}")
@@ -209,6 +217,8 @@ _FILE_KEYS = {
     "free_page_reporting": bool,
     "api_allow_uids": list,
     "api_allow_gids": list,
+    "vm_isolation": str,
+    "worker_timeout": (int, float),
 }
 
 
@@ -270,7 +280,7 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     if args.fd is not None:
         settings.vms.append(VmConfig("default", fd=args.fd))
     for key in ("api", "state_dir", "stats_interval", "log_format", "log_level", "socket_group", "poll_us",
-                "discard_delay_ms"):
+                "discard_delay_ms", "vm_isolation", "worker_timeout"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
@@ -320,6 +330,10 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError("--stats-interval must be a number of seconds, 0 or more (0 = never)")
     if not 0 < settings.guard_poll_interval < math.inf:
         raise ConfigError("--guard-poll-interval must be a number of seconds above 0")
+    if settings.vm_isolation not in ("process", "none"):
+        raise ConfigError(f"vm_isolation / --vm-isolation must be process or none, not {settings.vm_isolation!r}")
+    if not 0 < settings.worker_timeout <= 3600:
+        raise ConfigError("--worker-timeout must be a number of seconds above 0 (at most 3600)")
     if not 0 <= settings.poll_us <= 100_000:
         raise ConfigError("--poll-us must be between 0 and 100000")
     if not 0 <= settings.discard_delay_ms <= 10_000:

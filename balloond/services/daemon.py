@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import structlog
@@ -18,6 +19,9 @@ from ..device.balloon import DeviceSettings
 from ..device.journal import BalloonJournal, JournalError
 from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_socket, open_listening_socket
 from ..vm import ManagedVm, VirtualMachine
+from ..worker.forkserver import check_state_dir, start_forkserver
+from ..worker.process import WorkerSpec
+from ..worker.supervisor import WorkerVm
 from . import config
 from .api import ControlApi
 from .discard_guard import DiscardGuard
@@ -73,6 +77,7 @@ class Daemon:
             policy=self.policy,
         )
         self._stop = asyncio.Event()
+        self._context: BaseContext | None = None
 
     def _device_settings(self) -> DeviceSettings:
         s = self.settings
@@ -112,6 +117,21 @@ class Daemon:
             return None
         return value / 2e6
 
+    def _worker_vm(self, name: str, where: str, sock: socket.socket) -> WorkerVm:
+        s = self.settings
+        if s.state_dir:
+            check_state_dir(s.state_dir)  # a one-line error at start, as with --vm-isolation none
+        spec = WorkerSpec(name=name, socket=where, settings=self._device_settings(), poll_seconds=s.poll_us / 1e6,
+                          state_dir=s.state_dir, target_pages=None, discard_inhibit=None,
+                          log_format=s.log_format, log_level=s.log_level)
+        return WorkerVm(spec, sock, context=self.worker_context(), timeout=s.worker_timeout, log=self.log)
+
+    def worker_context(self) -> BaseContext:
+        if self._context is None:
+            paths = [self.settings.api, *(vmc.socket for vmc in self.settings.vms)]
+            self._context = start_forkserver(next((os.path.dirname(p) for p in paths if p), None))
+        return self._context
+
     def open_sockets(self) -> None:
         for vmc in self.settings.vms:
             if vmc.uses_qemu_balloon:
@@ -127,22 +147,27 @@ class Daemon:
                 assert vmc.socket is not None
                 sock = open_listening_socket(vmc.socket, group=self.settings.socket_group)
                 path = vmc.socket
-            journal = BalloonJournal(self.settings.state_dir, vmc.name) if self.settings.state_dir else None
-            vm = VirtualMachine(
-                vmc.name, path or f"fd:{vmc.fd}", self._device_settings(),
-                poll_seconds=self.settings.poll_us / 1e6, log=self.log, journal=journal,
-            )
-            if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
-                vm.log.info("state found", target_pages=journal.state.target_pages,
-                            ballooned_frames=len(journal.state.frames))
-            vm.listener = VhostUserListener(sock, path=path, log=vm.log)
+            vm: VirtualMachine | WorkerVm
+            if self.settings.vm_isolation == "process":
+                vm = self._worker_vm(vmc.name, path or f"fd:{vmc.fd}", sock)
+                listener = VhostUserListener(sock, path=path, log=vm.log)  # the workers accept; we remove the path
+            else:
+                journal = BalloonJournal(self.settings.state_dir, vmc.name) if self.settings.state_dir else None
+                vm = VirtualMachine(
+                    vmc.name, path or f"fd:{vmc.fd}", self._device_settings(),
+                    poll_seconds=self.settings.poll_us / 1e6, log=self.log, journal=journal,
+                )
+                if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
+                    vm.log.info("state found", target_pages=journal.state.target_pages,
+                                ballooned_frames=len(journal.state.frames))
+                vm.listener = listener = VhostUserListener(sock, path=path, log=vm.log)
             if vmc.qmp:
                 vm.qmp = QmpLink(vmc.qmp, log=vm.log)
                 vm.discard_guard = DiscardGuard(vm.set_discard_inhibit, log=vm.log,
                                                 poll_interval=self.settings.guard_poll_interval)
                 vm.qmp.add(vm.discard_guard)  # closed until QEMU answers
             self.vms[vmc.name] = vm
-            self.listeners.append(vm.listener)
+            self.listeners.append(listener)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,19 +178,26 @@ class Daemon:
             await self.api.start(self.settings.api)
         tasks = [asyncio.create_task(vm.listener.serve(vm.serve_connection))
                  for vm in self.vms.values() if isinstance(vm, VirtualMachine) and vm.listener is not None]
+        workers = [vm for vm in self.vms.values() if isinstance(vm, WorkerVm)]
+        tasks += [vm.start() for vm in workers]
+        # Ready once each worker has reported (or failed to within the timeout): the API then
+        # tells the targets found in the state directory, as without workers.
+        await asyncio.gather(*(asyncio.wait_for(vm.reported.wait(), self.settings.worker_timeout)
+                               for vm in workers), return_exceptions=True)
         tasks += [vm.qmp.start() for vm in self.vms.values() if vm.qmp is not None]
         tasks.append(self.policy.start())  # idles while the policy is off; the API can turn it on
         watchdog = self._watchdog_interval()
         if watchdog is not None:
             tasks.append(asyncio.create_task(self._watchdog(watchdog)))
         self.log.info("balloond ready", vms=sorted(self.vms), api=self.settings.api, version=__version__,
-                      policy=self.policy.enabled)
+                      policy=self.policy.enabled, vm_isolation=self.settings.vm_isolation)
         sd_notify(f"READY=1\nSTATUS=serving {len(self.vms)} VM(s)")
         try:
             await self._stop.wait()
         finally:
             sd_notify("STOPPING=1")
             self.log.info("shutting down")
+            await asyncio.gather(*(vm.stop() for vm in workers), return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -193,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     daemon = Daemon(settings)
     try:
+        if settings.vm_isolation == "process" and any(not vmc.uses_qemu_balloon for vmc in settings.vms):
+            daemon.worker_context()  # before the event loop starts any thread
         asyncio.run(daemon.run())
     except (ListenerError, JournalError) as exc:
         print(f"balloond: {exc}", file=sys.stderr)

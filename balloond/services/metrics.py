@@ -81,6 +81,16 @@ class _VmCollector:
                 if value is not None:
                     c.add_metric([name], float(value))
             yield c
+        worker_up = GaugeMetricFamily("balloond_vm_worker_up", "1 while the VM's worker process runs "
+                                      "(process isolation only)", labels=["vm"])
+        restarts = CounterMetricFamily("balloond_vm_worker_restarts", "Times the VM's worker process was restarted",
+                                       labels=["vm"])
+        for name, s in summaries.items():
+            if s.worker is not None:
+                worker_up.add_metric([name], 1.0 if s.worker.state == "running" else 0.0)
+                restarts.add_metric([name], float(s.worker.restarts))
+        yield worker_up
+        yield restarts
         events = CounterMetricFamily("balloond_vm_events", "Device events and refusals, by kind", labels=["vm", "kind"])
         for name, s in summaries.items():
             counters = s.counters

@@ -1,0 +1,311 @@
+"""WorkerVm: a VM whose vhost-user socket is served by a worker process,
+as the supervisor (API, policy, metrics, QMP) sees it.
+
+The supervisor keeps what outlives a worker: the listening socket (handed
+to each worker as an fd, so QEMU's reconnects land on the next one), the
+operator's target and stats interval (re-sent to a new worker; the journal
+has the target too), the QMP link and its discard guard (whose verdict is
+forwarded). It never maps guest memory.
+
+Restarts: a worker that dies (any signal, any exit) or goes silent for
+`timeout` seconds (then SIGKILLed) is logged with how it ended and started
+again after a delay that doubles from 0.1 s to 10 s, back to 0.1 s once a
+worker has served for 60 s. Only that VM is concerned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import signal
+import socket
+import time
+from multiprocessing.context import BaseContext
+from typing import Any
+
+import structlog
+
+from protocol.balloon import PAGE_SIZE
+
+from ..status import ServingStatus, VmStatus, WorkerStatus
+from ..vm import VmUnavailable, compose_status, stats_interval, target_pages
+from .channel import (
+    TO_SUPERVISOR,
+    ChannelError,
+    GetPfns,
+    GetStatus,
+    Pfns,
+    SetDiscardInhibit,
+    SetStatsInterval,
+    SetTarget,
+    Status,
+    Stop,
+    encode,
+    read_message,
+)
+from .process import WorkerSpec, worker_main
+
+FIRST_DELAY = 0.1
+LONGEST_DELAY = 10.0
+#: A worker that served this long restarts after FIRST_DELAY again.
+HEALTHY_SECONDS = 60.0
+#: Seconds an API read waits for a worker's fresh report before using its last one.
+REFRESH_TIMEOUT = 0.5
+#: On stop: seconds a worker has to exit after Stop before SIGKILL.
+STOP_GRACE = 2.0
+
+
+def describe_exit(code: int | None) -> str:
+    """How a worker ended, for the log and the API."""
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _kill(pid: int | None) -> None:
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class WorkerVm:
+    kind = "vhost-user"
+
+    def __init__(self, spec: WorkerSpec, listen: socket.socket, *, context: BaseContext, timeout: float = 5.0,
+                 log: Any = None) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.listen = listen
+        self.context = context
+        self.timeout = timeout
+        self.log = (log or structlog.get_logger()).bind(vm=spec.name)
+        #: Its QMP link and discard guard (as for VirtualMachine).
+        self.qmp: Any = None
+        self.discard_guard: Any = None
+        #: The target asked for; None until set here or reported by the first worker (from its journal).
+        self.target_pages: int | None = spec.target_pages
+        self.stats_interval = spec.settings.stats_interval
+        self.serving = ServingStatus()
+        self.guest_ram_bytes = 0
+        self.state = "stopped"
+        self.pid: int | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Set at the first report of a worker: the VM's target (from its journal) is known.
+        self.reported = asyncio.Event()
+
+    # ------------------------------------------------------------ the worker's life
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._supervise(), name=f"balloond-worker-{self.name}")
+        return self._task
+
+    async def stop(self) -> None:
+        """Stop the worker (Stop, then SIGKILL after STOP_GRACE) and do not restart it."""
+        self._stopping = True
+        self._wake.set()
+        self._send(Stop())
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
+        except TimeoutError:
+            _kill(self.pid)
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _supervise(self) -> None:
+        delay = FIRST_DELAY
+        while not self._stopping:
+            started = time.monotonic()
+            reason = await self._run_worker()
+            if self._stopping:
+                break
+            if time.monotonic() - started >= HEALTHY_SECONDS:
+                delay = FIRST_DELAY
+            self.state, self.last_exit = "restarting", reason
+            self.restarts += 1
+            self.log.error("worker ended; starting another", reason=reason, restart_in=delay,
+                           restarts=self.restarts)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, LONGEST_DELAY)
+        self.state = "stopped"
+
+    async def _run_worker(self) -> str:
+        """One worker from start to end; returns how it ended."""
+        loop = asyncio.get_running_loop()
+        spec = dataclasses.replace(
+            self.spec, target_pages=self.target_pages, discard_inhibit=self.discard_inhibit,
+            settings=dataclasses.replace(self.spec.settings, stats_interval=self.stats_interval),
+        )
+        parent, child = socket.socketpair()
+        try:
+            proc = self.context.Process(target=worker_main, args=(spec, self.listen, child),  # type: ignore[attr-defined]
+                                        name=f"balloond-worker-{self.name}")
+            proc.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. the forkserver could not fork
+            parent.close()
+            return f"could not start: {type(exc).__name__}: {exc}"
+        finally:
+            child.close()
+        self.pid, self.state = proc.pid, "running"
+        self.log.info("worker started", worker=proc.pid)
+        ended = loop.create_future()
+        loop.add_reader(proc.sentinel, lambda: ended.done() or ended.set_result(None))
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        self._writer = writer
+        reading = asyncio.create_task(self._read(reader))
+        reason: str | None = None
+        try:
+            done, _ = await asyncio.wait({reading, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if reading in done:
+                reason = reading.result()
+                if reason is not None:  # hung or talking nonsense: it does not get another word
+                    _kill(proc.pid)
+            try:
+                await asyncio.wait_for(asyncio.shield(ended), STOP_GRACE)
+            except TimeoutError:  # closed its channel but lives on
+                _kill(proc.pid)
+                await ended
+        finally:
+            reading.cancel()
+            loop.remove_reader(proc.sentinel)
+            self._writer = None
+            writer.close()
+            for future in self._replies.values():
+                if not future.done():
+                    future.set_exception(VmUnavailable(f"VM {self.name}'s worker ended"))
+            self._replies.clear()
+        code = proc.exitcode
+        proc.close()
+        self.pid = None
+        self.serving = dataclasses.replace(self.serving, connected=False)
+        return reason or describe_exit(code)
+
+    async def _read(self, reader: asyncio.StreamReader) -> str | None:
+        """Take the worker's messages; return why it must be killed, or None at its end of stream."""
+        while True:
+            try:
+                message = await asyncio.wait_for(read_message(reader, TO_SUPERVISOR), self.timeout)
+            except TimeoutError:
+                return f"no heartbeat for {self.timeout:.1f} s"
+            except ChannelError as exc:
+                return f"malformed message: {exc}"
+            except OSError:  # ECONNRESET: it died with our messages unread; its exit says how
+                return None
+            if message is None:
+                return None
+            if isinstance(message, Status):
+                self.serving = message.serving
+                if self.target_pages is None:
+                    self.target_pages = message.serving.target_pages  # the journal's, at a first start
+                self.reported.set()
+                self._answer(message.id, message)
+            elif isinstance(message, Pfns):
+                self._answer(message.id, message)
+
+    def _answer(self, request_id: int, message: Any) -> None:
+        future = self._replies.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    async def _ask(self, make: Any, timeout: float) -> Any:
+        """Send make(id) and wait for the worker's answer with that id."""
+        if self.state != "running" or self._writer is None:
+            raise VmUnavailable(f"VM {self.name}'s worker is {self.state}; try again")
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = future
+        self._send(make(request_id))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise VmUnavailable(f"VM {self.name}'s worker did not answer") from None
+        finally:
+            self._replies.pop(request_id, None)
+
+    def _send(self, message: Any) -> bool:
+        if self._writer is None or self._writer.is_closing():
+            return False
+        self._writer.write(encode(message))
+        return True
+
+    # ------------------------------------------------------------ ManagedVm
+
+    def ram_bytes(self) -> int:
+        """Guest RAM the worker last saw, or what QMP says, or the last known."""
+        if self.serving.guest_ram_bytes:
+            self.guest_ram_bytes = self.serving.guest_ram_bytes
+        elif self.qmp is not None and self.qmp.ram_bytes:
+            self.guest_ram_bytes = self.qmp.ram_bytes
+        return self.guest_ram_bytes
+
+    def set_target_bytes(self, value: Any) -> int:
+        pages = target_pages(value, self.ram_bytes())
+        self.target_pages = pages
+        self._send(SetTarget(pages))  # a worker (re)started later gets it in its spec
+        self.log.info("target set", target_bytes=pages * PAGE_SIZE)
+        return pages
+
+    def set_stats_interval(self, seconds: Any) -> None:
+        self.stats_interval = stats_interval(seconds)
+        self._send(SetStatsInterval(self.stats_interval))
+
+    @property
+    def discard_inhibit(self) -> str | None:
+        return self.discard_guard.reason if self.discard_guard is not None else None
+
+    def set_discard_inhibit(self, reason: str | None) -> None:
+        self._send(SetDiscardInhibit(reason))
+
+    async def pfn_ranges(self) -> dict[str, Any]:
+        reply = await self._ask(GetPfns, self.timeout)
+        return {"count": reply.count, "ranges": reply.ranges}
+
+    async def report_now(self) -> None:
+        """Have the worker report now, so that status() shows all it has done
+        so far (a reader of the API expects what a frontend just did to show).
+        A worker that does not answer soon leaves its last report in place."""
+        try:
+            await self._ask(GetStatus, REFRESH_TIMEOUT)
+        except VmUnavailable:
+            pass
+
+    def status(self) -> VmStatus:
+        serving = self.serving
+        if self.state != "running" and serving.connected:
+            serving = dataclasses.replace(serving, connected=False)
+        if serving.device is not None and not serving.connected and serving.device.running:
+            serving = dataclasses.replace(serving, device=dataclasses.replace(serving.device, running=False))
+        target = self.target_pages if self.target_pages is not None else 0
+        status = compose_status(
+            VmStatus(name=self.name, socket=self.spec.socket, target_bytes=target * PAGE_SIZE,
+                     stats_interval=self.stats_interval, discard_inhibited=self.discard_inhibit),
+            serving, self.qmp, self.discard_guard,
+        )
+        status.guest_ram_bytes = self.ram_bytes()
+        status.worker = WorkerStatus(state=self.state, pid=self.pid, restarts=self.restarts, last_exit=self.last_exit)
+        return status
+
+    def summary(self) -> dict[str, Any]:
+        """The API's JSON for this VM."""
+        return self.status().to_json()
