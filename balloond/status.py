@@ -39,6 +39,19 @@ class DeviceStatus:
 
 
 @dataclass
+class EngineCounters:
+    """What the vhost-user engine declined to do for a frontend so as never to
+    block on an fd the frontend shares (see balloond/engine/vring.py): a
+    non-zero value means a frontend that is broken or hostile, which an
+    operator should see next to the device's own counters."""
+
+    #: Interrupts not sent: the call eventfd could not take a write.
+    calls_skipped: int = 0
+    #: Config changes the backend channel had no room for (sent again later).
+    backend_full: int = 0
+
+
+@dataclass
 class Disconnect:
     """When and why the VM's last frontend went away."""
 
@@ -61,6 +74,8 @@ class ServingStatus:
     #: None without --state-dir.
     journal_persisting: bool | None = None
     journal_write_errors: int | None = None
+    #: The last connection's engine counters; None before any connection.
+    engine: EngineCounters | None = None
 
 
 @dataclass

@@ -21,8 +21,9 @@ from protocol.balloon import PAGE_SIZE
 from .device.balloon import BalloonDevice, DeviceSettings
 from .device.journal import BalloonJournal, PeerProcess
 from .engine.connection import VhostUserConnection
+from .engine.memory import DEFAULT_MAX_GUEST_RAM
 from .engine.listener import VhostUserListener
-from .status import Disconnect, ServingStatus, VmStatus
+from .status import Disconnect, EngineCounters, ServingStatus, VmStatus
 
 
 class TargetError(ValueError):
@@ -71,6 +72,9 @@ def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: An
             # A failed write turns persistence off (the balloon keeps working): visible here and in metrics.
             status.counters["journal_write_errors"] = serving.journal_write_errors
             status.journal_persisting = serving.journal_persisting
+    if serving.engine is not None:
+        status.counters["calls_skipped"] = serving.engine.calls_skipped
+        status.counters["backend_full"] = serving.engine.backend_full
     return status
 
 
@@ -107,8 +111,11 @@ class VirtualMachine:
         poll_seconds: float = 0.0,
         log: Any = None,
         journal: BalloonJournal | None = None,
+        max_guest_ram: int = DEFAULT_MAX_GUEST_RAM,
     ) -> None:
         self.name = name
+        #: --max-guest-ram: a larger memory table closes the connection (one log line with the cap).
+        self.max_guest_ram = max_guest_ram
         self.journal = journal
         self.socket_path = socket_path
         self.settings = settings
@@ -117,6 +124,8 @@ class VirtualMachine:
         self.target_pages = journal.state.target_pages if journal is not None else 0
         self.listener: VhostUserListener | None = None
         self.connection: VhostUserConnection | None = None
+        #: The current or last connection, kept for its engine counters (like `device`).
+        self.last_connection: VhostUserConnection | None = None
         self.device: BalloonDevice | None = None
         self.connections = 0
         self.last_disconnect: Disconnect | None = None
@@ -140,8 +149,10 @@ class VirtualMachine:
             journal=self.journal, peer=peer,
         )
         device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
-        connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds)
+        connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds,
+                                         max_guest_ram=self.max_guest_ram)
         self.device, self.connection = device, connection
+        self.last_connection = connection
         try:
             reason = await connection.run()
         finally:
@@ -211,6 +222,16 @@ class VirtualMachine:
             device=device,
             journal_persisting=self.journal.persisting if self.journal is not None else None,
             journal_write_errors=self.journal.write_errors if self.journal is not None else None,
+            engine=self._engine_counters(),
+        )
+
+    def _engine_counters(self) -> EngineCounters | None:
+        connection = self.last_connection
+        if connection is None:
+            return None
+        return EngineCounters(
+            calls_skipped=sum(v.counters.calls_skipped for v in connection.vrings.values()),
+            backend_full=connection.backend_full,
         )
 
     def status(self) -> VmStatus:

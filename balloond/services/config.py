@@ -82,6 +82,10 @@ class Settings:
     vm_isolation: str = "process"
     #: Seconds without a word from a worker before it is killed and restarted.
     worker_timeout: float = 5.0
+    #: The largest memory table a frontend may send (sum of its regions): the
+    #: daemon's per-VM bookkeeping grows with guest RAM, so a hostile frontend
+    #: must not be able to ask for terabytes of sparse memfd.
+    max_guest_ram: int = 1 << 40
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process (default): serve each VM in a worker process of its own; none: all in one process")
     p.add_argument("--worker-timeout", type=float, metavar="SECONDS",
                    help="kill and restart a VM's worker silent for this long (5)")
+    p.add_argument("--max-guest-ram", type=_size_arg, metavar="SIZE",
+                   help="refuse a frontend whose guest RAM (its memory table) is larger (default 1T)")
     p.add_argument("--print-capabilities", action="store_true",
                    help="print the backend's capabilities as JSON and exit")
     p.add_argument("--version", action="version", version=f"balloond {__version__}")
@@ -305,6 +311,8 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.policy_simulate_host = args.policy_simulate_host
     if args.guard_poll_interval is not None:
         settings.guard_poll_interval = args.guard_poll_interval
+    if args.max_guest_ram is not None:
+        settings.max_guest_ram = args.max_guest_ram
     validate(settings, args)
     return settings, args
 
@@ -334,6 +342,8 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError(f"vm_isolation / --vm-isolation must be process or none, not {settings.vm_isolation!r}")
     if not 0 < settings.worker_timeout <= 3600:
         raise ConfigError("--worker-timeout must be a number of seconds above 0 (at most 3600)")
+    if not 1 << 20 <= settings.max_guest_ram <= 1 << 48:
+        raise ConfigError("--max-guest-ram must be a size from 1M to 256T")
     if not 0 <= settings.poll_us <= 100_000:
         raise ConfigError("--poll-us must be between 0 and 100000")
     if not 0 <= settings.discard_delay_ms <= 10_000:

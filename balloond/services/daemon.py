@@ -123,7 +123,7 @@ class Daemon:
             check_state_dir(s.state_dir)  # a one-line error at start, as with --vm-isolation none
         spec = WorkerSpec(name=name, socket=where, settings=self._device_settings(), poll_seconds=s.poll_us / 1e6,
                           state_dir=s.state_dir, target_pages=None, discard_inhibit=None,
-                          log_format=s.log_format, log_level=s.log_level)
+                          log_format=s.log_format, log_level=s.log_level, max_guest_ram=s.max_guest_ram)
         return WorkerVm(spec, sock, context=self.worker_context(), timeout=s.worker_timeout, log=self.log)
 
     def worker_context(self) -> BaseContext:
@@ -156,6 +156,7 @@ class Daemon:
                 vm = VirtualMachine(
                     vmc.name, path or f"fd:{vmc.fd}", self._device_settings(),
                     poll_seconds=self.settings.poll_us / 1e6, log=self.log, journal=journal,
+                    max_guest_ram=self.settings.max_guest_ram,
                 )
                 if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
                     vm.log.info("state found", target_pages=journal.state.target_pages,

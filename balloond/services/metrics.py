@@ -43,6 +43,9 @@ _DEVICE_COUNTERS = (
     "discard_inhibits",
     "reports_skipped_inhibit",
     "targets_sent",
+    # the engine's: what a frontend's shared fds kept it from doing (status.EngineCounters)
+    "calls_skipped",
+    "backend_full",
 )
 
 

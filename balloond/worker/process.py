@@ -36,6 +36,7 @@ from .. import logs
 from ..device.balloon import DeviceSettings
 from ..device.journal import BalloonJournal, JournalError
 from ..engine.listener import VhostUserListener
+from ..engine.memory import DEFAULT_MAX_GUEST_RAM
 from ..vm import TargetError, VirtualMachine
 from .channel import (
     TO_WORKER,
@@ -73,6 +74,8 @@ class WorkerSpec:
     discard_inhibit: str | None
     log_format: str
     log_level: str
+    #: --max-guest-ram: the largest memory table a frontend may send.
+    max_guest_ram: int = DEFAULT_MAX_GUEST_RAM
 
 
 def _die_with_parent() -> None:
@@ -110,7 +113,7 @@ class Worker:
             except JournalError as exc:
                 log.error("balloon not persisted: journal unavailable", error=str(exc))
         self.vm = VirtualMachine(spec.name, spec.socket, spec.settings, poll_seconds=spec.poll_seconds,
-                                 log=log, journal=journal)
+                                 log=log, journal=journal, max_guest_ram=spec.max_guest_ram)
         self.vm.log = log  # already bound with vm= and worker=
         if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
             log.info("state found", target_pages=journal.state.target_pages,
