@@ -61,6 +61,9 @@ from .tracker import PfnTracker
 #: of Python per kick (found by fuzzing).
 MAX_BUFFER_BYTES = 4 * 1024
 
+#: Queues whose buffers a driver sends one after the other, each waited for.
+_ROUND_TRIP_ROLES = frozenset({QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.MIGRATE})
+
 BASE_FEATURES = (
     (1 << Feature.VERSION_1)
     | (1 << Feature.RING_INDIRECT_DESC)
@@ -345,6 +348,15 @@ class BalloonDevice:
             # must be told, or it waits for ever. (Asking for the next kick
             # is the engine's part: it knows whether it will poll.)
             vring.notify()
+
+    def poll_partners(self, index: int) -> tuple[int, ...]:
+        """A stock driver moves a page with an inflate then a deflate, each
+        waited for, and its inflate and deflate buffers come one at a time:
+        those rings (and our migrate queue) are polled together. Stats and
+        reports come on their own."""
+        if self.roles.get(index) not in _ROUND_TRIP_ROLES:
+            return ()
+        return tuple(i for i, role in self.roles.items() if role in _ROUND_TRIP_ROLES and i != index)
 
     def _driver_was_reset(self, base: int) -> bool:
         """A resumed ring continues from the index the device reported at its

@@ -52,6 +52,14 @@ MAX_QUEUE_NUM = 1024
 #: empty then is served again after the other connections' callbacks.
 MAX_POLL_BURST = 0.01
 
+#: Once polling has caught a buffer (the guest is in a run of round trips:
+#: a stock driver's page migrations, or its 256-PFN buffers one after the
+#: other), the window after each further buffer is at least this long
+#: (seconds): a guest's next buffer takes longer than --poll-us to come back
+#: when it needs an interrupt delivered and a thread woken first. The window
+#: ends this long after the last buffer, so an idle guest costs nothing.
+ROUNDTRIP_POLL_SECONDS = 0.001
+
 #: Replies waiting for a frontend that does not read them: past this, the
 #: socket is not read until they drain, so such a frontend cannot grow the
 #: daemon's memory (one more reply at most: requests are read one at a time).
@@ -114,6 +122,8 @@ class VhostUserConnection:
         self.started = False
         self.close_reason: str | None = None
         self.messages = 0
+        #: Buffers found by polling (each one a kick the guest did not need).
+        self.polled_buffers = 0
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
         self._outbox = bytearray()
@@ -592,25 +602,70 @@ class VhostUserConnection:
         self._poll(vring)
 
     def _poll(self, vring: Vring) -> None:
-        """Serve the ring, keep looking at it for `poll_seconds` after the
-        last buffer (latency is throughput for a driver that waits for each
-        one), with the guest's kicks off meanwhile, then sleep."""
+        """Serve the ring, then keep looking at it and at the rings whose
+        buffers can come next (`_poll_group`) for `poll_seconds` after the
+        last buffer, with the guest's kicks off on all of them meanwhile, then
+        sleep. Latency is throughput for a driver that waits for each buffer:
+        Linux's moves a ballooned page with an inflate on one ring and then a
+        deflate on the other, each waited for, so watching only the kicked
+        ring would make every second half of a migration wait for a kick."""
+        if self.poll_seconds <= 0 or vring.queue is None:
+            self._service(vring)
+            self._sleep(vring)
+            return
+        group = self._poll_group(vring)
+        # Kicks off before the buffer goes back: a driver answered at once
+        # must not find them still asked for (without EVENT_IDX it would).
+        for ring in group:
+            ring.queue.disable_kicks()  # type: ignore[union-attr]
         self._service(vring)
-        if self.poll_seconds > 0 and vring.queue is not None:
-            vring.queue.disable_kicks()
-            deadline = time.monotonic() + self.poll_seconds
-            # Never longer than MAX_POLL_BURST in one go, however busy the
-            # ring: every other VM waits meanwhile (a guest whose used ring
-            # overlaps its avail index is never empty; found by fuzzing).
-            give_up = time.monotonic() + MAX_POLL_BURST
-            while vring.queue is not None and time.monotonic() < deadline:
-                if self._has_pending(vring):
-                    if time.monotonic() >= give_up:
-                        self._continue_later(vring)  # kicks stay off: we are coming back
-                        return
-                    self._service(vring)
-                    deadline = time.monotonic() + self.poll_seconds
-        self._sleep(vring)
+        window = self.poll_seconds
+        now = time.monotonic()
+        deadline = now + window
+        # Never longer than MAX_POLL_BURST in one go, however busy the
+        # rings: every other VM waits meanwhile (a guest whose used ring
+        # overlaps its avail index is never empty; found by fuzzing).
+        give_up = now + MAX_POLL_BURST
+        while now < deadline:
+            served = False
+            for ring in group:
+                if not self._has_pending(ring):
+                    continue
+                if now >= give_up:
+                    # Kicks stay off on the busy rings: we are coming back.
+                    for other in group:
+                        if self._has_pending(other):
+                            self._continue_later(other)
+                        else:
+                            self._sleep(other)
+                    return
+                self._service(ring)
+                self.polled_buffers += 1
+                served = True
+            now = time.monotonic()
+            if served:
+                # A buffer caught while polling is a round trip the guest
+                # waits on: it is worth a longer look for the next one.
+                window = max(window, ROUNDTRIP_POLL_SECONDS)
+                deadline = now + window
+        for ring in group:
+            self._sleep(ring)
+
+    def _poll_group(self, vring: Vring) -> list[Vring]:
+        """The kicked ring first, then the other live rings whose buffers the
+        device says can follow it (all of them if the device does not say)."""
+        partners = getattr(self.device, "poll_partners", None)
+        if partners is None:
+            indices: Any = [i for i in self.vrings if i != vring.index]
+        else:
+            indices = self._safe_device_call(partners, vring.index) or ()
+        group = [vring]
+        for index in indices:
+            ring = self.vrings.get(index)
+            if ring is not None and ring is not vring and ring.live and ring.enabled and ring.queue is not None \
+                    and ring not in group:
+                group.append(ring)
+        return group
 
     def _has_pending(self, vring: Vring) -> bool:
         try:

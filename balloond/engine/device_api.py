@@ -8,6 +8,7 @@ tested without a balloon.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -48,6 +49,13 @@ class VirtioDevice(Protocol):
 
     def queue_kicked(self, vring: Vring) -> None:
         """The driver added buffers to a live ring."""
+
+    def poll_partners(self, index: int) -> Iterable[int]:
+        """The other queues whose next buffer may follow one on queue `index`
+        (a driver waiting on one ring, then adding to another): the engine
+        polls them together after a kick. Optional; without it the engine
+        polls every live ring."""
+        ...
 
     def queue_stopped(self, vring: Vring) -> int:
         """The ring stops; return how many popped chains the device still holds
