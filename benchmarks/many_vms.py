@@ -413,7 +413,7 @@ def kill_recovery(fleet: Fleet, name: str) -> float:
 
 def run_design(mode: str, flag: bool, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     names = [f"vm{i:03d}" for i in range(args.vms)]
-    extra = ["--stats-interval", "0"] + (["--vm-isolation", mode] if flag else [])
+    extra = ["--stats-interval", "0", *(["--vm-isolation", mode] if flag else []), *args.daemon_args]
     daemon = DaemonProcess(workdir, vms=names, extra_args=extra, log_level="warning")
     fleet = Fleet(daemon, args)
     tree: dict[int, int] = {}
@@ -434,8 +434,11 @@ def run_design(mode: str, flag: bool, args: argparse.Namespace, workdir: Path) -
         except (FrontendTestError, OSError, TimeoutError) as exc:
             raise BenchError(f"connecting {args.vms} frontends ({mode}) failed: {type(exc).__name__}: {exc}") from None
         daemon.wait_for(lambda: all(v["connected"] for v in daemon.api.vms()), 30, "every VM connected")
+        pids = process_tree(daemon.pid)
+        tree.update(identities(pids))
+        cpu0 = cpu_seconds(pids)
         time.sleep(args.settle)
-        tree.update(identities(process_tree(daemon.pid)))
+        r["idle_cpu_share"] = (cpu_seconds(pids) - cpu0) / args.settle
         r.update(memory(daemon, mode))
         r.update(burst(fleet))
         r.update(sustained(fleet, mode))
@@ -468,6 +471,7 @@ ROWS = [
     ("uss_worker_median", "USS per worker, median", MIB, "MiB", 2),
     ("uss_worker_max", "USS per worker, max", MIB, "MiB", 2),
     ("uss_total_after_load", "USS total, after load", MIB, "MiB", 1),
+    ("idle_cpu_share", "daemon CPU idle (cores)", 1, "", 3),
     ("burst_acked_s", "burst: all VMs acked", 1, "s", 3),
     ("burst_freed_s", "burst: all memory freed", 1, "s", 3),
     ("inflate_buf_s", "inflate buffers/s (all VMs)", 1, "", 0),
@@ -500,7 +504,10 @@ def main() -> int:
     p.add_argument("--inflate-mib", type=int, default=8, help="balloon per VM in each cycle (default 8)")
     p.add_argument("--api-interval", type=float, default=0.01, help="pause between API requests (default 0.01 s)")
     p.add_argument("--kills", type=int, default=3, help="workers killed (and VMs reconnected) per round (default 3)")
-    p.add_argument("--settle", type=float, default=1.0, help="idle seconds before measuring memory")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="idle seconds (daemon CPU measured) before measuring memory (default 2)")
+    p.add_argument("--daemon-arg", dest="daemon_args", action="append", default=[],
+                   help="extra balloond argument for both designs (repeatable), e.g. --daemon-arg=--poll-us=0")
     p.add_argument("--api-poller", help=argparse.SUPPRESS)
     p.add_argument("--names", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -509,6 +516,8 @@ def main() -> int:
         return 0
     if args.vms < 1 or args.rounds < 1 or args.kills < 1 or args.kills > args.vms:
         p.error("--vms, --rounds and --kills must be at least 1, and --kills at most --vms")
+    if args.settle <= 0:
+        p.error("--settle must be above 0")
     if not 0 < args.inflate_mib * MIB + (2 * MIB) <= args.ram_mib * MIB:
         p.error("--inflate-mib must leave room in --ram-mib for the driver's area")
 
@@ -526,9 +535,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bd-many-") as tmp:
             for i in range(args.rounds):
                 for mode in modes:
+                    load = os.getloadavg()[0]
                     r = run_design(mode, flag, args, Path(tmp) / f"r{i}-{mode}")
                     results[mode].append(r)
-                    line = (f"round {i + 1}/{args.rounds} {mode:7}: USS {r['uss_total'] / MIB:7.1f} MiB "
+                    line = (f"round {i + 1}/{args.rounds} {mode:7} (host load {load:.1f}): USS {r['uss_total'] / MIB:7.1f} MiB "
                             f"(PSS {r['pss_total'] / MIB:7.1f}) in {r['procs']:.0f} procs  "
                             f"{r['inflate_buf_s']:7.0f} buf/s  API p50/p99 {r['api_list_p50_ms']:.1f}/"
                             f"{r['api_p99_ms']:.1f} ms  burst {r['burst_acked_s']:.2f}s")
@@ -547,7 +557,8 @@ def main() -> int:
         return statistics.median(values) if values else None
 
     print(f"\n{args.vms} VMs, {args.ram_mib} MiB guest RAM each, {args.inflate_mib} MiB balloon per VM in "
-          f"256-PFN buffers, {args.seconds:g} s of load; medians of {args.rounds} round(s)")
+          f"256-PFN buffers, {args.seconds:g} s of load; medians of {args.rounds} round(s)"
+          + (f"; balloond {' '.join(args.daemon_args)}" if args.daemon_args else ""))
     head = f"{'':30}" + "".join(f"{m:>12}" for m in modes)
     print(head + (f"{'process/none':>14}" if flag else ""))
     for key, label, scale, unit, digits in ROWS:
