@@ -23,6 +23,7 @@ import array
 import asyncio
 import itertools
 import os
+import select
 import socket
 import time
 from typing import Any, Callable
@@ -626,11 +627,20 @@ class VhostUserConnection:
         # rings: every other VM waits meanwhile (a guest whose used ring
         # overlaps its avail index is never empty; found by fuzzing).
         give_up = now + MAX_POLL_BURST
+        requests = select.poll()
+        requests.register(self.sock.fileno(), select.POLLIN)
         while now < deadline:
             served = False
+            if self._reading and requests.poll(0):
+                # The frontend's requests are served meanwhile: QEMU's vCPU
+                # waits for each (the driver writes the config's `actual`
+                # between buffers), so they must not wait out the window.
+                self._readable()
+                if not self.open:
+                    return
             for ring in group:
-                if not self._has_pending(ring):
-                    continue
+                if not (ring.enabled and self._has_pending(ring)):
+                    continue  # (a request just served may have stopped it)
                 if now >= give_up:
                     # Kicks stay off on the busy rings: we are coming back.
                     for other in group:
