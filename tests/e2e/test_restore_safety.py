@@ -37,9 +37,16 @@ DROPPED = "state journal dropped: its frames are not restored, nothing discarded
 RESTORED = "balloon restored from the state directory"
 
 
-def start_daemon(tmp_path: Path) -> DaemonProcess:
+@pytest.fixture(params=["process", "none"], ids=lambda m: f"isolation-{m}")
+def isolation(request: pytest.FixtureRequest) -> str:
+    """The device (and its journal) runs in a worker process per VM, or in
+    the daemon itself: both must refuse a new driver instance."""
+    return request.param
+
+
+def start_daemon(tmp_path: Path, isolation: str) -> DaemonProcess:
     daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
-                           extra_args=["--state-dir", str(tmp_path / "state")])
+                           extra_args=["--state-dir", str(tmp_path / "state"), "--vm-isolation", isolation])
     daemon.start()
     return daemon
 
@@ -111,8 +118,8 @@ def still_balloons(vm, daemon: DaemonProcess, hold: int) -> None:
     assert daemon.api.pfns("guest")["count"] == 0
 
 
-def test_guest_rebooted_while_the_daemon_was_down(make_vm, tmp_path):
-    daemon = start_daemon(tmp_path)
+def test_guest_rebooted_while_the_daemon_was_down(make_vm, tmp_path, isolation):
+    daemon = start_daemon(tmp_path, isolation)
     try:
         # The driver is loaded by hand, not at boot: the rebooted kernel must
         # not load it before the pattern is written.
@@ -138,9 +145,9 @@ def test_guest_rebooted_while_the_daemon_was_down(make_vm, tmp_path):
         daemon.stop()
 
 
-def test_new_qemu_on_the_same_ram_file(make_vm, tmp_path):
+def test_new_qemu_on_the_same_ram_file(make_vm, tmp_path, isolation):
     ram = Path("/dev/shm") / f"balloond-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.ram"
-    daemon = start_daemon(tmp_path)
+    daemon = start_daemon(tmp_path, isolation)
     try:
         first = make_vm(KERNEL, memory_mib=RAM_MIB, load_balloon=True, cmdline=["page_poison=1"],
                         memory_path=ram, balloon=VhostUserBalloon(daemon.sockets["guest"]))
