@@ -90,8 +90,13 @@ def load_driver_and_check(vm, daemon: DaemonProcess, since: int, hold: int, held
         decided = wait_for("the daemon to decide about its journal",
                            lambda: settle_records(daemon, since), 60)
         # Anything the decision queued for discard is done by now.
-        wait_for("pending discards to finish",
-                 lambda: (v := daemon.api.vm("guest"))["running"] and v["pending_discard_bytes"] == 0, 30)
+        def discards_done() -> bool:
+            if not vm.running:
+                raise GuestError("QEMU exited: the guest died")
+            v = daemon.api.vm("guest")
+            return v["running"] and v["pending_discard_bytes"] == 0
+
+        wait_for("pending discards to finish", discards_done, 30)
         ok, bad = vm.verify_hold(hold, timeout=60)
     except GuestError as exc:
         console = "\n".join(vm.console_log.read_text(errors="replace").splitlines()[-15:])
