@@ -3,9 +3,9 @@
 The API socket is created 0600, so the file system already keeps most users
 out; this check holds even where the socket's mode or directory is looser
 (a group-writable run directory, a socket handed over by a service manager,
-an operator's chmod). On every request the kernel is asked who is at the
+an operator's chmod). When a connection is accepted the kernel is asked who is at the
 other end of the Unix socket - the pid, uid and gid recorded when that
-process connected - and the request is served only if:
+process connected - and the connection is served only if:
 
 * the uid is 0 (root), or
 * the uid is the daemon's own, or
@@ -18,14 +18,20 @@ carry them, and reading them from /proc/<pid>/status would race with the
 pid being reused. To admit a group, make it the clients' primary group (or
 run them with `sg`/`newgrp`), or list their uids.
 
-A refused request gets 403 `{"error": "..."}` and one warning line with the
-peer's pid, uid and gid (rate-limited, so a client retrying in a loop cannot
-flood the log). A request whose peer cannot be identified (not a Unix
-socket) is refused too: the check fails closed.
+The check is made when a connection is accepted, before a byte of HTTP is
+parsed (api.py): a peer that may not use the API cannot make the daemon
+parse anything or keep a connection slot. It is answered with a fixed 403
+`{"error": "..."}` (`refusal_response`) and closed, and one warning line
+names its pid, uid and gid (rate-limited, so a client retrying in a loop
+cannot flood the log; the line has no method or path, as nothing was read).
+The per-request middleware stays as a second check for a transport whose
+socket cannot be seen: a request whose peer cannot be identified (not a
+Unix socket) is refused too, with 403: the check fails closed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -97,6 +103,21 @@ class AccessPolicy:
         return {"uids": sorted(self.uids), "gids": sorted(self.allowed_gids)}
 
 
+def refusal_message(creds: PeerCredentials | None) -> str:
+    if creds is None:
+        return "permission denied: the API only serves local clients it can identify"
+    return f"permission denied for uid {creds.uid} (gid {creds.gid})"
+
+
+def refusal_response(creds: PeerCredentials | None) -> bytes:
+    """The whole HTTP answer to a peer refused at accept: written without
+    reading its request, so nothing it sent is ever parsed."""
+    body = json.dumps({"error": refusal_message(creds)}).encode()
+    head = (f"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
 def access_middleware(policy: AccessPolicy, log: Any = None) -> Any:
     """An aiohttp middleware that serves only peers `policy` allows."""
     limited = RateLimited(log or structlog.get_logger())
@@ -106,9 +127,9 @@ def access_middleware(policy: AccessPolicy, log: Any = None) -> Any:
         creds = request_credentials(request)
         if policy.allows(creds):
             return await handler(request)
+        message = refusal_message(creds)
         if creds is None:
             limited.warning("API request refused: peer unknown", method=request.method, path=request.path)
-            message = "permission denied: the API only serves local clients it can identify"
         else:
             limited.warning(
                 "API request refused",
@@ -118,7 +139,6 @@ def access_middleware(policy: AccessPolicy, log: Any = None) -> Any:
                 method=request.method,
                 path=request.path,
             )
-            message = f"permission denied for uid {creds.uid} (gid {creds.gid})"
         return web.json_response({"error": message}, status=403)
 
     return check_peer
