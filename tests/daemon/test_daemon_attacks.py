@@ -79,21 +79,34 @@ def test_a_frontend_cannot_shrink_guest_ram_under_the_daemon(daemon, connect, by
 
 
 def test_a_call_eventfd_at_its_maximum_does_not_block_the_daemon(daemon, connect, bystander):
+    """O_NONBLOCK belongs to the open file description, which the frontend
+    shares: it is cleared on our copy only after the daemon took and set up
+    the fd (REPLY_ACK of SET_VRING_CALL on a running ring), then the counter
+    is filled. A daemon that writes without asking poll() first blocks in
+    vm0's worker: vm0's next buffer is never returned."""
     fe = connect("vm0")
     index = fe.queue_index(QueueRole.INFLATE)
     q = fe.queue(QueueRole.INFLATE)
-    stuck = os.eventfd(0)  # blocking; a write of 1 would wait for a reader
-    os.eventfd_write(stuck, EVENTFD_MAX)
-    fe.request(Request.SET_VRING_CALL, wire.pack_vring_file(index, True), [stuck])
+    stuck = os.eventfd(0, os.EFD_NONBLOCK)
+    fe.request(Request.SET_VRING_CALL, wire.pack_vring_file(index, True), [stuck], ack=True)
     os.set_blocking(stuck, True)  # on the description the daemon shares, after it took the fd
-    used = q.read_used_idx()
-    pfn = fe.first_free_pfn
-    fe.ram.touch([pfn])
-    q.submit([(_pfn_buffer(fe, 0, [pfn]), 4, False)])
-    q.kick(force=True)
-    daemon.wait_for(lambda: q.read_used_idx() != used, 2.0, "the buffer to be returned")
-    still_served(daemon, bystander)
+    os.eventfd_write(stuck, EVENTFD_MAX)  # a write of 1 would now wait for a reader
+    before = daemon.api.vm("vm0")["counters"]["calls_skipped"]
+    for slot in range(2):  # the second buffer is only returned by a daemon the first did not block
+        used = q.read_used_idx()
+        pfn = fe.first_free_pfn + slot
+        fe.ram.touch([pfn])
+        q.submit([(_pfn_buffer(fe, slot, [pfn]), 4, False)])
+        q.kick(force=True)
+        daemon.wait_for(lambda: q.read_used_idx() != used, 2.0, f"buffer {slot} to be returned")
+        still_served(daemon, bystander)
+    state = daemon.wait_vm("vm0", lambda s: s["counters"]["calls_skipped"] >= before + 1, 2.0, "skipped calls")
+    assert state.get("worker", {}).get("restarts", 0) == 0  # vm0's worker was never hung
+    os.set_blocking(stuck, False)
     assert os.eventfd_read(stuck) == EVENTFD_MAX  # nothing was added
+    time.sleep(0.2)
+    with pytest.raises(BlockingIOError):  # and nothing is added later by a write that was waiting
+        os.eventfd_read(stuck)
     os.close(stuck)
 
 
