@@ -123,7 +123,8 @@ class Daemon:
             check_state_dir(s.state_dir)  # a one-line error at start, as with --vm-isolation none
         spec = WorkerSpec(name=name, socket=where, settings=self._device_settings(), poll_seconds=s.poll_us / 1e6,
                           state_dir=s.state_dir, target_pages=None, discard_inhibit=None,
-                          log_format=s.log_format, log_level=s.log_level, max_guest_ram=s.max_guest_ram)
+                          log_format=s.log_format, log_level=s.log_level, max_guest_ram=s.max_guest_ram,
+                          timeout=s.worker_timeout)
         return WorkerVm(spec, sock, context=self.worker_context(), timeout=s.worker_timeout, log=self.log)
 
     def worker_context(self) -> BaseContext:

@@ -59,7 +59,7 @@ class GetPfns:
 @dataclass
 class GetStatus:
     """Report now (answered by a Status with this id): an API read sees
-    everything the worker did before it, not a report up to STATUS_POLL old."""
+    everything the worker did before it, not a report up to one report interval old."""
 
     id: int
 
@@ -74,7 +74,7 @@ class Stop:
 
 @dataclass
 class Status:
-    """The worker's report, on change and at least every STATUS_INTERVAL: the heartbeat too."""
+    """The worker's report, on change and at least every report interval (WorkerSpec.report_interval): the heartbeat too."""
 
     serving: ServingStatus
     #: The GetStatus answered; 0 for a report of the worker's own.
