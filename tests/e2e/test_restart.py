@@ -70,8 +70,10 @@ def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
             assert vm.running, f"QEMU died after daemon restart {i + 1}"
             def reached() -> bool:
                 v = daemon.api.vm("guest")
-                return v["connected"] and v["actual_bytes"] == target and v["ballooned_bytes"] == target \
-                    and v["pending_discard_bytes"] == 0
+                # running: the device started, so the journal has been settled
+                # (before that a reconnected VM reports an empty balloon)
+                return v["connected"] and v["running"] and v["actual_bytes"] == target \
+                    and v["ballooned_bytes"] == target and v["pending_discard_bytes"] == 0
 
             deadline = time.monotonic() + 180
             while not reached():

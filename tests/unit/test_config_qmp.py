@@ -12,6 +12,7 @@ from balloond.services.discard_guard import NOT_CONNECTED, DiscardGuard
 from balloond.services.qemu_balloon import QemuBalloonVm
 from balloond.services.qmp_link import QmpLink
 from balloond.vm import VirtualMachine
+from balloond.worker.supervisor import WorkerVm
 
 
 def test_vm_with_only_a_qmp_socket_uses_qemus_balloon():
@@ -56,12 +57,14 @@ def test_toml_shared_qmp_path_is_refused(tmp_path):
         config.load(["--config", str(f)])
 
 
-def test_daemon_builds_a_qemu_balloon_vm_and_a_guarded_virtual_machine(tmp_path):
+@pytest.mark.parametrize("isolation, vhost_user_vm", [("process", WorkerVm), ("none", VirtualMachine)])
+def test_daemon_builds_a_qemu_balloon_vm_and_a_guarded_virtual_machine(tmp_path, isolation, vhost_user_vm):
     settings, _ = config.load([
         "--vm", f"a=qmp:{tmp_path}/a.qmp",
         "--vm", f"b={tmp_path}/b.sock,qmp={tmp_path}/b.qmp",
         "--vm", f"c={tmp_path}/c.sock",
         "--stats-interval", "2.5",
+        "--vm-isolation", isolation,
     ])
     d = Daemon(settings)
     d.open_sockets()
@@ -76,7 +79,7 @@ def test_daemon_builds_a_qemu_balloon_vm_and_a_guarded_virtual_machine(tmp_path)
         assert s["qmp"] == f"{tmp_path}/a.qmp" and s["discard_guard"] is None
         assert not (tmp_path / "a.qmp").exists()  # the daemon connects to QMP, it does not listen
         # b: our device, with a link carrying a discard guard that starts closed.
-        assert isinstance(b, VirtualMachine) and b.kind == "vhost-user"
+        assert isinstance(b, vhost_user_vm) and b.kind == "vhost-user"
         assert isinstance(b.qmp, QmpLink) and b.qmp.path == f"{tmp_path}/b.qmp"
         assert isinstance(b.discard_guard, DiscardGuard) and b.discard_guard in b.qmp.watches
         assert b.discard_inhibit == NOT_CONNECTED == b.discard_guard.reason
@@ -84,7 +87,7 @@ def test_daemon_builds_a_qemu_balloon_vm_and_a_guarded_virtual_machine(tmp_path)
         assert s["kind"] == "vhost-user" and s["qmp"] == f"{tmp_path}/b.qmp"
         assert s["discard_inhibited"] == NOT_CONNECTED and s["discard_guard"]["discard_inhibited"] == NOT_CONNECTED
         # c: no QMP, no guard, discards allowed.
-        assert isinstance(c, VirtualMachine) and c.qmp is None and c.discard_guard is None
+        assert isinstance(c, vhost_user_vm) and c.qmp is None and c.discard_guard is None
         assert c.discard_inhibit is None and c.summary()["discard_guard"] is None
         assert [listener.path for listener in d.listeners] == [f"{tmp_path}/b.sock", f"{tmp_path}/c.sock"]
     finally:
