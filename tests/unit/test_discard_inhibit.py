@@ -321,3 +321,83 @@ def test_allowing_discards_again_leaves_a_driver_without_must_tell_host_alone():
         assert r.device.counters.discard_calls == 0
 
     run_in_loop(DeviceSettings(stats_interval=0), NO_TELL, body)
+
+
+# ------------------------------------ discards allowed again while stopped
+#
+# The VM pauses (or the guest reboots) while discards are refused, and they
+# are allowed again before the device starts again. A paused driver resumes
+# with its balloon: discard it then. A reset driver starts its rings at 0 and
+# uses those frames as its own: discard nothing.
+
+def stop_device(r: Rig) -> None:
+    """VM stop as the engine sees it: the device stops, then GET_VRING_BASE per ring."""
+    r.device.stopped()
+    for vring in r.vrings.values():
+        held = r.device.queue_stopped(vring)
+        vring.base = (vring.stop() - held) & 0xFFFF
+        vring.enabled = False
+
+
+def start_device(r: Rig, *, reset_driver: bool = False) -> None:
+    """The next start: each ring resumes from its base (a reset driver's from 0)."""
+    for role, vring in r.vrings.items():
+        if reset_driver:
+            r.driver[role].reset()
+            vring.base = 0
+        vring.enabled = True
+        vring.start(r.memory, event_idx=False, indirect=False)
+        r.device.queue_started(vring)
+    r.device.started()
+
+
+def allowed_while_stopped(r: Rig) -> int:
+    """Refused, inflate, stop, allowed again: returns the allocation before."""
+    before = touched(r, BALLOONED)
+    r.device.set_discard_inhibit("migration in progress (active)")
+    r.inflate(BALLOONED)
+    stop_device(r)
+    r.device.set_discard_inhibit(None)
+    assert r.device.discard_inhibit is None
+    assert r.allocated() == before, "discarded while the device was stopped"
+    assert r.ram.nonzero(BALLOONED) == list(BALLOONED)
+    assert r.device.counters.discard_calls == 0 and r.device.snapshot().pending_discard_bytes == 0
+    return before
+
+
+@DELAYS
+def test_discards_allowed_while_stopped_wait_for_the_same_driver_to_resume(delay):
+    async def body(r: Rig) -> None:
+        d = r.device
+        before = allowed_while_stopped(r)
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert r.allocated() == before  # still nothing while stopped
+        start_device(r)  # the paused driver resumes where it stopped
+        assert d.counters.driver_resets == 0 and len(d.tracker) == len(BALLOONED)
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert before - r.allocated() == len(BALLOONED) * PAGE, "the balloon was not discarded at the start"
+        assert r.ram.nonzero(BALLOONED) == []
+        r.deflate(range(256, 264))  # the resumed driver carries on
+        assert len(d.tracker) == len(BALLOONED) - 8
+
+    run_in_loop(DeviceSettings(stats_interval=0, discard_max_delay=delay), FEATURES, body)
+
+
+@DELAYS
+def test_discards_allowed_while_stopped_spare_a_reset_drivers_pages(delay):
+    async def body(r: Rig) -> None:
+        d = r.device
+        allowed_while_stopped(r)
+        r.ram.fill(BALLOONED, seed=12)  # the rebooted guest's data in the old balloon's frames
+        start_device(r, reset_driver=True)
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert r.ram.damaged(BALLOONED, seed=12) == [], "a reset driver's pages were discarded"
+        assert d.counters.driver_resets == 1 and len(d.tracker) == 0
+        assert d.counters.discard_calls == 0
+        # the new driver's own balloon is discarded as usual (discards are allowed)
+        r.inflate(range(256, 320))
+        await asyncio.sleep(DEFAULT_DELAY + 0.05)
+        assert r.ram.nonzero(range(256, 320)) == [] and r.ram.damaged(range(320, 512), seed=12) == []
+
+    run_in_loop(DeviceSettings(stats_interval=0, discard_max_delay=delay), FEATURES, body)
+
