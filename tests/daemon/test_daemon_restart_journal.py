@@ -10,6 +10,7 @@ is zeroed."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -108,6 +109,91 @@ def test_memory_sent_region_by_region_guest_rebooted_while_down_keeps_its_pages(
         assert stateful.api.vm("vm0")["counters"]["balloon_freed_bytes"] == 0
         lines = dropped_lines(stateful, since)
         assert len(lines) == 1 and "inflate ring is at 0" in lines[0]["reason"]
+        fe.close()
+    finally:
+        ram.close()
+
+
+# ------------------------------------------------ kills at the journal's write points
+#
+# `target` is what dies: "worker" (the VM's worker process, restarted by the
+# supervisor), "daemon" (all of it, default isolation: the worker dies with
+# it) or "none" (the daemon run with --vm-isolation none: one process).
+
+def gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+        assert time.monotonic() < deadline, f"process {pid} outlived its daemon"
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.fixture(params=["worker", "daemon", "none"])
+def target(request, tmp_path, discard_mode):
+    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
+    if request.param == "none":
+        args += ["--vm-isolation", "none"]
+    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
+    d.start()
+    d.kind = request.param
+    d.state_dir = tmp_path / "state"
+    yield d
+    d.stop()
+
+
+def kill_down(d: DaemonProcess) -> int:
+    """Kill -9 what `d.kind` says; return once nothing of it runs (and, for a
+    worker, before its successor has read the journal only if `d.kind` is not
+    "worker"). Returns the killed worker's restart count to wait for."""
+    worker = d.api.vm("vm0").get("worker") or {}
+    if d.kind == "worker":
+        os.kill(worker["pid"], signal.SIGKILL)
+        return worker["restarts"] + 1
+    kill(d)
+    if worker.get("pid"):
+        gone(worker["pid"])
+    return 0
+
+
+def bring_up(d: DaemonProcess, restarts: int) -> None:
+    if d.kind == "worker":
+        d.wait_vm("vm0", lambda s: s["worker"]["state"] == "running" and s["worker"]["restarts"] == restarts,
+                  10.0, "vm0's worker restarted")
+    else:
+        d.start()
+
+
+# The whole daemon in its default isolation: test_daemon_restart.py.
+@pytest.mark.parametrize("target", ["worker", "none"], indirect=True)
+def test_kill_right_after_an_acknowledged_inflate_restores_exactly_the_frontends_list(target):
+    ram = GuestRam(96 << 20)
+    try:
+        fe = TestFrontend(target.sockets["vm0"], ram=ram)
+        fe.start()
+        first = fe.first_free_pfn
+        outside = [*range(first + 256, first + 300), *range(first + 5000, first + 5100)]
+        ram.fill(outside, seed=31)
+        mine: set[int] = set()
+        for round_ in range(3):
+            batch = [*range(first + round_ * 1024, first + round_ * 1024 + 256), first + 6000 + round_]
+            fe.inflate(batch)  # returns once acknowledged; the kill follows at once
+            mine |= set(batch)
+            since = log_size(target)
+            restarts = kill_down(target)
+            bring_up(target, restarts)
+            reconnect(fe)
+            target.wait_vm("vm0", lambda s: s["running"] and s["ballooned_bytes"] == len(mine) * PAGE)
+            assert target.api.pfn_set("vm0") == mine
+            assert dropped_lines(target, since) == []
+        time.sleep(PAST_DEFERRAL)
+        assert ram.damaged(outside, seed=31) == [], "a page outside the balloon was zeroed"
         fe.close()
     finally:
         ram.close()
