@@ -151,9 +151,9 @@ def target(request, tmp_path, discard_mode):
 
 
 def kill_down(d: DaemonProcess) -> int:
-    """Kill -9 what `d.kind` says; return once nothing of it runs (and, for a
-    worker, before its successor has read the journal only if `d.kind` is not
-    "worker"). Returns the killed worker's restart count to wait for."""
+    """Kill -9 what `d.kind` says. A whole daemon: return once its worker is
+    gone too (the state files are then ours to cut). A worker: the supervisor
+    restarts it at once; returns the restart count to wait for."""
     worker = d.api.vm("vm0").get("worker") or {}
     if d.kind == "worker":
         os.kill(worker["pid"], signal.SIGKILL)
