@@ -74,8 +74,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "call-never-written",
         "balloond/engine/vring.py",
-        "                os.eventfd_write(self.call_fd, 1)\n",
-        "                pass  # mutant: the interrupt is never raised\n",
+        "            if not eventfd_signal(self.call_fd):\n",
+        "            if True:  # mutant: the interrupt is never raised\n",
         (DAEMON_BALLOON,),
         "buffers are used but the guest is never interrupted",
     ),
@@ -165,8 +165,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "tracker-migrate-keeps-old-frame",
         "balloond/device/tracker.py",
-        "        ro.bits[oo >> 3] &= ~(1 << (oo & 7)) & 0xFF\n",
-        "        ro.bits[oo >> 3] &= 0xFF  # mutant: the old frame stays ballooned\n",
+        "        ro.bits.clear(oo)\n",
+        "        pass  # mutant: the old frame stays ballooned\n",
         ("tests/unit/test_tracker.py", "tests/unit"),
         "after a compaction migration the page the guest now uses is still tracked as ballooned",
     ),
@@ -299,6 +299,16 @@ def run_mutant(mutant: Mutant, *, timeout: float = 900.0, python: str = sys.exec
         lines = proc.stdout.strip().splitlines()
         if proc.returncode == PYTEST_FAILED:
             failed = next((ln for ln in lines if ln.startswith(("FAILED", "ERROR"))), lines[-1] if lines else "")
+            # A kill counts only if the test that failed passes without the
+            # mutant: a test broken (or flaky) on its own kills nothing.
+            nodeid = failed.split(" ", 2)[1] if failed.startswith(("FAILED", "ERROR")) else None
+            if nodeid is not None:
+                (root / mutant.path).write_text((root / mutant.path).read_text().replace(mutant.new, mutant.old, 1))
+                check = subprocess.run([*argv[:-len(mutant.tests)], nodeid], cwd=root, env=env,
+                                       capture_output=True, text=True, timeout=timeout)
+                if check.returncode != PYTEST_PASSED:
+                    return Outcome(mutant, False, proc.returncode, seconds,
+                                   f"{nodeid} fails without the mutant too: no kill")
             return Outcome(mutant, True, proc.returncode, seconds, failed)
         if proc.returncode == PYTEST_PASSED:
             return Outcome(mutant, False, proc.returncode, seconds, lines[-1] if lines else "")

@@ -284,7 +284,7 @@ def test_descriptor_flags_and_layout():
     assert (wire.VRING_DESC_F_NEXT, wire.VRING_DESC_F_WRITE, wire.VRING_DESC_F_INDIRECT) == (1, 2, 4)
     assert vq.DESC_SIZE == wire.DESC_SIZE == 16
     chain = vq.walk_chain(memoryview(bytearray(DESC_CHAIN)), 2, 0, OneTable(), indirect_allowed=False)
-    assert chain == vq.Chain(0, CHAIN_SEGMENTS)
+    assert chain == vq.Chain(0, CHAIN_SEGMENTS, descriptors=2)
     assert vq.DESC.pack(0x200000, 0x1000, vq.VRING_DESC_F_NEXT, 1) + vq.DESC.pack(0x300000, 0x20, vq.VRING_DESC_F_WRITE, 0) == DESC_CHAIN
     assert wire.pack_desc(0x200000, 0x1000, wire.VRING_DESC_F_NEXT, 1) + wire.pack_desc(0x300000, 0x20, wire.VRING_DESC_F_WRITE, 0) == DESC_CHAIN
     assert wire.read_desc(DESC_CHAIN, 1) == (0x300000, 0x20, 2, 0)
@@ -293,7 +293,7 @@ def test_descriptor_flags_and_layout():
 def test_indirect_descriptor():
     table = memoryview(bytearray(DESC_INDIRECT + bytes(16)))  # a queue of 2: no chain may exceed it
     chain = vq.walk_chain(table, 2, 0, OneTable(), indirect_allowed=True)
-    assert chain == vq.Chain(0, CHAIN_SEGMENTS)
+    assert chain == vq.Chain(0, CHAIN_SEGMENTS, descriptors=3)  # the indirect head and its two
     assert vq.DESC.pack(0x400000, 0x20, vq.VRING_DESC_F_INDIRECT, 0) == DESC_INDIRECT
     assert wire.pack_desc(0x400000, 0x20, wire.VRING_DESC_F_INDIRECT, 0) == DESC_INDIRECT
 
