@@ -28,11 +28,14 @@ def boot(make_vm: Callable[..., Vm], daemon: DaemonProcess, kernel: str, **kwarg
 
 
 def reach(daemon: DaemonProcess, nbytes: int, timeout: float = 180.0) -> dict[str, Any]:
-    """Set the target and wait until the guest reports that balloon size."""
+    """Set the target and wait until the guest reports that balloon size and
+    the daemon has done every discard it deferred (up to --discard-delay-ms
+    after the last inflate), so host memory can be measured."""
     daemon.api.set_target("guest", nbytes)
     return wait_for(
         f"the guest to report a {nbytes // MIB} MiB balloon",
-        lambda: (vm := daemon.api.vm("guest"))["actual_bytes"] == nbytes and vm["ballooned_bytes"] == nbytes and vm,
+        lambda: (vm := daemon.api.vm("guest"))["actual_bytes"] == nbytes and vm["ballooned_bytes"] == nbytes
+        and vm["pending_discard_bytes"] == 0 and vm,
         timeout,
     )
 
