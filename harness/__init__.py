@@ -5,7 +5,7 @@ device (our vhost-user backend or QEMU's built-in virtio-balloon), drives a
 shell in them, talks QMP, and measures host memory.  Used by the end-to-end
 tests, the demo and the benchmarks.
 
-Prerequisites (once per machine): ``sudo scripts/setup.sh``.
+Prerequisites (once per machine): ``scripts/setup.sh`` as root.
 
 Modules, one concept each:
   paths      cache and repository locations

@@ -39,7 +39,7 @@ class VhostUserBalloon:
     def qemu_args(self, qemu: QemuInfo) -> list[str]:
         if qemu.generic_device is None:
             raise SetupError(
-                f"{qemu.binary} cannot attach a vhost-user balloon; run: sudo scripts/build-qemu.sh"
+                f"{qemu.binary} cannot attach a vhost-user balloon; run as root: scripts/build-qemu.sh"
             )
         return [
             "-chardev",

@@ -36,7 +36,7 @@ from .guesttool import guesttool_binary
 from .modules import ModuleIndex, canonical, read_module
 from .paths import harness_cache_dir, kernels_dir
 
-KIT_HINT = "run: sudo scripts/build-guest-kit.sh   (or scripts/setup.sh)"
+KIT_HINT = "run as root: scripts/build-guest-kit.sh   (or scripts/setup.sh)"
 
 #: The virtio transport: loaded at boot when they are modules (6.1), skipped
 #: when built in (6.12).
@@ -102,7 +102,7 @@ def busybox_binary() -> Path:
         p = Path(cand)
         if p.exists() and _is_static_elf(p):
             return p
-    raise SetupError("no static busybox found; run: sudo apt-get install busybox-static")
+    raise SetupError("no static busybox found; run as root: apt-get install busybox-static")
 
 
 def _is_static_elf(path: Path) -> bool:

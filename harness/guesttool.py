@@ -30,7 +30,7 @@ def guesttool_binary() -> Path:
         return out
     cc = os.environ.get("CC", "gcc")
     if shutil.which(cc) is None:
-        raise SetupError(f"{cc} not found; run: sudo scripts/setup.sh (installs gcc, libc6-dev)")
+        raise SetupError(f"{cc} not found; run as root: scripts/setup.sh (installs gcc, libc6-dev)")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".guesttool-")
     os.close(fd)
     try:

@@ -85,7 +85,7 @@ class ModuleIndex:
         dep_file = self.modules_dir / "modules.dep"
         if not dep_file.exists():
             raise SetupError(
-                f"{dep_file} missing; run: sudo scripts/build-guest-kit.sh"
+                f"{dep_file} missing; run as root: scripts/build-guest-kit.sh"
             )
         self._path: dict[str, Path] = {}
         self._deps: dict[str, list[str]] = {}

@@ -26,7 +26,7 @@ GENERIC_DEVICE_NAMES = ("vhost-user-test-device-pci", "vhost-user-device-pci")
 #: linuxboot_dma.bin, needed by -kernel) and seabios (bios-256k.bin).
 FIRMWARE_DIRS = ("/usr/share/qemu", "/usr/share/seabios")
 
-BUILD_HINT = "run: sudo scripts/build-qemu.sh   (or scripts/setup.sh)"
+BUILD_HINT = "run as root: scripts/build-qemu.sh   (or scripts/setup.sh)"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Shared fixtures for the end-to-end tests that boot real guests.
 
 Tests marked ``vm`` need the cached QEMU build and guest kernels
-(``sudo scripts/setup.sh``).  When those are missing the tests are skipped
+(``scripts/setup.sh`` as root).  When those are missing the tests are skipped
 with the command to run, except under CI (CI=true) where that is an error:
 CI must have run the setup.
 """
@@ -33,7 +33,7 @@ def _setup_problem() -> str | None:
         return str(exc)
     missing = [s for s in KERNEL_SERIES if s not in have]
     if missing:
-        return f"guest kernels {missing} missing; run: sudo scripts/build-guest-kit.sh"
+        return f"guest kernels {missing} missing; run as root: scripts/build-guest-kit.sh"
     return None
 
 
