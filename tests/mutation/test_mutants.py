@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mutation.mutants import MUTANTS, REPO, Mutant, check_applies, run_mutant
+from tests.mutation.mutants import MUTANTS, REPO, Mutant, check_applies, check_selection, run_mutant
 
 ids = [m.name for m in MUTANTS]
 
@@ -17,6 +17,7 @@ ids = [m.name for m in MUTANTS]
 @pytest.mark.parametrize("mutant", MUTANTS, ids=ids)
 def test_mutant_applies(mutant: Mutant) -> None:
     check_applies(mutant, (REPO / mutant.path).read_text())
+    check_selection(mutant)
 
 
 @pytest.mark.slow
