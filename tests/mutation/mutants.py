@@ -277,6 +277,15 @@ def copy_tree(dest: Path, repo: Path = REPO, *, commit: str | None = None) -> No
         shutil.copy2(src, target)
 
 
+def failing_nodeid(summary_line: str) -> str | None:
+    """The node id of a short summary line `FAILED <id> - <message>`; ids
+    of parametrized tests may hold spaces, messages follow ' - '."""
+    for word in ("FAILED ", "ERROR "):
+        if summary_line.startswith(word):
+            return summary_line[len(word):].split(" - ", 1)[0].strip() or None
+    return None
+
+
 def check_selection(mutant: Mutant) -> None:
     for arg in mutant.tests:
         path = arg.split("::")[0]
@@ -314,14 +323,16 @@ def run_mutant(mutant: Mutant, *, timeout: float = 900.0, python: str = sys.exec
             failed = next((ln for ln in lines if ln.startswith(("FAILED", "ERROR"))), lines[-1] if lines else "")
             # A kill counts only if the test that failed passes without the
             # mutant: a test broken (or flaky) on its own kills nothing.
-            nodeid = failed.split(" ", 2)[1] if failed.startswith(("FAILED", "ERROR")) else None
+            nodeid = failing_nodeid(failed)
             if nodeid is not None:
                 (root / mutant.path).write_text((root / mutant.path).read_text().replace(mutant.new, mutant.old, 1))
                 check = subprocess.run([*argv[:-len(mutant.tests)], nodeid], cwd=root, env=env,
                                        capture_output=True, text=True, timeout=timeout)
-                if check.returncode != PYTEST_PASSED:
+                if check.returncode == PYTEST_FAILED:
                     return Outcome(mutant, False, proc.returncode, seconds,
                                    f"{nodeid} fails without the mutant too: no kill")
+                if check.returncode != PYTEST_PASSED:
+                    raise RuntimeError(f"{mutant.name}: could not re-run {nodeid!r} (pytest exited {check.returncode})")
             return Outcome(mutant, True, proc.returncode, seconds, failed)
         if proc.returncode == PYTEST_PASSED:
             return Outcome(mutant, False, proc.returncode, seconds, lines[-1] if lines else "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mutation.mutants import MUTANTS, REPO, Mutant, check_applies, check_selection, run_mutant
+from tests.mutation.mutants import MUTANTS, REPO, Mutant, check_applies, check_selection, failing_nodeid, run_mutant
 
 ids = [m.name for m in MUTANTS]
 
@@ -18,6 +18,13 @@ ids = [m.name for m in MUTANTS]
 def test_mutant_applies(mutant: Mutant) -> None:
     check_applies(mutant, (REPO / mutant.path).read_text())
     check_selection(mutant)
+
+
+def test_failing_nodeid_keeps_spaces_of_parameter_ids() -> None:
+    line = "FAILED tests/unit/test_journal.py::test_drop[other5-rings5-inflate ring is at 0] - assert 1 == 0"
+    assert failing_nodeid(line) == "tests/unit/test_journal.py::test_drop[other5-rings5-inflate ring is at 0]"
+    assert failing_nodeid("ERROR tests/x.py::test_y") == "tests/x.py::test_y"
+    assert failing_nodeid("1 failed in 2.0s") is None
 
 
 @pytest.mark.slow
