@@ -178,6 +178,29 @@ def test_c_sigbus_from_a_shrunk_memfd_kills_only_that_worker(workers):
         again.inflate([again.first_free_pfn])
 
 
+def test_d_a_worker_dying_again_and_again_is_restarted_ever_later(workers):
+    """A restart storm (a worker that dies as soon as it runs, here killed
+    each time) backs off: each restart waits twice as long as the one before,
+    as the log says, and the other VM is not concerned."""
+    d = workers
+    since = d.log_size()
+    gaps = []
+    for n in range(1, 5):
+        victim = worker(d, "vm0")["pid"]
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        w = restarted(d, "vm0", n)
+        gaps.append(time.monotonic() - killed)
+        assert w["pid"] != victim and w["last_exit"] == "killed by SIGKILL"
+    ends = [r for r in d.log_records(since)
+            if r.get("event") == "worker ended; starting another" and r.get("vm") == "vm0"]
+    assert [r["restarts"] for r in ends] == [1, 2, 3, 4]
+    assert [r["restart_in"] for r in ends] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    for gap, end in zip(gaps, ends):  # the delay is waited, not only logged
+        assert gap >= end["restart_in"], (gaps, ends)
+    assert worker(d, "vm1")["restarts"] == 0
+
+
 def test_vm_isolation_none_serves_every_vm_in_one_process(tmp_path):
     d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"), extra_args=["--vm-isolation", "none"])
     d.start()
