@@ -382,6 +382,7 @@ class Sandbox:
             mount --bind -o ro /mnt/py {self.prefix}
             mount --bind {self.runtime} {self.runtime}
             mount -o remount,bind,ro /
+            cd /  # systemd starts a system service in / (the checkout may sit in a hidden /tmp)
             exec env -i PATH=/usr/bin:/bin PYTHONPATH=/mnt/src:/mnt/site PYTHONDONTWRITEBYTECODE=1 \\
                 HOME=/nonexistent NOTIFY_SOCKET={self.runtime}/notify \\
                 setpriv --reuid=65534 --regid=65534 --groups={self.group.gr_gid} --no-new-privs \\
