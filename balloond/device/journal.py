@@ -209,6 +209,18 @@ def _values(payload: bytes) -> array.array:
     return values
 
 
+def check_state_dir(directory: str) -> None:
+    """Make the state directory (0700) and check it can be written, or raise
+    JournalError with one line. Also called by a supervisor at start, whose
+    workers open the journals themselves, so a bad directory fails at once."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise JournalError(f"state directory {directory}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise JournalError(f"state directory {directory} is not writable")
+
+
 def pack_record(kind: int, payload: bytes) -> bytes:
     """One log record: header (kind, length, CRC32) + payload."""
     head = struct.pack("<BI", kind, len(payload))
@@ -229,12 +241,7 @@ class BalloonJournal:
         self._log_fd: int | None = None
         self._log_bytes = 0
         self._snap_bytes = 0
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise JournalError(f"state directory {directory}: {exc.strerror}") from None
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise JournalError(f"state directory {directory} is not writable")
+        check_state_dir(directory)
         self._load()
         self._open_log()
 

@@ -16,10 +16,10 @@ import structlog
 
 from .. import __version__, logs
 from ..device.balloon import DeviceSettings
-from ..device.journal import BalloonJournal, JournalError
+from ..device.journal import BalloonJournal, JournalError, check_state_dir
 from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_socket, open_listening_socket
 from ..vm import ManagedVm, VirtualMachine
-from ..worker.forkserver import check_state_dir, start_forkserver
+from ..worker.forkserver import start_forkserver
 from ..worker.process import WorkerSpec
 from ..worker.supervisor import WorkerVm
 from . import config

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
-import os
 import tempfile
 from multiprocessing.context import BaseContext
 
-from ..device.journal import JournalError
 
 #: Imported once in the forkserver; every worker inherits it.
 PRELOAD = ["balloond.worker.process"]
@@ -38,14 +36,3 @@ def start_forkserver(fallback_dir: str | None = None) -> BaseContext:
     context.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()
     return context
-
-
-def check_state_dir(directory: str) -> None:
-    """What BalloonJournal checks at open, done by the supervisor at start
-    (the journals themselves are opened in the workers)."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise JournalError(f"state directory {directory}: {exc.strerror}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise JournalError(f"state directory {directory} is not writable")
