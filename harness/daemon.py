@@ -90,6 +90,22 @@ class ApiClient:
         return body
 
 
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are not zombies."""
+    live = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(entry))
+    return live
+
+
 class DaemonProcess:
     """balloond in a subprocess, serving `vms` from sockets in `workdir`."""
 
@@ -133,7 +149,10 @@ class DaemonProcess:
         env.pop("NOTIFY_SOCKET", None)
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+            # Its own process group: `kill` reaches the supervisor, its
+            # forkserver and every VM's worker at once.
+            self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                         start_new_session=True)
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -163,6 +182,25 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the whole daemon (supervisor, forkserver, workers), as
+        systemd's control-group kill does, and wait until none is left: a
+        worker outliving its supervisor by a few milliseconds could still
+        serve a buffer, which a test of "the daemon is dead" must not see."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while _live_members(pgid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes of balloond's group {pgid} still alive after SIGKILL")
+            time.sleep(0.01)
 
     @property
     def alive(self) -> bool:

@@ -67,7 +67,11 @@ def test_policy_steers_our_balloon_and_qemus_builtin_one(vm_environment, tmp_pat
                                                  for v in daemon.api.vms()), 60)
         builtin = daemon.api.vm("builtin")
         assert builtin["kind"] == "qemu" and builtin["device"] == "/machine/peripheral/balloon0", builtin
-        assert builtin["guest_ram_bytes"] == 512 * MIB and builtin["target_bytes"] == 0
+        assert builtin["guest_ram_bytes"] == 512 * MIB
+        # No target inherited: 0, unless the policy (on from the start) already set one.
+        # (The log is read after the summary, so a target set in between is in it too.)
+        set_by_policy = {r["target_bytes"] for r in daemon.policy_targets() if r["vm"] == "builtin"}
+        assert builtin["target_bytes"] in {0} | set_by_policy, (builtin["target_bytes"], set_by_policy)
         assert daemon.api.vm("ours")["kind"] == "vhost-user"
         # QEMU's guest stats reach the policy through the device's QOM property
         wait_for("the built-in guest's stats", lambda: daemon.api.vm("builtin")["stats"].get("free_memory"), 30)
