@@ -61,8 +61,10 @@ from .tracker import PfnTracker
 #: of Python per kick (found by fuzzing).
 MAX_BUFFER_BYTES = 4 * 1024
 
-#: Queues whose buffers a driver sends one after the other, each waited for.
-_ROUND_TRIP_ROLES = frozenset({QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.MIGRATE})
+#: Queues whose buffers move frames into or out of the balloon: the ones the
+#: journal follows, and the ones a driver uses one buffer after the other,
+#: each waited for (so they are polled together).
+_BALLOON_ROLES = frozenset({QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.MIGRATE})
 
 BASE_FEATURES = (
     (1 << Feature.VERSION_1)
@@ -266,7 +268,7 @@ class BalloonDevice:
         out = {}
         for index, vring in self._vrings.items():
             role = self.roles.get(index)
-            if role in (QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.MIGRATE) and vring.queue is not None:
+            if role in _BALLOON_ROLES and vring.queue is not None:
                 out[role.value] = vring.queue.last_avail
         return out
 
@@ -354,9 +356,9 @@ class BalloonDevice:
         waited for, and its inflate and deflate buffers come one at a time:
         those rings (and our migrate queue) are polled together. Stats and
         reports come on their own."""
-        if self.roles.get(index) not in _ROUND_TRIP_ROLES:
+        if self.roles.get(index) not in _BALLOON_ROLES:
             return ()
-        return tuple(i for i, role in self.roles.items() if role in _ROUND_TRIP_ROLES and i != index)
+        return tuple(i for i, role in self.roles.items() if role in _BALLOON_ROLES and i != index)
 
     def _driver_was_reset(self, base: int) -> bool:
         """A resumed ring continues from the index the device reported at its
