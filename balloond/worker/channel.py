@@ -74,7 +74,7 @@ class Stop:
 
 @dataclass
 class Status:
-    """The worker's report, on change and at least every report interval (WorkerSpec.report_interval): the heartbeat too."""
+    """The worker's report: every report interval (WorkerSpec.report_interval), the heartbeat; or an answer to GetStatus."""
 
     serving: ServingStatus
     #: The GetStatus answered; 0 for a report of the worker's own.
