@@ -648,7 +648,7 @@ class BalloonDevice:
         pfns, self._pending = self._pending, set()
         # Bridging runs over frames already in the balloon punches them again:
         # harmless only if the guest cannot be using them (MUST_TELL_HOST).
-        bridge = self.tracker.__contains__ if self.may_defer_discards else None
+        bridge = self.tracker.covers if self.may_defer_discards else None
         result = self.releaser.release_frames(pfns, bridge)
         self.counters.balloon_freed_bytes += result.freed_bytes
         self.counters.discard_calls += result.calls

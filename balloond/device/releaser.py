@@ -141,11 +141,12 @@ class MemoryReleaser:
     # ----------------------------------------------------------- balloon
 
     def release_frames(
-        self, pfns: Iterable[int], ballooned: Callable[[int], bool] | None = None
+        self, pfns: Iterable[int], ballooned: Callable[[int, int], bool] | None = None
     ) -> ReleaseResult:
         """Discard newly ballooned frames (already validated by the tracker).
 
-        With `ballooned` (membership in the balloon), two runs are punched as
+        With `ballooned(first, end)` (whether every frame of [first, end) is
+        in the balloon), two runs are punched as
         one when every frame between them is already in the balloon: punching
         a frame the guest gave away twice is harmless, and a scattered inflate
         into a mostly ballooned range then costs one call instead of hundreds.
@@ -158,20 +159,22 @@ class MemoryReleaser:
             spans.extend(self._split(first, count, entering=True))
         return self._discard(spans)
 
-    def _bridge(self, runs: list[tuple[int, int]], ballooned: Callable[[int], bool]) -> list[tuple[int, int]]:
+    def _bridge(self, runs: list[tuple[int, int]], ballooned: Callable[[int, int], bool]) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
+        region: ReleasableRegion | None = None
         for first, count in runs:
             if out:
                 prev_first, prev_count = out[-1]
                 gap_start = prev_first + prev_count
                 gap = first - gap_start
-                region = self._region_for(prev_first)
+                if region is None or not region.contains_pfn(prev_first):
+                    region = self._region_for(prev_first)  # runs ascend: usually the last one's
                 if (
                     gap <= MAX_BRIDGED_GAP
                     and region is not None
                     and not region.hugetlb  # huge pages count their frames one by one
                     and region.contains_pfn(first + count - 1)
-                    and all(ballooned(pfn) for pfn in range(gap_start, first))
+                    and ballooned(gap_start, first)
                 ):
                     out[-1] = (prev_first, first + count - prev_first)
                     continue

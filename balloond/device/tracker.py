@@ -19,6 +19,7 @@ deflate of a frame not in it are refused and counted; the caller logs them.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -81,22 +82,37 @@ class _Bitmap:
             yield index, start - base, stop - base
             start = stop
 
-    def count_bytes(self, start: int, end: int, value: int) -> int:
-        """How many bytes of [start, end) hold `value`."""
-        n = 0
-        for index, a, b in self._pieces(start, end):
-            chunk = self.chunks.get(index)
-            if chunk is None:
-                n += (b - a) if value == 0 else 0
-            else:
-                n += chunk[a:b].count(value)
-        return n
-
     def fill_bytes(self, start: int, end: int, value: int) -> None:
         for index, a, b in self._pieces(start, end):
             if value == 0 and index not in self.chunks:
                 continue
             self._chunk(index)[a:b] = bytes([value]) * (b - a)
+
+    @staticmethod
+    def _edges(start: int, end: int) -> tuple[int, int]:
+        """[start, end) of bits → where its whole bytes begin and end (in
+        bits); the bits before and after are the partial bytes at its edges."""
+        head_end = min(end, (start + 7) & ~7)
+        return head_end, max(head_end, end & ~7)
+
+    def count_set(self, start: int, end: int) -> int:
+        """Set bits in [start, end): whole bytes at C speed, edges bit by bit."""
+        head_end, tail_start = self._edges(start, end)
+        n = sum(self.get(off) for off in itertools.chain(range(start, head_end), range(tail_start, end)))
+        for index, a, b in self._pieces(head_end >> 3, tail_start >> 3):
+            chunk = self.chunks.get(index)
+            if chunk is not None:
+                n += int.from_bytes(chunk[a:b], "little").bit_count()
+        return n
+
+    def fill(self, start: int, end: int, value: bool) -> None:
+        """Set (value) or clear every bit of [start, end)."""
+        head_end, tail_start = self._edges(start, end)
+        flip = self.set if value else self.clear
+        for off in itertools.chain(range(start, head_end), range(tail_start, end)):
+            flip(off)
+        if head_end < tail_start:
+            self.fill_bytes(head_end >> 3, tail_start >> 3, 0xFF if value else 0x00)
 
     def popcount(self) -> int:
         return sum(int.from_bytes(c, "little").bit_count() for c in self.chunks.values())
@@ -246,6 +262,25 @@ class PfnTracker:
                 out.append((pfn, 1))
         return out
 
+    def covers(self, first: int, end: int) -> bool:
+        """Whether every frame of [first, end) is ballooned (an empty span is).
+
+        Whole bytes of the bitmap are counted at C speed, so asking about a
+        long stretch (the releaser bridging two runs over frames ballooned
+        earlier) costs far less than a membership test per frame. A span
+        leaving its RAM range is not covered: frames outside RAM never are.
+        """
+        if end <= first:
+            return True
+        hit = self._locate(first)
+        if hit is None:
+            return False
+        r, off = hit
+        stop = off + (end - first)
+        if stop > r.count:
+            return False
+        return r.bits.count_set(off, stop) == stop - off
+
     def count_in(self, first: int, count: int) -> int:
         """How many frames of [first, first+count) are ballooned."""
         n = 0
@@ -257,29 +292,33 @@ class PfnTracker:
     # ----------------------------------------------------------- updates
 
     def _fast_runs(self, pfns: list[int]) -> list[tuple[_Range, int, int]] | None:
-        """`pfns` as (range, first offset, count) runs of whole bytes, if they
-        are exactly that: the common shape of a driver's buffer (a free list
-        hands out neighbouring frames), updated a byte at a time."""
+        """`pfns` as a few (range, first offset, count) runs, if they are
+        that: the common shape of a driver's buffer (the page allocator hands
+        out neighbouring frames: Linux's stock driver fills most 256-frame
+        buffers with one run), updated a byte at a time but for the partial
+        bytes at each run's edges. None for scattered frames, duplicates or
+        frames outside RAM (the per-frame path counts those)."""
         if len(pfns) < 64:
             return None
         ordered = sorted(pfns)
         runs = []
         start = prev = ordered[0]
+        limit = len(pfns) // 16
         for pfn in ordered[1:]:
             if pfn != prev + 1:
+                if pfn == prev or len(runs) >= limit:
+                    return None
                 runs.append((start, prev - start + 1))
                 start = pfn
             prev = pfn
         runs.append((start, prev - start + 1))
-        if len(runs) > len(pfns) // 32:
-            return None
         out = []
         for first, count in runs:
             hit = self._locate(first)
             if hit is None:
                 return None
             r, off = hit
-            if off & 7 or count & 7 or off + count > r.count:
+            if off + count > r.count:
                 return None
             out.append((r, off, count))
         return out
@@ -306,34 +345,83 @@ class PfnTracker:
         """Set (entering) or clear frames; return those that changed, counting
         the ones outside RAM and the ones already in (or not in) the balloon."""
         runs = self._fast_runs(pfns)
-        whole = 0x00 if entering else 0xFF  # what every byte must hold for the fast path
+        # The fast path only when every frame changes: none ballooned yet
+        # (entering), or all of them (leaving); otherwise the per-frame path
+        # finds and counts the ones that do not.
         if runs is not None and all(
-            r.bits.count_bytes(o >> 3, (o + c) >> 3, whole) == c >> 3 for r, o, c in runs
+            r.bits.count_set(o, o + c) == (0 if entering else c) for r, o, c in runs
         ):
-            fill = 0xFF ^ whole
             for r, o, c in runs:
-                r.bits.fill_bytes(o >> 3, (o + c) >> 3, fill)
+                r.bits.fill(o, o + c, entering)
             self.count += len(pfns) if entering else -len(pfns)
             return pfns
-        changed = []
-        for pfn in pfns:
-            hit = self._locate(pfn)
-            if hit is None:
-                self.counters.invalid_pfn += 1
-                continue
-            r, off = hit
-            if r.bits.get(off) == entering:
-                if entering:
-                    self.counters.double_inflate += 1
-                else:
-                    self.counters.stray_deflate += 1
-                continue
-            if entering:
-                r.bits.set(off)
-            else:
-                r.bits.clear(off)
-            changed.append(pfn)
+        changed = self._enter(pfns) if entering else self._leave(pfns)
         self.count += len(changed) if entering else -len(changed)
+        return changed
+
+    # The two loops below are the cost of every buffer of scattered frames
+    # (a stock driver's, one frame at a time from the page allocator): the
+    # bit is tested and flipped in its chunk directly, and the range found
+    # by bisection is kept for the next frame, which is nearly always in it.
+
+    def _enter(self, pfns: list[int]) -> list[int]:
+        changed: list[int] = []
+        keep = changed.append
+        invalid = repeated = 0
+        first = span = 0
+        bits: _Bitmap | None = None
+        chunks: dict[int, bytearray] = {}
+        for pfn in pfns:
+            off = pfn - first
+            if not 0 <= off < span:
+                hit = self._locate(pfn)
+                if hit is None:
+                    invalid += 1
+                    continue
+                r, off = hit
+                first, span, bits = r.first, r.count, r.bits
+                chunks = bits.chunks
+            index = off >> _CHUNK_SHIFT
+            chunk = chunks.get(index)
+            if chunk is None:
+                assert bits is not None
+                chunk = bits._chunk(index)
+            byte = (off >> 3) & (CHUNK_BYTES - 1)
+            mask = 1 << (off & 7)
+            if chunk[byte] & mask:
+                repeated += 1
+                continue
+            chunk[byte] |= mask
+            keep(pfn)
+        self.counters.invalid_pfn += invalid
+        self.counters.double_inflate += repeated
+        return changed
+
+    def _leave(self, pfns: list[int]) -> list[int]:
+        changed: list[int] = []
+        keep = changed.append
+        invalid = repeated = 0
+        first = span = 0
+        chunks: dict[int, bytearray] = {}
+        for pfn in pfns:
+            off = pfn - first
+            if not 0 <= off < span:
+                hit = self._locate(pfn)
+                if hit is None:
+                    invalid += 1
+                    continue
+                r, off = hit
+                first, span, chunks = r.first, r.count, r.bits.chunks
+            chunk = chunks.get(off >> _CHUNK_SHIFT)
+            byte = (off >> 3) & (CHUNK_BYTES - 1)
+            mask = 1 << (off & 7)
+            if chunk is None or not chunk[byte] & mask:
+                repeated += 1
+                continue
+            chunk[byte] ^= mask
+            keep(pfn)
+        self.counters.invalid_pfn += invalid
+        self.counters.stray_deflate += repeated
         return changed
 
     def migrate(self, old_pfn: int, new_pfn: int) -> bool:

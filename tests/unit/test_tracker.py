@@ -168,3 +168,90 @@ def test_terabytes_of_sparse_guest_ram_cost_only_the_chunks_in_use():
     t.resize([(0, 4 * tib), (8 * tib, 2 * tib)])  # the second range shrinks: its frames move or drop
     assert sorted(t) == [5, 6, 8 * tib + 7]
     assert t.clear() == 3 and t.bitmap_bytes() <= 2 * CHUNK_BYTES
+
+
+def test_covers_agrees_with_a_test_per_frame():
+    """`covers` (which the releaser asks before bridging two runs over frames
+    ballooned earlier) counts whole bitmap bytes at once: it must say exactly
+    what a membership test of every frame says, at byte edges, across chunk
+    edges and across the hole between two RAM ranges."""
+    from balloond.device.tracker import CHUNK_FRAMES
+
+    rng = random.Random(7)
+    ranges = [(0, 3 * CHUNK_FRAMES // 2), (2 * CHUNK_FRAMES, 100)]
+    for _ in range(40):
+        t = PfnTracker(ranges)
+        base = rng.choice([0, CHUNK_FRAMES - 40, 2 * CHUNK_FRAMES])
+        t.inflate(range(base, base + 80))
+        t.deflate([base + rng.randrange(80) for _ in range(rng.randrange(3))])
+        for _ in range(60):
+            first = base - 10 + rng.randrange(100)
+            end = first + rng.randrange(40)
+            expected = all(pfn in t for pfn in range(first, end))
+            assert t.covers(first, end) == expected, (first, end)
+    t = PfnTracker(ranges)
+    t.inflate(range(3 * CHUNK_FRAMES // 2 - 8, 3 * CHUNK_FRAMES // 2))
+    t.inflate(range(2 * CHUNK_FRAMES, 2 * CHUNK_FRAMES + 8))
+    assert t.covers(3 * CHUNK_FRAMES // 2 - 8, 3 * CHUNK_FRAMES // 2)
+    assert not t.covers(3 * CHUNK_FRAMES // 2 - 8, 2 * CHUNK_FRAMES + 8)  # the hole is not ballooned
+
+
+def test_scattered_frames_update_exactly_the_frames_named():
+    """A stock driver's buffer: 256 frames from all over RAM, some repeated or
+    outside it. The per-frame path flips exactly those bits and counts the
+    refusals."""
+    rng = random.Random(3)
+    t = PfnTracker([(0, 5000), (6000, 5000)])
+    frames = rng.sample(range(0, 11000), 256)
+    added = t.inflate(frames + frames[:5])
+    valid = [p for p in frames if p < 5000 or 6000 <= p < 11000]
+    assert added == valid and len(t) == len(valid)
+    repeated_valid = sum(1 for p in frames[:5] if p in set(valid))
+    assert t.counters.double_inflate == repeated_valid
+    assert t.counters.invalid_pfn == 256 - len(valid) + 5 - repeated_valid
+    assert sorted(t) == sorted(valid)
+    gone = t.deflate(frames[:100] + frames[:3])
+    assert gone == [p for p in frames[:100] if p in set(valid)]
+    assert sorted(t) == sorted(p for p in valid if p not in set(frames[:100]))
+    assert len(t) == len(valid) - len(gone)
+
+
+def test_runs_at_any_alignment_agree_with_a_set():
+    """The shape of a real stock-driver buffer: 256 frames in one to a few
+    runs that start anywhere in a bitmap byte (most begin at frame 2 of 8).
+    Such buffers take the run path; whatever was ballooned before, the
+    tracker must agree frame for frame with a plain set, and return (and
+    count) exactly the frames that changed."""
+    rng = random.Random(11)
+    ranges = [(0, 4000), (4096, 60000)]
+    t, model = PfnTracker(ranges), set()
+    in_ram = lambda p: 0 <= p < 4000 or 4096 <= p < 64096  # noqa: E731
+    per_frame = []
+    t._enter = lambda pfns, slow=t._enter: per_frame.append(1) or slow(pfns)  # type: ignore[method-assign]
+    t._leave = lambda pfns, slow=t._leave: per_frame.append(1) or slow(pfns)  # type: ignore[method-assign]
+    for step in range(400):
+        frames: list[int] = []
+        runs = rng.choice([1, 1, 2, 5])
+        for _ in range(runs):
+            start = rng.randrange(0, 64200)
+            frames += range(start, start + 256 // runs)
+        rng.shuffle(frames)
+        if rng.random() < 0.5:
+            expected = [p for p in dict.fromkeys(frames) if in_ram(p) and p not in model]
+            assert sorted(t.inflate(frames)) == sorted(expected), step
+            model.update(expected)
+        else:
+            expected = [p for p in dict.fromkeys(frames) if in_ram(p) and p in model]
+            assert sorted(t.deflate(frames)) == sorted(expected), step
+            model.difference_update(expected)
+        assert len(t) == len(model)
+    assert set(t) == model
+    assert 0 < len(per_frame) < 400  # both paths were taken
+    t.clear()
+    per_frame.clear()
+    run = list(range(40002, 40258))  # one run from frame 2 of a byte, as most are
+    assert sorted(t.inflate(run[::-1])) == run and len(t) == 256
+    assert sorted(t.deflate(run)) == run and len(t) == 0 and not per_frame
+    repeats = t.counters.double_inflate
+    assert sorted(t.inflate(run + run[:3])) == run and len(t) == 256  # a repeat counted once
+    assert t.counters.double_inflate == repeats + 3
