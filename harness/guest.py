@@ -39,7 +39,7 @@ from .paths import harness_cache_dir, kernels_dir
 KIT_HINT = "run as root: scripts/build-guest-kit.sh   (or scripts/setup.sh)"
 
 #: The virtio transport: loaded at boot when they are modules (6.1), skipped
-#: when built in (6.12).
+#: when built in (6.12, 7.3).
 VIRTIO_BOOT_MODULES = (
     "virtio_ring",
     "virtio",
@@ -58,13 +58,20 @@ FileSource = Union[bytes, str, "os.PathLike[str]"]
 
 @dataclass(frozen=True)
 class Kernel:
-    """One unpacked Debian kernel from the cache."""
+    """One unpacked Debian kernel from the cache.
 
-    series: str          # "6.1" or "6.12"
+    ``build_root``: for kernels whose build tools need a newer Debian than
+    the host's (7.x), the trixie root that holds ``headers_dir`` and in which
+    modules for this kernel are built (guest-driver/build.sh finds it through
+    ``<kernels>/<release>/build-root``); None when the host builds them.
+    """
+
+    series: str          # "6.1", "6.12" or "7.3"
     release: str         # e.g. "6.1.0-56-amd64"
     vmlinuz: Path
     modules_dir: Path
     headers_dir: Path | None
+    build_root: Path | None = None
 
     def module_index(self) -> ModuleIndex:
         return ModuleIndex(self.modules_dir)
@@ -78,14 +85,15 @@ def available_kernels() -> list[Kernel]:
     kernels = []
     for k in json.loads(summary.read_text())["kernels"]:
         headers = Path(k["headers_dir"]) if k.get("headers_dir") else None
+        root = Path(k["build_root"]) if k.get("build_root") else None
         kernels.append(
-            Kernel(k["series"], k["release"], Path(k["vmlinuz"]), Path(k["modules_dir"]), headers)
+            Kernel(k["series"], k["release"], Path(k["vmlinuz"]), Path(k["modules_dir"]), headers, root)
         )
     return kernels
 
 
 def find_kernel(which: str) -> Kernel:
-    """A kernel by series ("6.1", "6.12") or exact release."""
+    """A kernel by series ("6.1", "6.12", "7.3") or exact release."""
     kernels = available_kernels()
     for k in kernels:
         if which in (k.series, k.release):

@@ -3,7 +3,8 @@
 # end-to-end tests, demo and benchmarks:
 #   1. Debian packages needed at run and test time,
 #   2. the QEMU build with the generic vhost-user device (scripts/build-qemu.sh),
-#   3. the guest kernels, headers and busybox (scripts/build-guest-kit.sh),
+#   3. the guest kernels, headers and busybox, and the trixie root in which
+#      modules for the 7.x guest kernel are built (scripts/build-guest-kit.sh),
 #   4. the Python package the harness uses for QMP (qemu.qmp),
 #   5. the static guest tool, compiled once as a check.
 # Idempotent: everything is cached; a second run only verifies.
@@ -29,7 +30,7 @@ apt_install busybox-static qemu-system-data seabios gcc libc6-dev make kmod \
 step "2/5 QEMU with vhost-user balloon support"
 bash "$REPO_ROOT/scripts/build-qemu.sh"
 
-step "3/5 guest kernels, headers, busybox"
+step "3/5 guest kernels, headers, build root, busybox"
 bash "$REPO_ROOT/scripts/build-guest-kit.sh"
 
 step "4/5 Python packages for the harness ($PYTHON)"

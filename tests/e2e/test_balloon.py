@@ -80,8 +80,8 @@ def test_inflate_half_ram_returns_host_memory_and_deflate_restores(make_vm, daem
 
 
 @pytest.mark.daemon_args("--stats-interval", "1")
-def test_stats_arrive_and_refresh_at_the_interval(make_vm, daemon):
-    vm = boot(make_vm, daemon, "6.12")
+def test_stats_arrive_and_refresh_at_the_interval(make_vm, daemon, recent_kernel):
+    vm = boot(make_vm, daemon, recent_kernel)
     first = wait_for("a stats sample", lambda: daemon.api.vm("guest")["stats_updated_at"])
     time.sleep(3.5)
     info = daemon.api.vm("guest")
@@ -90,7 +90,7 @@ def test_stats_arrive_and_refresh_at_the_interval(make_vm, daemon):
     total = vm.meminfo()["MemTotal"] * 1024
     assert abs(stats["total_memory"] - total) <= 64 * MIB
     assert 0 < stats["free_memory"] <= stats["total_memory"]
-    # Linux 6.12 sends the tags added in that release
+    # Linux 6.12 sends the tags added in that release (7.3 sends the same set)
     assert {"oom_kills", "alloc_stalls", "direct_reclaims"} <= set(stats)
     # and the interval can change at run time: samples now come about 0.5 s
     # apart, which the old 1 s interval cannot do
@@ -109,8 +109,8 @@ def test_stats_arrive_and_refresh_at_the_interval(make_vm, daemon):
     assert 0.4 <= gaps[len(gaps) // 2] <= 0.7, f"median gap {gaps[len(gaps) // 2]:.2f}s, want about 0.5: {gaps}"
 
 
-def test_free_page_reporting_returns_freed_guest_memory(make_vm, daemon):
-    vm = boot(make_vm, daemon, "6.12")
+def test_free_page_reporting_returns_freed_guest_memory(make_vm, daemon, recent_kernel):
+    vm = boot(make_vm, daemon, recent_kernel)
     wait_for("the device to start", lambda: daemon.api.vm("guest")["running"])
     assert "REPORTING" in daemon.api.vm("guest")["features"]
     # let the boot-time reports settle, then make 200 MiB resident and free it
@@ -127,8 +127,8 @@ def test_free_page_reporting_returns_freed_guest_memory(make_vm, daemon):
     assert state["ballooned_bytes"] == 0  # reporting is not ballooning
 
 
-def test_deflate_on_oom_lets_the_guest_allocate_past_its_limit(make_vm, daemon):
-    vm = boot(make_vm, daemon, "6.12")
+def test_deflate_on_oom_lets_the_guest_allocate_past_its_limit(make_vm, daemon, recent_kernel):
+    vm = boot(make_vm, daemon, recent_kernel)
     reach(daemon, 384 * MIB)
     free_mib = vm.meminfo()["MemAvailable"] // 1024
     want = free_mib + 160  # more than the guest has without the balloon's memory
@@ -138,7 +138,11 @@ def test_deflate_on_oom_lets_the_guest_allocate_past_its_limit(make_vm, daemon):
     assert "ALLOC READY" in out, out[-2000:]
     info = daemon.api.vm("guest")
     assert info["actual_bytes"] < 384 * MIB, "the balloon did not give memory back under OOM"
-    assert info["ballooned_bytes"] == info["actual_bytes"]
+    # The driver's OOM notifier sends the deflate before it writes `actual`
+    # (and its size worker may be inflating back towards the target), so the
+    # two agree once the guest is quiet, not at every instant.
+    wait_for("the daemon's frames to match the guest's balloon",
+             lambda: (v := daemon.api.vm("guest"))["ballooned_bytes"] == v["actual_bytes"], 30)
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -159,8 +163,8 @@ def test_new_qemu_on_the_same_socket_gets_a_fresh_device(make_vm, daemon):
     assert vm2.sh("echo alive").strip() == "alive"
 
 
-def test_qmp_stop_cont_and_driver_reload_keep_the_balloon_working(make_vm, daemon):
-    vm = boot(make_vm, daemon, "6.12")
+def test_qmp_stop_cont_and_driver_reload_keep_the_balloon_working(make_vm, daemon, recent_kernel):
+    vm = boot(make_vm, daemon, recent_kernel)
     reach(daemon, 64 * MIB)
     vm.qmp("stop")
     vm.qmp("cont")
