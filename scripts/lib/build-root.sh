@@ -20,8 +20,9 @@ BUILD_ROOT_MIRROR=http://deb.debian.org/debian
 BUILD_ROOT_VARIANT=minbase
 # gcc-14/make/libc6-dev: kbuild; dwarves: BTF for modules (the 7.x headers
 # carry vmlinux); kmod/xz-utils: depmod and compressed modules; dkms: the
-# packaged driver is tested the way users install it.
-BUILD_ROOT_PACKAGES="gcc-14,make,libc6-dev,dwarves,kmod,xz-utils,dkms"
+# packaged driver is tested the way users install it (openssl: its module
+# signing key, as on a user's machine).
+BUILD_ROOT_PACKAGES="gcc-14,make,libc6-dev,dwarves,kmod,xz-utils,dkms,openssl"
 BUILD_ROOT_SOURCES=(
     "deb $BUILD_ROOT_MIRROR $BUILD_ROOT_SUITE main"
     "deb $BUILD_ROOT_MIRROR $BUILD_ROOT_SUITE-backports main"
@@ -72,5 +73,11 @@ build_root_ensure() {
     mkdir -p "$tmp/build"
     date -u +%FT%TZ > "$tmp/.stamp"
     mv "$tmp" "$root"
+    # A root made for another key (older package list) is not used again.
+    local old
+    for old in "$(dirname "$root")/$BUILD_ROOT_SUITE"-*; do
+        [ -d "$old" ] && [ "$old" != "$root" ] && case "$old" in *.tmp.*) ;; *)
+            log "build root: removing the outdated $old"; rm -rf "$old" ;; esac
+    done
     printf '%s\n' "$root"
 }
