@@ -301,7 +301,7 @@ class PfnTracker:
         if len(pfns) < 64:
             return None
         ordered = sorted(pfns)
-        runs = []
+        runs: list[tuple[int, int]] = []
         start = prev = ordered[0]
         limit = len(pfns) // 16
         for pfn in ordered[1:]:

@@ -61,6 +61,29 @@ MAX_POLL_BURST = 0.01
 #: ends this long after the last buffer, so an idle guest costs nothing.
 ROUNDTRIP_POLL_SECONDS = 0.001
 
+#: The adaptive window's ceiling (seconds). While buffers keep coming, each
+#: no later than this after the one before, the window after a buffer
+#: stretches to cover the guest's recent turnarounds (`_window`): a stock
+#: driver's 256-frame buffer comes back after the guest has freed or
+#: allocated its pages and written the config twice, some milliseconds in a
+#: TCG guest, and every one of those steps that finds the daemon asleep
+#: waits for it to be woken. A gap longer than this ends the run: the next
+#: window is --poll-us again.
+MAX_ADAPTIVE_POLL_SECONDS = 0.005
+
+#: How much of the longest recent turnaround the adaptive window keeps per
+#: buffer (it follows a slower guest at once and a faster one gradually).
+TURNAROUND_DECAY = 0.875
+
+#: The window is this multiple of the turnaround estimate: the wait after
+#: a buffer varies from one to the next.
+TURNAROUND_MARGIN = 1.5
+
+#: Reads of the frontend's socket in one callback at most (each is one
+#: message header or payload): a request's payload usually follows its header
+#: at once, and reading it then saves an event-loop pass per message.
+MAX_READS_PER_CALLBACK = 16
+
 #: Replies waiting for a frontend that does not read them: past this, the
 #: socket is not read until they drain, so such a frontend cannot grow the
 #: daemon's memory (one more reply at most: requests are read one at a time).
@@ -125,6 +148,12 @@ class VhostUserConnection:
         self.messages = 0
         #: Buffers found by polling (each one a kick the guest did not need).
         self.polled_buffers = 0
+        #: Requests served while polling (each one a wake-up the frontend did not wait for).
+        self.polled_requests = 0
+        # The adaptive poll window (see `_window`): when a buffer of a polled
+        # group was last handed back, and the longest recent wait after one.
+        self._last_returned = float("-inf")
+        self._turnaround = 0.0
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
         self._outbox = bytearray()
@@ -229,15 +258,25 @@ class VhostUserConnection:
     # ================================================================ input
 
     def _readable(self) -> None:
+        """Read and serve what the frontend sent, a header or a payload per
+        read, until the socket is empty (at most MAX_READS_PER_CALLBACK)."""
+        for _ in range(MAX_READS_PER_CALLBACK):
+            if not (self.open and self._reading and self._read_once()):
+                return
+
+    def _read_once(self) -> bool:
+        """One read (a message header or payload) and the messages it
+        completes; False when there was nothing to read or the connection
+        closed."""
         try:
             data, ancdata, msg_flags, _ = self.sock.recvmsg(
                 max(1, self.reader.wanted), socket.CMSG_SPACE(vu.MAX_FDS * 4)
             )
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self.close(f"socket error: {exc}", error=True)
-            return
+            return False
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -247,22 +286,23 @@ class VhostUserConnection:
         if msg_flags & socket.MSG_CTRUNC:
             _close_fds(fds)
             self.close("frontend sent more file descriptors than a message may carry", error=True)
-            return
+            return False
         if not data:
             _close_fds(fds)
             self.close("frontend hung up")
-            return
+            return False
         try:
             messages = self.reader.feed(data, fds)
         except FrontendError as exc:
             _close_fds(fds)
             self.close(f"protocol violation: {exc}", error=True)
-            return
+            return False
         for message in messages:
             if not self.open:
                 _close_fds(message.fds)
                 continue
             self._dispatch(message)
+        return self.open
 
     def _dispatch(self, message: vu.Message) -> None:
         self.messages += 1
@@ -604,12 +644,15 @@ class VhostUserConnection:
 
     def _poll(self, vring: Vring) -> None:
         """Serve the ring, then keep looking at it and at the rings whose
-        buffers can come next (`_poll_group`) for `poll_seconds` after the
-        last buffer, with the guest's kicks off on all of them meanwhile, then
-        sleep. Latency is throughput for a driver that waits for each buffer:
-        Linux's moves a ballooned page with an inflate on one ring and then a
-        deflate on the other, each waited for, so watching only the kicked
-        ring would make every second half of a migration wait for a kick."""
+        buffers can come next (`_poll_group`) until no buffer has come for
+        a window (`_window`), with the guest's kicks off on all of them
+        meanwhile, then sleep. Latency is throughput for a driver that waits
+        for each buffer: Linux's moves a ballooned page with an inflate on
+        one ring and then a deflate on the other, each waited for, so
+        watching only the kicked ring would make every second half of a
+        migration wait for a kick. The frontend's requests are served
+        meanwhile too: QEMU's vCPU waits for each (the driver reads and
+        writes the config between buffers)."""
         if self.poll_seconds <= 0 or vring.queue is None:
             self._service(vring)
             self._sleep(vring)
@@ -619,10 +662,15 @@ class VhostUserConnection:
         # must not find them still asked for (without EVENT_IDX it would).
         for ring in group:
             ring.queue.disable_kicks()  # type: ignore[union-attr]
-        self._service(vring)
-        window = self.poll_seconds
+        adaptive = len(group) > 1  # a group whose buffers come one after the other
         now = time.monotonic()
-        deadline = now + window
+        if adaptive:
+            self._buffer_came(now)
+        self._service(vring)
+        now = time.monotonic()
+        if adaptive:
+            self._last_returned = now
+        deadline = now + self._window(caught=False)
         # Never longer than MAX_POLL_BURST in one go, however busy the
         # rings: every other VM waits meanwhile (a guest whose used ring
         # overlaps its avail index is never empty; found by fuzzing).
@@ -632,9 +680,7 @@ class VhostUserConnection:
         while now < deadline:
             served = False
             if self._reading and requests.poll(0):
-                # The frontend's requests are served meanwhile: QEMU's vCPU
-                # waits for each (the driver writes the config's `actual`
-                # between buffers), so they must not wait out the window.
+                self.polled_requests += 1
                 self._readable()
                 if not self.open:
                     return
@@ -649,17 +695,40 @@ class VhostUserConnection:
                         else:
                             self._sleep(other)
                     return
+                if adaptive and not served:
+                    self._buffer_came(now)
                 self._service(ring)
                 self.polled_buffers += 1
                 served = True
             now = time.monotonic()
             if served:
-                # A buffer caught while polling is a round trip the guest
-                # waits on: it is worth a longer look for the next one.
-                window = max(window, ROUNDTRIP_POLL_SECONDS)
-                deadline = now + window
+                if adaptive:
+                    self._last_returned = now
+                deadline = now + self._window(caught=True)
         for ring in group:
             self._sleep(ring)
+
+    def _buffer_came(self, now: float) -> None:
+        """A buffer of a polled group arrived (kicked or caught by polling):
+        how long after the last one went back is the guest's turnaround. A
+        run of round trips keeps the longest recent one (decaying); a gap
+        longer than MAX_ADAPTIVE_POLL_SECONDS means the run had ended."""
+        gap = now - self._last_returned
+        if gap < MAX_ADAPTIVE_POLL_SECONDS:
+            self._turnaround = max(gap, self._turnaround * TURNAROUND_DECAY)
+        else:
+            self._turnaround = 0.0
+
+    def _window(self, *, caught: bool) -> float:
+        """How long to keep looking after a buffer (seconds): --poll-us, at
+        least ROUNDTRIP_POLL_SECONDS once polling has caught one, and while
+        round trips keep coming, enough for the guest's recent turnarounds
+        (at most MAX_ADAPTIVE_POLL_SECONDS). An idle guest's kick gets
+        --poll-us: the estimate is dropped when a gap exceeds the ceiling."""
+        window = max(self.poll_seconds, ROUNDTRIP_POLL_SECONDS) if caught else self.poll_seconds
+        if self._turnaround:
+            window = max(window, min(MAX_ADAPTIVE_POLL_SECONDS, self._turnaround * TURNAROUND_MARGIN))
+        return window
 
     def _poll_group(self, vring: Vring) -> list[Vring]:
         """The kicked ring first, then the other live rings whose buffers the
