@@ -1,0 +1,92 @@
+"""Guest-side scenarios shared by the real-VM tests and the benchmarks.
+
+Why one place: a figure a benchmark prints and the bound a test asserts are
+only comparable when both ran the very same commands in the guest.  The
+commands are plain shell for the guest's busybox, so any driver (Linux's
+stock ``virtio_balloon`` or ours) and any balloon device can be put through
+them; the caller says how to set the balloon and how to count migrations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .vm import Vm
+
+MIB = 1 << 20
+
+#: The balloon the compaction scenario inflates on an idle guest, in MiB.
+COMPACTION_BALLOON_MIB = 128
+
+#: Fragment the guest's movable memory after the balloon is full: 300 files
+#: of 128 KiB in a tmpfs, then every other one deleted.  Compaction only
+#: moves pages into free holes of pageblocks that are partly in use (a free
+#: pageblock is not a migration target), so without these holes it has
+#: nowhere to put what it scans.
+FRAGMENT = (
+    "mkdir -p /mnt/frag && mount -t tmpfs tmpfs /mnt/frag && "
+    "i=0; while [ $i -lt 300 ]; do dd if=/dev/zero of=/mnt/frag/f$i bs=128k count=1 2>/dev/null; "
+    "i=$((i+1)); done; "
+    "i=0; while [ $i -lt 300 ]; do rm /mnt/frag/f$i; i=$((i+2)); done; sync"
+)
+
+#: Full compaction of every zone (order -1: runs until the scanners meet).
+COMPACT = "echo 1 > /proc/sys/vm/compact_memory"
+COMPACT_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class CompactionRun:
+    """What one run of the scenario measured."""
+
+    migrated: int  # balloon pages migrated during the compactions
+    compact_seconds: float  # wall time of the COMPACT_ROUNDS compactions
+
+    @property
+    def per_second(self) -> float:
+        return self.migrated / self.compact_seconds if self.compact_seconds else 0.0
+
+
+def vmstat(vm: Vm, key: str) -> int:
+    """One counter of the guest's /proc/vmstat (0 when the kernel lacks it)."""
+    for line in vm.sh("cat /proc/vmstat").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def balloon_migrate(vm: Vm) -> int:
+    """``balloon_migrate``: counted by the stock driver's hook and by ours."""
+    return vmstat(vm, "balloon_migrate")
+
+
+def compaction_after_idle_inflate(
+    vm: Vm,
+    set_balloon: Callable[[int], None],
+    reached: Callable[[int], bool],
+    migrated: Callable[[], int] | None = None,
+    timeout: float = 600.0,
+) -> CompactionRun:
+    """The scenario where compaction has to move balloon pages it finds:
+    inflate COMPACTION_BALLOON_MIB on an idle guest, wait until ``reached``,
+    FRAGMENT, then COMPACT_ROUNDS full compactions.  ``migrated`` counts
+    balloon pages moved so far (default: /proc/vmstat ``balloon_migrate``);
+    the difference across the compactions is returned."""
+    count = migrated or (lambda: balloon_migrate(vm))
+    target = COMPACTION_BALLOON_MIB * MIB
+    set_balloon(target)
+    t0 = time.monotonic()
+    while not reached(target):
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"the balloon did not reach {COMPACTION_BALLOON_MIB} MiB in {timeout:.0f} s")
+        time.sleep(0.05)
+    vm.sh(FRAGMENT, timeout=timeout)
+    before = count()
+    t0 = time.monotonic()
+    for _ in range(COMPACT_ROUNDS):
+        vm.sh(COMPACT, timeout=timeout)
+    seconds = time.monotonic() - t0
+    return CompactionRun(migrated=count() - before, compact_seconds=seconds)
