@@ -11,7 +11,9 @@
  *   movable.c  the page layer for kernels that let a module register its own
  *              movable_operations (6.1 .. 6.16);
  *   core.c     the page layer built on the kernel's balloon core, for 6.17+
- *              where modules can no longer register movable_operations;
+ *              where modules can no longer register movable_operations (the
+ *              6.x API of <linux/balloon_compaction.h> and the 7.x one of
+ *              <linux/balloon.h>);
  *   debugfs.c  /sys/kernel/debug/balloond/{pfns,stats}.
  *
  * Exactly one of movable.c and core.c has a body; BALLOOND_USE_BALLOON_CORE
@@ -29,6 +31,7 @@
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <linux/notifier.h>
+#include <linux/xarray.h>
 #include <linux/mm.h>
 #include <linux/vmstat.h>
 #include <linux/virtio.h>
@@ -46,13 +49,28 @@
  * Kbuild option BALLOOND_BALLOON_CORE=1 forces the balloon-core layer on older
  * kernels too; 6.1 .. 6.16 carry the same balloon core API, which lets the
  * 6.17 code path be compiled and exercised on the kernels we can test.
+ *
+ * Linux 7.x reworked that core: <linux/balloon_compaction.h> became
+ * <linux/balloon.h>, the lock of every balloon's list is one global
+ * balloon_pages_lock private to mm/balloon.c, the core inserts the new page
+ * and finalizes the old one around the driver's migratepage hook, does the
+ * managed-page accounting when asked to, and the page lock is no longer part
+ * of the protocol.  The header that exists decides which contract core.c
+ * follows (BALLOOND_BALLOON_API 7 or 6), not a version number: the rework
+ * is what matters, whichever release carries it.
  */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0) || \
+#if __has_include(<linux/balloon.h>)
+#define BALLOOND_USE_BALLOON_CORE 1
+#define BALLOOND_BALLOON_API 7
+#include <linux/balloon.h>
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0) || \
 	defined(BALLOOND_FORCE_BALLOON_CORE)
 #define BALLOOND_USE_BALLOON_CORE 1
+#define BALLOOND_BALLOON_API 6
 #include <linux/balloon_compaction.h>
 #else
 #define BALLOOND_USE_BALLOON_CORE 0
+#define BALLOOND_BALLOON_API 0
 #endif
 
 /* PFNs in one inflate or deflate buffer (one 1 KiB array of __virtio32). */
@@ -126,7 +144,21 @@ struct balloond {
 	__virtio32 pfns[BD_PFNS_PER_BATCH];
 	struct balloond_migration *migr_buf;
 
-#if BALLOOND_USE_BALLOON_CORE
+#if BALLOOND_BALLOON_API == 7
+	/*
+	 * The balloon core's descriptor.  Its pages list, isolated_pages and
+	 * page->private of its pages are protected by balloon_pages_lock,
+	 * which is private to mm/balloon.c: the driver never reads the list
+	 * and reads isolated_pages only as a racy figure for debugfs.  What
+	 * the driver needs to know about its pages it keeps itself:
+	 *   frames - the PFNs the host was told are in the balloon (isolated
+	 *            ones included), an xarray changed only under balloon_lock
+	 *            (inflate, deflate, the migratepage hook), so it is the set
+	 *            the host holds, read by debugfs under the same lock.
+	 */
+	struct balloon_dev_info bdev;
+	struct xarray frames;
+#elif BALLOOND_USE_BALLOON_CORE
 	/*
 	 * The balloon core's descriptor.  Its pages list, isolated_pages and
 	 * page->private of its pages are protected by bdev.pages_lock, taken
@@ -203,11 +235,15 @@ void bd_debugfs_init(struct balloond *vb);
 void bd_debugfs_exit(struct balloond *vb);
 
 /* Managed-page accounting, as the in-kernel balloon does it: a balloon
- * without deflate-on-OOM shrinks MemTotal, one with it only uses memory. */
+ * without deflate-on-OOM shrinks MemTotal, one with it only uses memory.
+ * The 7.x balloon core does it itself in enqueue, dequeue and migration
+ * (bdev.adjust_managed_page_count, set in bd_pages_init). */
 static inline void bd_account(struct balloond *vb, struct page *page, long n)
 {
+#if BALLOOND_BALLOON_API != 7
 	if (!vb->deflate_on_oom)
 		adjust_managed_page_count(page, n);
+#endif
 }
 
 /*

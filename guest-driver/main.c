@@ -145,12 +145,16 @@ int bd_migration_begin(struct balloond *vb, struct page *page,
 		return -EAGAIN;
 	}
 
+#if BALLOOND_BALLOON_API != 7
 	/* The balloon's reference on the new page; the core drops its own. */
 	get_page(newpage);
 	if (page_zone(page) != page_zone(newpage)) {
 		bd_account(vb, page, 1);
 		bd_account(vb, newpage, -1);
 	}
+#endif
+	/* On 7.x balloon_page_migrate() takes that reference and fixes the
+	 * zones' managed counts itself once the hook returned 0. */
 	return 0;
 }
 

@@ -1,13 +1,15 @@
 """Our guest driver (guest-driver/) on real guests: compaction moves balloon
 pages, and the daemon's set of ballooned frames follows every move.
 
-Each scenario runs on Debian's 6.1 and 6.12 kernels, with balloond's migrate
-extension (one {old, new} record per move) and without it (the driver falls
-back to the standard inflate-new/deflate-old pair), and with the driver's
-two page layers: its own movable_operations (used up to 6.16) and the
-kernel's balloon core (the only way on 6.17+, where a module can no longer
-register movable_operations; built here on purpose, since no 6.17 kernel is
-at hand, so that the code runs in CI rather than only compiles).
+Each scenario runs on Debian's 6.1, 6.12 and 7.3 kernels, with balloond's
+migrate extension (one {old, new} record per move) and without it (the
+driver falls back to the standard inflate-new/deflate-old pair), and with
+the driver's page layers: its own movable_operations (used up to 6.16) and
+the kernel's balloon core (the only way from 6.17, where a module can no
+longer register movable_operations).  On 6.1 and 6.12 the balloon-core layer
+is forced (BALLOOND_BALLOON_CORE=1), so its 6.x API runs in CI too; 7.3 has
+only the balloon core, in its reworked 7.x form (<linux/balloon.h>), and runs
+it with and without the extension.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from harness import VhostUserBalloon, find_kernel
+from tests.e2e.conftest import KERNEL_SERIES
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
@@ -34,8 +37,24 @@ MODULE = "balloond_balloon"
 LAYERS = {"movable-ops": [], "balloon-core": ["BALLOOND_BALLOON_CORE=1"]}
 
 
+def only_balloon_core(kernel: str) -> bool:
+    """From 7.x a module cannot register movable_operations: the driver
+    builds the balloon-core layer whatever is asked."""
+    return int(kernel.split(".")[0]) >= 7
+
+
+def cases(combos: list[tuple], core_combos: list[tuple]) -> list:
+    """(kernel, *values) parameters from (name, *values) combos: ``combos``
+    on 6.x, ``core_combos`` on 7.x, where the movable-ops layer cannot be."""
+    return [pytest.param(k, *values, id=f"linux-{k}-{name}")
+            for k in KERNEL_SERIES
+            for name, *values in (core_combos if only_balloon_core(k) else combos)]
+
+
 @cache
 def build_module(kernel: str, layer: str = "movable-ops") -> Path:
+    if only_balloon_core(kernel):
+        layer = "balloon-core"
     release = find_kernel(kernel).release
     outdir = Path(tempfile.gettempdir()) / f"balloond-guest-driver-{os.getuid()}" / layer
     out = subprocess.run(["sh", str(REPO / "guest-driver" / "build.sh"), "-o", str(outdir), release,
@@ -65,12 +84,17 @@ def boot_with_driver(make_vm, daemon, kernel: str, ext: bool, layer: str = "mova
     vm = make_vm(kernel, memory_mib=512, balloon=VhostUserBalloon(daemon.sockets["guest"]), modules=[ko])
     # the stock virtio_balloon is never loaded in this guest; ours binds the device
     vm.sh(f"insmod /lib/modules/{MODULE}.ko migrate_ext={1 if ext else 0}")
-    assert guest_stats(vm)["page_layer"] == layer
+    assert guest_stats(vm)["page_layer"] == ("balloon-core" if only_balloon_core(kernel) else layer)
     return vm
 
 
-@pytest.mark.parametrize(("ext", "layer"), [(True, "movable-ops"), (False, "movable-ops"), (True, "balloon-core")],
-                         ids=["extension", "fallback", "balloon-core"])
+COMPACTION_CASES = cases(
+    [("extension", True, "movable-ops"), ("fallback", False, "movable-ops"), ("balloon-core", True, "balloon-core")],
+    [("balloon-core-extension", True, "balloon-core"), ("balloon-core-fallback", False, "balloon-core")],
+)
+
+
+@pytest.mark.parametrize(("kernel", "ext", "layer"), COMPACTION_CASES)
 def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, kernel, ext, layer):
     vm = boot_with_driver(make_vm, daemon, kernel, ext, layer)
     wait_for("the driver to start the device", lambda: daemon.api.vm("guest")["running"])
@@ -124,7 +148,7 @@ def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, 
           f"daemon counted {state['migrations']}, PFN sets equal ({len(guest_pfns(vm))} frames)")
 
 
-@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize(("kernel", "layer"), cases([(layer, layer) for layer in LAYERS], [("balloon-core", "balloon-core")]))
 def test_unloading_with_a_full_balloon_returns_every_page(make_vm, daemon, kernel, layer):
     vm = boot_with_driver(make_vm, daemon, kernel, ext=True, layer=layer)
     total = vm.meminfo()["MemTotal"]
