@@ -107,6 +107,14 @@ unpack_kernel() {  # $1 = release, $2 = "split" for the 7.x packages
         dpkg-deb -x "$tmp"/linux-modules-"$rel"_*.deb "$tmp/x"
         mv "$tmp/x/usr/lib/modules/$rel/vmlinuz" "$dest/boot/vmlinuz-$rel"
         mv "$tmp/x/usr/lib/modules/$rel" "$dest/lib/modules/$rel"
+        # The kernel's configuration and its lists of built-in modules come
+        # with its headers (the same build), installed in the root already.
+        cp "$BUILD_ROOT/usr/src/linux-headers-$rel/.config" "$dest/boot/config-$rel"
+        local f
+        for f in modules.order modules.builtin modules.builtin.modinfo; do
+            [ -f "$BUILD_ROOT/usr/lib/modules/$rel/$f" ] \
+                && cp "$BUILD_ROOT/usr/lib/modules/$rel/$f" "$dest/lib/modules/$rel/"
+        done
     else
         log "kernel $rel: downloading linux-image-$rel (apt-get download)"
         (cd "$tmp" && apt_get -o APT::Sandbox::User=root download -qq "linux-image-$rel") \
@@ -123,8 +131,7 @@ unpack_kernel() {  # $1 = release, $2 = "split" for the 7.x packages
         xz -d -f "$m"
     done < <(find "$dest/lib/modules/$rel/kernel/drivers/virtio" -name '*.ko.xz' -print0 2>/dev/null)
     log "kernel $rel: depmod"
-    # (7.x's modules package has no modules.order/builtin: depmod says so)
-    depmod -b "$dest" "$rel" 2> >(grep -v 'could not open modules\.\(order\|builtin\)' >&2)
+    depmod -b "$dest" "$rel"
     [ -s "$dest/lib/modules/$rel/modules.dep" ] || die "depmod produced no modules.dep for $rel"
     date -u +%FT%TZ > "$dest/.stamp"
 }
@@ -143,9 +150,6 @@ install_headers() {  # $1 = release
             [ -f "$BUILD_ROOT/usr/src/linux-headers-$rel/Makefile" ] \
                 || die "headers for $rel missing in $BUILD_ROOT"
         fi
-        # The kernel's configuration comes with its headers (the same build).
-        cp "$BUILD_ROOT/usr/src/linux-headers-$rel/.config" "$KDIR/$rel/boot/config-$rel"
-        ln -sfn "$BUILD_ROOT" "$KDIR/$rel/build-root"
         return 0 ;;
     esac
     if [ -e "/lib/modules/$rel/build/Makefile" ]; then
@@ -158,6 +162,13 @@ install_headers() {  # $1 = release
     apt_update_once
     apt_get install -y -qq --no-install-recommends "${target[@]}" "linux-headers-$rel" >/dev/null
     [ -e "/lib/modules/$rel/build/Makefile" ] || die "headers for $rel did not provide /lib/modules/$rel/build"
+}
+
+# A 7.x kernel's modules are built in the root that holds its headers
+# (guest-driver/build.sh follows this link); re-pointed on every run, since
+# the root is remade under a new name when its package list changes.
+link_build_root() {  # $1 = release
+    ln -sfn "$BUILD_ROOT" "$KDIR/$1/build-root"
 }
 
 # Fast path: the kernels picked on an earlier run are all still in place.
@@ -184,6 +195,7 @@ if CACHED=$(cached_releases); then
         rel="${item#*=}"
         log "series ${item%%=*} -> $rel (cached)"
         install_headers "$rel"
+        is_root_series "${item%%=*}" && link_build_root "$rel"
         RELEASES+=("$item")
     done
 else
@@ -198,11 +210,14 @@ else
         [ -n "$rel" ] || die "no linux-image package found for series $series"
         log "series $series -> $rel"
         if is_root_series "$series"; then
+            # headers first: the kit takes the kernel's config from them
+            install_headers "$rel"
             unpack_kernel "$rel" split
+            link_build_root "$rel"
         else
             unpack_kernel "$rel"
+            install_headers "$rel"
         fi
-        install_headers "$rel"
         RELEASES+=("$series=$rel")
     done
 fi
