@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import os
 import struct
@@ -221,6 +222,61 @@ def check_state_dir(directory: str) -> None:
         raise JournalError(f"state directory {directory} is not writable")
 
 
+class JournalLock:
+    """`<vm>.lock` in the state directory, held (flock, exclusive) by the one
+    process that may read or write the VM's journal.
+
+    A worker outlives a killed supervisor by the milliseconds its
+    PR_SET_PDEATHSIG takes, and the next daemon's worker for the same VM may
+    start in that time: without the lock both would replay, append and
+    compact the same files. The kernel drops a flock when its holder exits,
+    however it ends, so a lock is never left behind. The holder writes its
+    pid into the file, for the log line of the process that waits.
+    """
+
+    def __init__(self, directory: str, vm: str) -> None:
+        self.path = os.path.join(directory, f"{vm}.lock")
+        self.held = False
+        check_state_dir(directory)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"state lock {self.path}: {exc.strerror}") from None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process has it; never waits."""
+        if self.held:
+            return True
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise JournalError(f"state lock {self.path}: {exc.strerror}") from None
+        self.held = True
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only for a log line
+        return True
+
+    def holder(self) -> int | None:
+        """The pid the holder wrote (it may have ended since), or None."""
+        try:
+            with open(self.path, "rb") as f:
+                return int(f.read(32).strip() or b"0") or None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+        self.held = False
+
+
 def pack_record(kind: int, payload: bytes) -> bytes:
     """One log record: header (kind, length, CRC32) + payload."""
     head = struct.pack("<BI", kind, len(payload))
@@ -228,7 +284,14 @@ def pack_record(kind: int, payload: bytes) -> bytes:
 
 
 class BalloonJournal:
-    def __init__(self, directory: str, vm: str, *, compact_min_bytes: int = 1 << 20, log: Any = None) -> None:
+    """`lock`: a held JournalLock, given by a worker (which waited for it
+    before it read anything); closed with the journal."""
+
+    def __init__(self, directory: str, vm: str, *, compact_min_bytes: int = 1 << 20, log: Any = None,
+                 lock: JournalLock | None = None) -> None:
+        if lock is not None and not lock.held:
+            raise JournalError(f"state lock {lock.path} is not held")
+        self.lock = lock
         self.directory = directory
         self.vm = vm
         self.compact_min_bytes = compact_min_bytes
@@ -601,6 +664,8 @@ class BalloonJournal:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
+        if self.lock is not None:
+            self.lock.release()
 
 
 @dataclass(frozen=True)

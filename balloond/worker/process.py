@@ -9,9 +9,21 @@ that blocks, a spin — ends here, and the supervisor starts another worker
 on the same listening socket.
 
 It learns everything from the supervisor over the channel (channel.py) and
-reports a `Status` when something changed and at least every
-STATUS_INTERVAL seconds: that report is also the heartbeat a hung worker
-stops sending.
+reports a `Status` when something changed and at least every report
+interval (STATUS_INTERVAL, shorter with a short --worker-timeout): that
+report is also the heartbeat a hung worker stops sending. A change is looked
+for only when the worker's event loop woke for I/O (a frontend's message or
+kick, an accept, a hang-up, a supervisor's command: `ActivitySelector`), at
+most once per CHANGE_DELAY, and again CHANGE_DELAY after a look that found
+one or while discards are pending (a burst settles over several loop
+turns); an idle worker wakes only for the heartbeat. The supervisor serves
+the API from these reports (docs/api.md, "Freshness").
+
+With --state-dir it first takes its VM's journal lock (JournalLock): a
+worker of a killed supervisor may still hold it for the moment until
+PR_SET_PDEATHSIG ends it, and two processes must never use one journal. It
+waits up to LOCK_WAIT seconds (one log line; heartbeats meanwhile), then
+exits and is restarted with the supervisor's backoff.
 
 Started by the forkserver (supervisor.py), which has imported this module,
 so a new worker costs a fork, not an interpreter start.
@@ -22,8 +34,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import selectors
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +48,7 @@ from protocol.balloon import PAGE_SIZE
 
 from .. import logs
 from ..device.balloon import DeviceSettings
-from ..device.journal import BalloonJournal, JournalError
+from ..device.journal import BalloonJournal, JournalError, JournalLock
 from ..engine.listener import VhostUserListener
 from ..engine.memory import DEFAULT_MAX_GUEST_RAM
 from ..vm import TargetError, VirtualMachine
@@ -48,16 +63,36 @@ from .channel import (
     SetTarget,
     Status,
     Stop,
+    Waiting,
     encode,
     read_message,
 )
 
-#: Seconds between two reports (the heartbeat). Each report builds the VM's
-#: status, so they are kept rare: an idle host with many VMs should not spend
-#: a core on them (measured: 64 idle workers building theirs every 0.1 s took
-#: 0.3 of a core). The API does not wait for one: a read asks the worker for
-#: a fresh report (GetStatus).
+#: The longest gap between two reports (the heartbeat). Looking for a change
+#: builds the VM's status, so an idle worker does it only this often: an
+#: idle host with many VMs should not spend a core on it (measured: 64 idle
+#: workers looking every 0.1 s took 0.3 of a core). The bound on how old a
+#: guest-driven change the API shows can be (docs/api.md).
 STATUS_INTERVAL = 1.0
+#: After the loop's I/O, the shortest gap between two looks for a change
+#: (and the delay before a look again while a change settles): a change is
+#: usually reported within this of the worker's loop handling it.
+CHANGE_DELAY = 0.05
+#: Seconds a worker waits for its VM's journal lock before it gives up
+#: (exit 1; the supervisor restarts it with backoff). The process holding
+#: it is normally a dying worker of a killed supervisor: milliseconds.
+LOCK_WAIT = 10.0
+#: How often a worker waiting for the lock tries again.
+LOCK_POLL = 0.05
+#: Loop turns a worker lets pass before it answers GetStatus (see _commands).
+ANSWER_AFTER_TURNS = 3
+#: Workers run this much nicer than the supervisor. The supervisor (API,
+#: policy, QMP, heartbeats) needs little CPU but must get it when 64 busy
+#: workers want both cores: at equal weight its event loop fell 0.5-3.6 s
+#: behind under benchmarks/many_vms.py's load and API p99 was 4.9-5.5 s;
+#: with workers at +10 it was 0.58-0.67 s, and the VMs' inflate throughput
+#: did not drop (same host load, 13-15; docs/api.md, "Scheduling").
+WORKER_NICE = 10
 #: A report is due at least this many times per supervisor timeout, so a
 #: short --worker-timeout never mistakes a quiet worker for a hung one.
 HEARTBEATS_PER_TIMEOUT = 5
@@ -82,10 +117,26 @@ class WorkerSpec:
     max_guest_ram: int = DEFAULT_MAX_GUEST_RAM
     #: The supervisor's --worker-timeout: silence longer than this is a hang.
     timeout: float = 5.0
+    #: The highest command seq whose effect the fields above already hold.
+    applied: int = 0
 
     @property
     def report_interval(self) -> float:
         return min(STATUS_INTERVAL, self.timeout / HEARTBEATS_PER_TIMEOUT)
+
+
+class ActivitySelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The worker loop's selector: calls `on_io` whenever the loop woke for
+    I/O (not for a timer), which is when what the worker serves may have
+    changed. Idle, it never fires, so an idle worker costs nothing more."""
+
+    on_io: Callable[[], None] | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(timeout)
+        if events and self.on_io is not None:
+            self.on_io()
+        return events
 
 
 def _die_with_parent() -> None:
@@ -102,46 +153,108 @@ def worker_main(spec: WorkerSpec, listen: socket.socket, channel: socket.socket)
     if os.getppid() != parent:  # the parent went before the prctl took hold
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C at a terminal is the supervisor's to handle
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass  # a nice value already at the bottom: nothing to give
     logs.configure(spec.log_format, spec.log_level)
     log = structlog.get_logger().bind(vm=spec.name, worker=os.getpid())
     try:
-        asyncio.run(Worker(spec, listen, channel, log).run())
+        selector = ActivitySelector()
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+            runner.run(Worker(spec, listen, channel, log, selector).run())
     except BaseException as exc:  # noqa: BLE001 - one line, then the supervisor restarts us
         log.exception("worker failed", error=f"{type(exc).__name__}: {exc}")
         os._exit(1)
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, listen: socket.socket, channel: socket.socket, log: Any) -> None:
+    def __init__(self, spec: WorkerSpec, listen: socket.socket, channel: socket.socket, log: Any,
+                 selector: ActivitySelector | None = None) -> None:
         self.spec = spec
+        self.listen = listen
         self.channel = channel
         self.log = log
+        self.selector = selector
+        #: Built once the journal lock is held (run()).
+        self.vm: VirtualMachine | None = None
+        #: The highest command seq applied (WorkerSpec.applied: what the spec already holds).
+        self.applied = spec.applied
+        #: Set when something may have changed: the report loop looks.
+        self.changed: asyncio.Event | None = None
+
+    def _make_vm(self, lock: JournalLock | None) -> VirtualMachine:
+        spec, log = self.spec, self.log
         journal = None
-        if spec.state_dir:
+        if spec.state_dir and lock is not None:  # no lock, no journal: another process may be using it
             try:
-                journal = BalloonJournal(spec.state_dir, spec.name, log=log)
+                journal = BalloonJournal(spec.state_dir, spec.name, log=log, lock=lock)
             except JournalError as exc:
                 log.error("balloon not persisted: journal unavailable", error=str(exc))
-        self.vm = VirtualMachine(spec.name, spec.socket, spec.settings, poll_seconds=spec.poll_seconds,
-                                 log=log, journal=journal, max_guest_ram=spec.max_guest_ram)
-        self.vm.log = log  # already bound with vm= and worker=
+                lock.release()
+        vm = VirtualMachine(spec.name, spec.socket, spec.settings, poll_seconds=spec.poll_seconds,
+                            log=log, journal=journal, max_guest_ram=spec.max_guest_ram)
+        vm.log = log  # already bound with vm= and worker=
         if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
             log.info("state found", target_pages=journal.state.target_pages,
                      ballooned_frames=len(journal.state.frames))
-        if spec.target_pages is not None and spec.target_pages != self.vm.target_pages:
-            self.vm.target_pages = spec.target_pages
+        if spec.target_pages is not None and spec.target_pages != vm.target_pages:
+            vm.target_pages = spec.target_pages
             if journal is not None:
                 journal.target(spec.target_pages)
-        self.vm.set_discard_inhibit(spec.discard_inhibit)
+        vm.set_discard_inhibit(spec.discard_inhibit)
         # path=None: the socket's path is the supervisor's to remove, never a worker's.
-        self.vm.listener = VhostUserListener(listen, path=None, log=log)
+        vm.listener = VhostUserListener(self.listen, path=None, log=log)
+        return vm
+
+    async def _lock(self, writer: asyncio.StreamWriter, stop: asyncio.Event) -> JournalLock | None:
+        """The VM's journal lock, waited for (heartbeats meanwhile) up to
+        LOCK_WAIT; None when the state directory cannot take a lock (the VM
+        is then served without a journal, as for any unusable journal)."""
+        assert self.spec.state_dir
+        try:
+            lock = JournalLock(self.spec.state_dir, self.spec.name)
+            if lock.try_acquire():
+                return lock
+        except JournalError as exc:
+            self.log.error("balloon not persisted: journal unavailable", error=str(exc))
+            return None
+        holder = lock.holder()
+        self.log.warning("journal locked by another process; waiting", holder=holder, wait_s=LOCK_WAIT)
+        loop = asyncio.get_running_loop()
+        deadline = beat = loop.time()
+        deadline += LOCK_WAIT
+        while not lock.try_acquire():
+            now = loop.time()
+            if now >= deadline:
+                lock.release()
+                raise JournalError(f"journal still locked by pid {lock.holder()} after {LOCK_WAIT:.0f} s")
+            if now >= beat:
+                writer.write(encode(Waiting("journal locked by another process")))
+                await writer.drain()
+                beat = now + self.spec.report_interval
+            try:
+                await asyncio.wait_for(stop.wait(), LOCK_POLL)
+            except TimeoutError:
+                continue
+            lock.release()
+            return None
+        self.log.info("journal lock taken", waited_s=round(LOCK_WAIT - (deadline - loop.time()), 3))
+        return lock
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        self.changed = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)  # systemd signals the whole cgroup
         reader, writer = await asyncio.open_unix_connection(sock=self.channel)
+        lock = await self._lock(writer, stop) if self.spec.state_dir else None
+        if stop.is_set():
+            return
+        self.vm = self._make_vm(lock)
         assert self.vm.listener is not None
+        if self.selector is not None:
+            self.selector.on_io = self._io
         tasks = [
             asyncio.create_task(self.vm.listener.serve(self.vm.serve_connection)),
             asyncio.create_task(self._report(writer)),
@@ -161,15 +274,44 @@ class Worker:
             if self.vm.journal is not None:
                 self.vm.journal.close()
 
+    def _io(self) -> None:
+        # Called from inside select(), before the I/O callbacks run: setting the
+        # event one turn later lets the look follow what those callbacks did.
+        if self.changed is not None and not self.changed.is_set():
+            asyncio.get_running_loop().call_soon(self.changed.set)
+
+    def _status(self, request_id: int = 0) -> Status:
+        assert self.vm is not None
+        return Status(self.vm.serving_status(), request_id, self.applied)
+
     async def _report(self, writer: asyncio.StreamWriter) -> None:
-        """The heartbeat: a report every report interval, changed or not."""
+        """Report a change soon after the loop's I/O (at most once per
+        CHANGE_DELAY), and every report interval anyway (the heartbeat)."""
+        assert self.changed is not None and self.vm is not None
+        last: Status | None = None
+        sent_at = 0.0
         while True:
-            writer.write(encode(Status(self.vm.serving_status())))
-            await writer.drain()
-            await asyncio.sleep(self.spec.report_interval)
+            self.changed.clear()  # what happens from now on is looked at next time
+            looked_at = time.monotonic()
+            status = self._status()
+            found = status != last
+            if found or looked_at - sent_at >= self.spec.report_interval:
+                writer.write(encode(status))
+                await writer.drain()
+                last, sent_at = status, looked_at
+            device = status.serving.device
+            settling = found or (device is not None and device.pending_discard_bytes > 0)
+            if not settling:
+                heartbeat = sent_at + self.spec.report_interval - time.monotonic()
+                try:
+                    await asyncio.wait_for(self.changed.wait(), max(heartbeat, 0.0))
+                except TimeoutError:
+                    continue  # the heartbeat is due now
+            await asyncio.sleep(max(looked_at + CHANGE_DELAY - time.monotonic(), 0.0))
 
     async def _commands(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Apply the supervisor's messages until Stop or until it goes away."""
+        assert self.vm is not None
         while True:
             try:
                 message = await read_message(reader, TO_WORKER)
@@ -188,9 +330,16 @@ class Worker:
             elif isinstance(message, SetDiscardInhibit):
                 self.vm.set_discard_inhibit(message.reason)
             elif isinstance(message, GetStatus):
-                writer.write(encode(Status(self.vm.serving_status(), message.id)))
+                # First let the loop handle the I/O that was ready with the
+                # question (an accept takes two turns to become a connection):
+                # what a frontend did before the API was asked then shows.
+                for _ in range(ANSWER_AFTER_TURNS):
+                    await asyncio.sleep(0)
+                writer.write(encode(self._status(message.id)))
                 await writer.drain()
             elif isinstance(message, GetPfns):
                 pfns = self.vm.pfn_ranges()
                 writer.write(encode(Pfns(message.id, pfns["count"], pfns["ranges"])))
                 await writer.drain()
+            if isinstance(message, (SetTarget, SetStatsInterval, SetDiscardInhibit)):
+                self.applied = max(self.applied, message.seq)

@@ -11,6 +11,12 @@ Restarts: a worker that dies (any signal, any exit) or goes silent for
 `timeout` seconds (then SIGKILLed) is logged with how it ended and started
 again after a delay that doubles from 0.1 s to 10 s, back to 0.1 s once a
 worker has served for 60 s. Only that VM is concerned.
+
+Freshness (docs/api.md): the API reads the worker's last report, which the
+worker sends on a change and at least every report interval, so one read of
+64 VMs waits for none of them. Commands are numbered (`seq`); a report that
+has not yet seen the last one sent is stale, and only then does a read ask
+the worker afresh (`refresh`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .channel import (
     SetTarget,
     Status,
     Stop,
+    Waiting,
     encode,
     read_message,
 )
@@ -51,7 +58,8 @@ FIRST_DELAY = 0.1
 LONGEST_DELAY = 10.0
 #: A worker that served this long restarts after FIRST_DELAY again.
 HEALTHY_SECONDS = 60.0
-#: Seconds an API read waits for a worker's fresh report before using its last one.
+#: Seconds an API read waits for the report of a worker that has not yet
+#: reported on a command sent to it, before it serves the last one.
 REFRESH_TIMEOUT = 0.5
 #: On stop: seconds a worker has to exit after Stop before SIGKILL.
 STOP_GRACE = 2.0
@@ -103,6 +111,9 @@ class WorkerVm:
         self._writer: asyncio.StreamWriter | None = None
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
+        #: The seq of the last command sent (or put in a spec), and the highest the worker reported applied.
+        self.sent = 0
+        self.applied = 0
         self._stopping = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -156,7 +167,9 @@ class WorkerVm:
         spec = dataclasses.replace(
             self.spec, target_pages=self.target_pages, discard_inhibit=self.discard_inhibit,
             settings=dataclasses.replace(self.spec.settings, stats_interval=self.stats_interval),
+            applied=self.sent,
         )
+        self.applied = self.sent  # what the spec holds; commands sent later get a new seq
         parent, child = socket.socketpair()
         try:
             proc = self.context.Process(target=worker_main, args=(spec, self.listen, child),  # type: ignore[attr-defined]
@@ -169,14 +182,22 @@ class WorkerVm:
             child.close()
         self.pid, self.state = proc.pid, "running"
         self.log.info("worker started", worker=proc.pid)
-        ended = loop.create_future()
-        loop.add_reader(proc.sentinel, lambda: ended.done() or ended.set_result(None))
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(proc.sentinel, on_exit)
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         self._writer = writer
+        if self.sent != spec.applied:  # commands came while the channel opened: not in the spec, not sent
+            self._resend()
         reading = asyncio.create_task(self._read(reader))
         reason: str | None = None
         try:
-            done, _ = await asyncio.wait({reading, ended}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {reading, ended}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if reading in done:
                 reason = reading.result()
                 if reason is not None:  # hung or talking nonsense: it does not get another word
@@ -214,8 +235,13 @@ class WorkerVm:
                 return None
             if message is None:
                 return None
+            if isinstance(message, Waiting):
+                continue  # alive; nothing to take from it
             if isinstance(message, Status):
+                if message.applied > self.sent:
+                    return f"malformed message: applied command {message.applied}, only {self.sent} sent"
                 self.serving = message.serving
+                self.applied = max(self.applied, message.applied)
                 if self.target_pages is None:
                     self.target_pages = message.serving.target_pages  # the journal's, at a first start
                 self.reported.set()
@@ -249,6 +275,19 @@ class WorkerVm:
         self._writer.write(encode(message))
         return True
 
+    def _command(self, make: Any) -> None:
+        """Send make(seq), a command, numbered; a worker not running gets it
+        with its spec (which is made from the supervisor's values)."""
+        self.sent += 1
+        self._send(make(self.sent))
+
+    def _resend(self) -> None:
+        """Every setting again, as commands: for the ones made while no channel was open."""
+        if self.target_pages is not None:
+            self._command(lambda seq: SetTarget(self.target_pages or 0, seq))
+        self._command(lambda seq: SetStatsInterval(self.stats_interval, seq))
+        self._command(lambda seq: SetDiscardInhibit(self.discard_inhibit, seq))
+
     # ------------------------------------------------------------ ManagedVm
 
     def ram_bytes(self) -> int:
@@ -262,29 +301,40 @@ class WorkerVm:
     def set_target_bytes(self, value: Any) -> int:
         pages = target_pages(value, self.ram_bytes())
         self.target_pages = pages
-        self._send(SetTarget(pages))  # a worker (re)started later gets it in its spec
+        self._command(lambda seq: SetTarget(pages, seq))  # a worker (re)started later gets it in its spec
         self.log.info("target set", target_bytes=pages * PAGE_SIZE)
         return pages
 
     def set_stats_interval(self, seconds: Any) -> None:
         self.stats_interval = stats_interval(seconds)
-        self._send(SetStatsInterval(self.stats_interval))
+        interval = self.stats_interval
+        self._command(lambda seq: SetStatsInterval(interval, seq))
 
     @property
     def discard_inhibit(self) -> str | None:
         return self.discard_guard.reason if self.discard_guard is not None else None
 
     def set_discard_inhibit(self, reason: str | None) -> None:
-        self._send(SetDiscardInhibit(reason))
+        self._command(lambda seq: SetDiscardInhibit(reason, seq))
 
     async def pfn_ranges(self) -> dict[str, Any]:
         reply = await self._ask(GetPfns, self.timeout)
         return {"count": reply.count, "ranges": reply.ranges}
 
-    async def report_now(self) -> None:
-        """Have the worker report now, so that status() shows all it has done
-        so far (a reader of the API expects what a frontend just did to show).
-        A worker that does not answer soon leaves its last report in place."""
+    @property
+    def stale(self) -> bool:
+        """The last report predates a command sent to the running worker."""
+        return self.state == "running" and self.applied < self.sent
+
+    async def refresh(self, *, always: bool = False) -> None:
+        """Make status() reflect every command sent before this call: ask the
+        worker afresh if its last report has not seen them all, or, with
+        `always`, in any case (then it also shows all the worker did before).
+        Waits at most REFRESH_TIMEOUT: a worker that does not answer by then
+        leaves its last report in place. Otherwise returns at once:
+        guest-driven changes come in the worker's own reports (docs/api.md)."""
+        if not (self.stale or always and self.state == "running"):
+            return
         try:
             await self._ask(GetStatus, REFRESH_TIMEOUT)
         except VmUnavailable:

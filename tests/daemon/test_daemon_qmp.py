@@ -199,6 +199,7 @@ def test_balloonctl_shows_both_kinds_and_explains_refusals(daemon, connect, moni
     wait_guard(daemon, lambda r: r is None, "discards allowed")
     daemon.wait_vm("qemu0", lambda v: v["connected"], timeout=10, what="QEMU's balloon")
     connect()
+    daemon.wait_vm("vm0", lambda v: v["connected"])  # a list may show a new frontend a moment later (docs/api.md)
     code, out, err = balloonctl(daemon, capsys, "status")
     assert code == 0 and err == ""
     header, *rows = out.splitlines()

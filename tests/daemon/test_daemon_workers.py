@@ -201,6 +201,85 @@ def test_d_a_worker_dying_again_and_again_is_restarted_ever_later(workers):
     assert worker(d, "vm1")["restarts"] == 0
 
 
+def timed_get(d: DaemonProcess, url: str) -> tuple[float, object]:
+    start = time.monotonic()
+    status, body = d.api.call("GET", url)
+    assert status == 200, body
+    return time.monotonic() - start, body
+
+
+@pytest.fixture
+def calm_workers(tmp_path):
+    """Workers with a 1 s report interval (--worker-timeout 5): long enough
+    that a read answered from a heartbeat alone is told from a change report."""
+    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"), extra_args=["--worker-timeout", "5"])
+    d.start()
+    yield d
+    alive = d.alive
+    code = d.stop()
+    assert alive and code == 0, d.log_tail()
+
+
+def test_e_a_list_asks_only_a_worker_that_has_not_reported_on_a_command(calm_workers):
+    """docs/api.md, Freshness 1: with vm0's worker stopped (it can answer
+    nothing), a list and a read of vm1 are answered at once from the last
+    reports; once a target was accepted for vm0, a list asks vm0's worker
+    and waits for it (REFRESH_TIMEOUT, then the last report); once the
+    worker runs again and has reported, lists are answered at once again."""
+    d = calm_workers
+    victim = worker(d, "vm0")["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        took, body = timed_get(d, "/v1/vms")
+        assert took < 0.3, f"a list waited {took:.2f} s for a stopped worker with nothing to report"
+        assert timed_get(d, "/v1/vms/vm1")[0] < 0.3
+        d.api.set_target("vm0", 0)  # the answer asks vm0's worker: it waits, then answers
+        took, body = timed_get(d, "/v1/vms")
+        assert took >= 0.4, f"a list answered in {took:.2f} s from a report older than the target set"
+        assert {v["name"]: v["target_bytes"] for v in body} == {"vm0": 0, "vm1": 0}
+        assert timed_get(d, "/v1/vms/vm1")[0] < 0.3  # vm1 had no command: not asked
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    d.wait_for(lambda: timed_get(d, "/v1/vms")[0] < 0.3, 3, "lists answered at once again")
+    # The worker's reports have seen the target: stopped again, it is not asked.
+    time.sleep(0.2)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        took, _ = timed_get(d, "/v1/vms")
+        assert took < 0.3, f"a list waited {took:.2f} s for a worker that had reported on every command"
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert worker(d, "vm0") == {"state": "running", "pid": victim, "restarts": 0, "last_exit": None}
+
+
+def test_f_a_guest_driven_change_reaches_a_list_without_asking_within_the_bound(calm_workers):
+    """docs/api.md, Freshness 2: what a frontend did shows in GET /v1/vms
+    (which asks no worker) soon after: every time within the report interval
+    (1 s here) with some slack for a loaded host, and nearly every time well
+    before it (the worker reports a change by itself; a heartbeat alone,
+    once a second, would be this quick only about one time in three)."""
+    d = calm_workers
+    with TestFrontend(d.sockets["vm0"]) as fe:
+        fe.start()
+        base = fe.first_free_pfn
+        delays = []
+        for i in range(10):
+            fe.inflate(list(range(base + 64 * i, base + 64 * (i + 1))))
+            done = time.monotonic()
+            want = 64 * (i + 1) * PAGE
+            while True:
+                vms = {v["name"]: v for v in d.api.vms()}
+                if vms["vm0"]["ballooned_bytes"] == want:
+                    break
+                assert time.monotonic() - done < 2.0, f"inflate {i} not in a list after 2 s"
+                time.sleep(0.01)
+            delays.append(time.monotonic() - done)
+            time.sleep(0.3 + 0.07 * i)  # not in step with the heartbeat
+    quick = [x for x in delays if x < 0.3]
+    assert len(quick) >= 8, f"delays until a list showed each inflate: {[round(x, 3) for x in delays]}"
+    assert max(delays) < 1.5
+
+
 def test_vm_isolation_none_serves_every_vm_in_one_process(tmp_path):
     d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"), extra_args=["--vm-isolation", "none"])
     d.start()

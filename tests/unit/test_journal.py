@@ -279,3 +279,25 @@ def test_frameset_matches_a_set():
     ref.discard(8)
     fs.discard(12345)
     assert list(fs) == sorted(ref) and len(fs) == len(ref) and 10**9 in fs and 8 not in fs
+
+
+def test_the_journal_lock_is_one_process_s_at_a_time(tmp_path):
+    """JournalLock: a second holder (another open of the file, as another
+    process's would be) cannot take it until the first lets go, which
+    closing the journal does; a journal refuses a lock not held."""
+    first = journal_mod.JournalLock(str(tmp_path), "vm0")
+    second = journal_mod.JournalLock(str(tmp_path), "vm0")
+    other_vm = journal_mod.JournalLock(str(tmp_path), "vm1")
+    assert first.try_acquire() and first.held
+    assert first.holder() == os.getpid()
+    assert not second.try_acquire() and not second.held
+    assert other_vm.try_acquire()
+    with pytest.raises(JournalError, match="not held"):
+        BalloonJournal(str(tmp_path), "vm0", lock=second)
+    journal = BalloonJournal(str(tmp_path), "vm0", lock=first)
+    journal.target(7)
+    assert not second.try_acquire()
+    journal.close()  # lets the lock go
+    assert not first.held and second.try_acquire()
+    second.release()
+    other_vm.release()

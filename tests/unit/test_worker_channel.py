@@ -46,8 +46,10 @@ def test_a_status_round_trips_with_its_engine_counters():
     (frame({"type": "Pfns", "id": 1, "count": 0, "ranges": [[1, "x"]]}), "whole number"),
     (frame({"type": "Pfns", "id": 1, "count": 0}), "missing field"),
     (frame({"type": "Pfns", "id": 1, "count": 0, "ranges": [], "extra": 1}), "unknown fields"),
-    (frame({"type": "Status", "id": 0, "serving": {"connected": "yes"}}), "serving"),
-    (frame({"type": "Status", "id": 0, "serving": []}), "expected an object"),
+    (frame({"type": "Status", "id": 0, "applied": 0, "serving": {"connected": "yes"}}), "serving"),
+    (frame({"type": "Status", "id": 0, "applied": "1", "serving": {}}), "whole number"),
+    (frame({"type": "Waiting", "reason": 3}), "expected a string"),
+    (frame({"type": "Status", "id": 0, "applied": 0, "serving": []}), "expected an object"),
 ])
 def test_malformed_frames_are_channel_errors(data, why):
     with pytest.raises(ChannelError) as info:
