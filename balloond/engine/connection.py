@@ -79,6 +79,17 @@ TURNAROUND_DECAY = 0.875
 #: a buffer varies from one to the next.
 TURNAROUND_MARGIN = 1.5
 
+#: A look at the rings takes microseconds: a pass of the poll loop that
+#: served nothing yet took longer than this (seconds) means the daemon lost
+#: its CPU meanwhile. The host is short of CPU, and a spinning daemon is then
+#: both in the way of the guest's threads (its vCPU, QEMU's main loop, which
+#: delivers our interrupts) and slow to see a buffer, since a task that has
+#: used its share runs after one just woken. So polling stops there (once
+#: --poll-us after the last buffer has passed: only what the daemon added on
+#: its own is given up) and kicks go back on: the guest's next buffer wakes
+#: the daemon, as a sleeper.
+PREEMPTED_SECONDS = 0.0005
+
 #: Reads of the frontend's socket in one callback at most (each is one
 #: message header or payload): a request's payload usually follows its header
 #: at once, and reading it then saves an event-loop pass per message.
@@ -150,6 +161,8 @@ class VhostUserConnection:
         self.polled_buffers = 0
         #: Requests served while polling (each one a wake-up the frontend did not wait for).
         self.polled_requests = 0
+        #: Poll windows ended early because the daemon lost its CPU (PREEMPTED_SECONDS).
+        self.polls_preempted = 0
         # The adaptive poll window (see `_window`): when a buffer of a polled
         # group was last handed back, and the longest recent wait after one.
         self._last_returned = float("-inf")
@@ -306,6 +319,16 @@ class VhostUserConnection:
 
     def _dispatch(self, message: vu.Message) -> None:
         self.messages += 1
+        # A request is the guest at work between two buffers (Linux writes
+        # `actual` and reads `num_pages` after each), its vCPU waiting for
+        # the reply: a round trip like a buffer's, for the poll window.
+        self._buffer_came(time.monotonic())
+        try:
+            self._serve_request(message)
+        finally:
+            self._last_returned = time.monotonic()
+
+    def _serve_request(self, message: vu.Message) -> None:
         try:
             decoded = vu.decode_request(message)
         except vu.UnsupportedRequest as exc:
@@ -670,7 +693,12 @@ class VhostUserConnection:
         now = time.monotonic()
         if adaptive:
             self._last_returned = now
-        deadline = now + self._window(caught=False)
+        window = self._window(caught=False)
+        deadline = now + window
+        # What the daemon added to --poll-us on its own (the adaptive part):
+        # that much it gives up when it loses the CPU (PREEMPTED_SECONDS);
+        # the window the operator asked for it always polls.
+        window_extension = window - self.poll_seconds
         # Never longer than MAX_POLL_BURST in one go, however busy the
         # rings: every other VM waits meanwhile (a guest whose used ring
         # overlaps its avail index is never empty; found by fuzzing).
@@ -679,11 +707,13 @@ class VhostUserConnection:
         requests.register(self.sock.fileno(), select.POLLIN)
         while now < deadline:
             served = False
+            looked = now
             if self._reading and requests.poll(0):
                 self.polled_requests += 1
                 self._readable()
                 if not self.open:
                     return
+                served = True
             for ring in group:
                 if not (ring.enabled and self._has_pending(ring)):
                     continue  # (a request just served may have stopped it)
@@ -697,22 +727,28 @@ class VhostUserConnection:
                     return
                 if adaptive and not served:
                     self._buffer_came(now)
+                served = True
                 self._service(ring)
                 self.polled_buffers += 1
-                served = True
             now = time.monotonic()
             if served:
                 if adaptive:
                     self._last_returned = now
-                deadline = now + self._window(caught=True)
+                window = self._window(caught=True)
+                deadline = now + window
+                window_extension = window - self.poll_seconds
+            elif now - looked > PREEMPTED_SECONDS and 0 < deadline - now < window_extension:
+                self.polls_preempted += 1
+                break
         for ring in group:
             self._sleep(ring)
 
     def _buffer_came(self, now: float) -> None:
-        """A buffer of a polled group arrived (kicked or caught by polling):
-        how long after the last one went back is the guest's turnaround. A
-        run of round trips keeps the longest recent one (decaying); a gap
-        longer than MAX_ADAPTIVE_POLL_SECONDS means the run had ended."""
+        """A buffer of a polled group arrived (kicked or caught by polling),
+        or a request while polling: how long after the last buffer or reply
+        went back is the guest's turnaround. A run of round trips keeps the
+        longest recent one (decaying); a gap longer than
+        MAX_ADAPTIVE_POLL_SECONDS means the run had ended."""
         gap = now - self._last_returned
         if gap < MAX_ADAPTIVE_POLL_SECONDS:
             self._turnaround = max(gap, self._turnaround * TURNAROUND_DECAY)

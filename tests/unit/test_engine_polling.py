@@ -102,7 +102,7 @@ def polling_connection(guest: Guest, sock: socket.socket) -> VhostUserConnection
     conn._later = []  # type: ignore[attr-defined]
     conn._loop = SimpleNamespace(call_soon=lambda fn, *args: conn._later.append((fn, args)))  # type: ignore[attr-defined]
     conn.close_reason = None
-    conn.polled_buffers = conn.polled_requests = 0
+    conn.polled_buffers = conn.polled_requests = conn.polls_preempted = 0
     conn._last_returned = float("-inf")
     conn._turnaround = 0.0
     return conn
@@ -188,3 +188,146 @@ def test_the_window_never_outgrows_its_ceiling(clock, sock):
     assert len(sessions) == 2
     tail = sessions[1] - 8 * turnaround  # after the last buffer went back
     assert MAX_ADAPTIVE_POLL_SECONDS <= tail < MAX_ADAPTIVE_POLL_SECONDS + 0.0005
+
+
+class ChattyGuest(Guest):
+    """Like Linux's stock driver between two 256-frame buffers: after each
+    buffer comes back it works (frees or allocates pages), writes the config
+    (a request the vCPU waits for), then sends its next buffer. The request
+    arrives on the frontend's socket `work` after the buffer went back, the
+    next buffer `turnaround` after the reply."""
+
+    def __init__(self, clock: Clock, work: float, turnaround: float, buffers: int, peer: socket.socket) -> None:
+        super().__init__(clock, turnaround, buffers)
+        self.work = work
+        self.peer = peer
+        self.requests: list[float] = []  # when each is due
+        self.next_ring = 1
+
+    def queue_kicked(self, vring: Vring) -> None:
+        q: Any = vring.queue
+        due = [t for t in q.arrivals if t <= self.clock.now]
+        for t in due:
+            q.arrivals.remove(t)
+            self.served += 1
+            self.left -= 1
+            self.next_ring = 1 - vring.index
+            if self.left > 0:
+                self.requests.append(self.clock.now + self.work)
+
+    def tick(self) -> None:
+        """Called at every look at the clock: a request falls due."""
+        if self.requests and self.requests[0] <= self.clock.now:
+            self.requests.pop(0)
+            self.peer.send(b"r")
+
+    def replied(self) -> None:
+        other: Any = self.rings[self.next_ring].queue
+        other.arrivals.append(self.clock.now + self.turnaround)
+
+
+@pytest.mark.parametrize(("work", "after"), [(0.0035, 0.0005), (0.003, 0.003)], ids=["long-work", "even-steps"])
+def test_requests_between_buffers_keep_the_polling_going(clock, sock, monkeypatch, work, after):
+    """The guest works after each buffer, writes the config, and sends its
+    next buffer some time after the reply. Requests count as round trips
+    and a request served restarts the window: with 3.5 ms of work and 0.5 ms
+    after the reply (counting buffers alone the engine would see 0.5 ms
+    turnarounds and miss every request), or 3 ms and 3 ms (buffers 6 ms
+    apart, more than any window), the engine learns the steps from the
+    first request and polls through the rest of the run: two kicks in all."""
+    peer = socket.socketpair()
+    mine, theirs = peer
+    guest = ChattyGuest(clock, work=work, turnaround=after, buffers=30, peer=theirs)
+    tick = clock.monotonic
+
+    def monotonic() -> float:
+        now = tick()
+        guest.tick()
+        return now
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=monotonic))
+    guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
+    conn = polling_connection(guest, mine)
+    conn._reading = True
+    served: list[float] = []
+
+    def serve(message: Any) -> None:
+        served.append(clock.now)
+        guest.replied()
+
+    def readable() -> None:  # one request read, then dispatched as the engine does
+        mine.recv(1)
+        conn._dispatch(None)  # type: ignore[arg-type]
+
+    conn.messages = 0
+    conn._serve_request = serve  # type: ignore[method-assign]
+    conn._readable = readable  # type: ignore[method-assign]
+    sessions = []
+    while guest.left > 0:
+        if guest.requests:  # the engine went to sleep before the request: the event loop serves it
+            clock.now = max(clock.now, guest.requests[0])
+            guest.tick()
+            readable()
+            continue
+        ring = next(v for v in guest.rings if v.queue.arrivals)  # type: ignore[union-attr]
+        clock.now = max(clock.now, ring.queue.arrivals[0])  # type: ignore[union-attr]
+        start = clock.now
+        conn._poll(ring)
+        sessions.append(clock.now - start)
+        for fn, args in conn._later:  # type: ignore[attr-defined]
+            fn(*args)
+        conn._later.clear()  # type: ignore[attr-defined]
+    assert guest.served == 30 and len(served) == 29
+    assert len(sessions) <= 2, f"{len(sessions)} kicks for 30 buffers"
+    assert conn.polled_requests >= 27
+    mine.close()
+    theirs.close()
+
+
+def test_a_poll_that_loses_its_cpu_stops_and_kicks_go_back_on(clock, sock, monkeypatch):
+    """A pass of the poll loop that took 0.6 ms served nothing: the daemon
+    was descheduled, the host is short of CPU. Past --poll-us, polling stops
+    there (kicks back on) rather than compete with the guest's threads; the
+    run's next kick starts the adaptive window again."""
+    guest = Guest(clock, turnaround=0.002, buffers=40)
+    guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
+    conn = polling_connection(guest, sock)
+    tick = clock.monotonic
+    jumped: list[float] = []
+    served_before = [0]
+
+    def monotonic() -> float:
+        arrivals = [t for v in guest.rings for t in v.queue.arrivals]  # type: ignore[union-attr]
+        if (not jumped and guest.served >= 5 and guest.served == served_before[0]
+                and clock.now - conn._last_returned > 2 * POLL and arrivals and min(arrivals) - clock.now > 0.0012):
+            jumped.append(clock.now)  # well into the run, waiting for a buffer: descheduled for 0.6 ms
+            clock.now += 0.0006
+        served_before[0] = guest.served
+        return tick()
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=monotonic))
+    sessions = run_guest(conn, guest, clock)
+    assert guest.served == 40
+    assert conn.polls_preempted == 1
+    assert len(sessions) == 3, f"{len(sessions)} kicks: polling went on after losing the CPU, or never resumed"
+
+
+def test_the_operators_window_is_polled_even_without_the_cpu(clock, sock, monkeypatch):
+    """Losing the CPU within --poll-us of the last buffer does not end the
+    window the operator asked for (a daemon test pins kicks with a long one)."""
+    guest = Guest(clock, turnaround=0.02, buffers=10)
+    guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
+    conn = polling_connection(guest, sock)
+    conn.poll_seconds = 0.05  # longer than the turnaround: every buffer caught
+    tick = clock.monotonic
+    calls = [0]
+
+    def monotonic() -> float:
+        calls[0] += 1
+        if calls[0] % 50 == 0:
+            clock.now += 0.001  # descheduled now and then
+        return tick()
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=monotonic))
+    sessions = run_guest(conn, guest, clock)
+    assert guest.served == 10 and len(sessions) == 1 and conn.polls_preempted == 0
