@@ -5,9 +5,11 @@ Linux's stock virtio_balloon waits for every buffer: each balloon page that
 compaction moves is two synchronous round trips (inflate the new page on one
 ring, deflate the old one on the other), each 256-PFN inflate or deflate
 buffer one. Each round boots the same guest (512 MiB, Linux 6.1 by default,
-stock driver, page_poison=1 so free page reporting does not race) once with
-(A) balloond and once with (B) QEMU's `virtio-balloon-pci`, interleaved
-A B A B, and on each:
+page_poison=1 so free page reporting does not race) with (A) balloond and
+the stock driver, (C) balloond and our driver (guest-driver/, loaded with
+its migrate extension: one record per moved page on the migrate queue; left
+out with --no-our-driver) and (B) QEMU's `virtio-balloon-pci` with the stock
+driver, interleaved A C B A C B, and on each:
 
   1. balloons 128 MiB of the idle guest;
   2. writes 300 files of 128 KiB into a tmpfs, deletes every other one, and
@@ -23,7 +25,10 @@ first round the CPU the daemon uses while the guest sits idle for
 --idle-seconds after all that. The summary prints medians and the ratios
 balloond/QEMU (migrations/s: higher is better; times: lower is better).
 
-    python benchmarks/roundtrips.py [--rounds 2] [--kernel 6.1] [--idle-seconds 60]
+For our driver it also prints the guest's own counts: pages it moved, and
+records sent with the extension.
+
+    python benchmarks/roundtrips.py [--rounds 2] [--kernel 6.1] [--idle-seconds 60] [--no-our-driver]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +46,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import BuiltinBalloon, VhostUserBalloon, Vm  # noqa: E402
+from harness import BuiltinBalloon, VhostUserBalloon, Vm, find_kernel  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 
 MIB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 MEMORY_MIB = 512
 BALLOON_MIB = 128
@@ -107,14 +114,39 @@ def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
     return {"inflate_s": t_in, "deflate_s": time.monotonic() - t0}
 
 
-def run_ours(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, float]:
+DRIVER = "balloond_balloon"
+
+
+def build_driver(kernel: str, outdir: Path) -> Path:
+    """Our guest driver, built for the guest's kernel (the path of the .ko)."""
+    release = find_kernel(kernel).release
+    out = subprocess.run(["sh", str(REPO / "guest-driver" / "build.sh"), "-o", str(outdir), release],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"guest driver build failed for {release}:\n{out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def driver_stats(vm: Vm) -> dict[str, int]:
+    out = vm.sh("cat /sys/kernel/debug/balloond/stats")
+    return {k: int(v) for k, v in re.findall(r"^(\w+): (\d+)$", out, re.M)}
+
+
+def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path | None = None) -> dict[str, float]:
+    """balloond with the stock driver, or with ours (`driver`: its .ko, loaded
+    with the migrate extension on)."""
     daemon = DaemonProcess(workdir / "daemon", vms=("bench",),
                            extra_args=["--no-deflate-on-oom", *args.daemon_args], log_level="warning")
     daemon.start()
     try:
         with Vm(args.kernel, memory_mib=MEMORY_MIB, balloon=VhostUserBalloon(daemon.sockets["bench"]),
-                load_balloon=True, cmdline=["page_poison=1"], log_dir=workdir / "ours", name="ours") as vm:
+                load_balloon=driver is None, modules=[driver] if driver else [], cmdline=["page_poison=1"],
+                log_dir=workdir / ("driver" if driver else "ours"), name="driver" if driver else "ours") as vm:
+            if driver is not None:
+                vm.sh(f"insmod /lib/modules/{DRIVER}.ko migrate_ext=1")
             poll(lambda: daemon.api.vm("bench")["running"], 120, "the device to start")
+            if driver is not None and "BALLOOND_MIGRATE_VQ" not in daemon.api.vm("bench")["features"]:
+                raise SystemExit("our driver did not negotiate the migrate extension")
             worker = (daemon.api.vm("bench").get("worker") or {}).get("pid")
             pids = [daemon.pid] + ([worker] if worker else [])
 
@@ -129,8 +161,13 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, f
                 daemon.api.set_target("bench", nbytes)
 
             cpu0 = cpu()
+            guest0 = driver_stats(vm) if driver is not None else {}
             out = compaction(vm, set_balloon, reached)
             out["daemon_migrations"] = daemon.api.vm("bench")["migrations"]
+            if driver is not None:
+                guest = driver_stats(vm)
+                for key in ("migrated", "ext_records", "fallback_pairs"):
+                    out[f"guest_{key}"] = guest.get(key, 0) - guest0.get(key, 0)
             out.update(to_target(args, set_balloon, reached))
             out["cpu_s"] = cpu() - cpu0
             if idle:
@@ -168,22 +205,31 @@ def main() -> int:
     p.add_argument("--idle-seconds", type=float, default=60.0)
     p.add_argument("--daemon-arg", dest="daemon_args", action="append", default=[],
                    help="extra balloond argument (repeatable), e.g. --daemon-arg=--poll-us=0")
+    p.add_argument("--no-our-driver", dest="our_driver", action="store_false",
+                   help="leave out the variant with our guest driver")
     args = p.parse_args()
     if not 0 < args.target_mib < MEMORY_MIB:
         p.error(f"--target-mib must be between 0 and {MEMORY_MIB}")
 
-    ours: list[dict[str, float]] = []
-    qemu: list[dict[str, float]] = []
+    results: dict[str, list[dict[str, float]]] = {"balloond": [], "driver": [], "qemu": []}
     with tempfile.TemporaryDirectory(prefix="bd-rt-") as tmp:
+        ko = build_driver(args.kernel, Path(tmp) / "driver-build") if args.our_driver else None
+        variants: list[tuple[str, Callable[..., dict[str, float]]]] = [("balloond", run_ours)]
+        if ko is not None:
+            variants.append(("driver", lambda a, w, idle: run_ours(a, w, False, driver=ko)))
+        variants.append(("qemu", run_qemu))
         for i in range(args.rounds):
-            for name, fn, out in (("balloond", run_ours, ours), ("qemu", run_qemu, qemu)):
-                r = fn(args, Path(tmp) / f"r{i}", idle=i == 0)
-                out.append(r)
+            for name, fn in variants:
+                r = fn(args, Path(tmp) / f"r{i}-{name}", idle=i == 0 and name == "balloond")
+                results[name].append(r)
                 extra = ""
                 if "cpu_s" in r:
                     extra = f"  daemon counted {r['daemon_migrations']}  daemon CPU {r['cpu_s']:6.2f}s"
                     if "idle_pct" in r:
                         extra += f"  idle CPU {r['idle_pct']:.3f}%"
+                if "guest_migrated" in r:
+                    extra += (f"  guest moved {r['guest_migrated']} (extension records {r['guest_ext_records']}, "
+                              f"fallback pairs {r['guest_fallback_pairs']})")
                 print(f"round {i + 1}/{args.rounds} {name:8}: {r['migrations']:6d} migrations in "
                       f"{r['compact_s']:6.2f}s = {r['migrations_per_s']:7.0f}/s  inflate {r['inflate_s']:6.2f}s  "
                       f"deflate {r['deflate_s']:6.2f}s{extra}", flush=True)
@@ -191,17 +237,24 @@ def main() -> int:
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
-    print(f"\nstock virtio_balloon, {MEMORY_MIB} MiB Linux {args.kernel} guest (TCG), "
-          f"medians of {args.rounds} rounds")
-    print(f"{'':30}{'balloond':>12}{'QEMU':>12}{'balloond/QEMU':>15}")
-    for key, label, fmt in (("migrations_per_s", "migrations/s (compaction)", "{:12.0f}"),
-                            ("migrations", "balloon pages migrated", "{:12.0f}"),
-                            ("inflate_s", f"inflate to {args.target_mib} MiB (s)", "{:12.2f}"),
-                            ("deflate_s", f"deflate from {args.target_mib} MiB (s)", "{:12.2f}")):
+    ours, drv, qemu = results["balloond"], results["driver"], results["qemu"]
+    print(f"\n{MEMORY_MIB} MiB Linux {args.kernel} guest (TCG), medians of {args.rounds} rounds; "
+          "balloond = stock virtio_balloon on balloond, driver = our driver with the migrate extension")
+    head = f"{'':30}{'balloond':>10}" + (f"{'driver':>10}" if drv else "") + f"{'QEMU':>10}{'balloond/QEMU':>15}"
+    print(head + (f"{'driver/QEMU':>13}" if drv else ""))
+    for key, label, fmt in (("migrations_per_s", "migrations/s (compaction)", "{:10.0f}"),
+                            ("migrations", "balloon pages migrated", "{:10.0f}"),
+                            ("inflate_s", f"inflate to {args.target_mib} MiB (s)", "{:10.2f}"),
+                            ("deflate_s", f"deflate from {args.target_mib} MiB (s)", "{:10.2f}")):
         a, b = med(ours, key), med(qemu, key)
-        ratio = a / b if b else float("inf")
-        print(f"{label:30}" + fmt.format(a) + fmt.format(b) + f"{ratio:15.2f}")
-    print(f"daemon CPU per run (supervisor + worker): {med(ours, 'cpu_s'):.2f}s")
+        line = f"{label:30}" + fmt.format(a) + (fmt.format(med(drv, key)) if drv else "") + fmt.format(b)
+        line += f"{a / b if b else float('inf'):15.2f}"
+        if drv:
+            c = med(drv, key)
+            line += f"{c / b if b else float('inf'):13.2f}"
+        print(line)
+    print(f"daemon CPU per run (supervisor + worker): balloond {med(ours, 'cpu_s'):.2f}s"
+          + (f", driver {med(drv, 'cpu_s'):.2f}s" if drv else ""))
     idle = [r["idle_pct"] for r in ours if "idle_pct" in r]
     if idle:
         print(f"daemon CPU serving an idle guest for {args.idle_seconds:g}s: {idle[0]:.3f}% of a core")
