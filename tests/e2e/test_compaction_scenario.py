@@ -9,15 +9,23 @@ the balloon's pages sit wherever the page allocator put them on an idle
 guest, which is the ordinary case.
 
 One test per kernel boots, one after the other on the same daemon and with
-the same guest configuration: the stock ``virtio_balloon``, our driver with
-balloond's migrate extension, and our driver without it.  Our driver must
-have at least as many balloon pages migrated as the stock one (no slack:
-both allocate with the same flags, so the same memory layout gives compaction
-the same pages to find; a driver whose pages compaction cannot isolate gets
-0), and afterwards the daemon's frame set must be exactly the driver's.
+the same guest configuration (the driver loaded by insmod once the guest is
+up): the stock ``virtio_balloon``, our driver with balloond's migrate
+extension, and our driver without it; two rounds of the three.  Both
+drivers allocate balloon pages with the same flags, so where the pages lie,
+and so how many compaction can reach, is the page allocator's doing and
+varies a little from boot to boot; the scenario waits for the guest's
+per-CPU free lists to hand the freed pages back before compacting (without
+that, on 6.12, the count swung between 0 and 4879 for the same driver).  The
+test compares the medians of the rounds with no slack: ours must reach the
+stock driver's.  Each of our runs must also have had pages isolated and
+moved at all (a driver whose pages compaction cannot take gets 0), and
+afterwards the daemon's frame set must be exactly the driver's.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import pytest
 
@@ -29,9 +37,11 @@ from tests.e2e.waiting import MIB, wait_for
 pytestmark = pytest.mark.vm
 
 BALLOON = COMPACTION_BALLOON_MIB * MIB
+DRIVERS = ("stock", "extension", "fallback")
+ROUNDS = 2
 
 
-def _run(make_vm, daemon, kernel: str, driver: str) -> tuple[CompactionRun, dict[str, str]]:
+def _run(make_vm, daemon, kernel: str, driver: str, name: str) -> tuple[CompactionRun, dict[str, str]]:
     """Boot a guest with ``driver`` ("stock", "extension", "fallback"), run
     the scenario, check the daemon against the driver, power the guest off."""
     ours = driver != "stock"
@@ -39,8 +49,10 @@ def _run(make_vm, daemon, kernel: str, driver: str) -> tuple[CompactionRun, dict
     # the scenario starts: every guest starts from an empty balloon.
     daemon.api.set_target("guest", 0)
     vm = make_vm(kernel, memory_mib=512, balloon=VhostUserBalloon(daemon.sockets["guest"]),
-                 load_balloon=not ours, modules=[build_module(kernel)] if ours else [], name=driver)
-    if ours:
+                 modules=[build_module(kernel)] if ours else [], name=name)
+    if not ours:
+        vm.load_module("virtio_balloon")
+    else:
         vm.sh(f"insmod /lib/modules/{MODULE}.ko migrate_ext={1 if driver == 'extension' else 0}")
         stats = guest_stats(vm)
         assert stats["ext_negotiated"] == ("yes" if driver == "extension" else "no")
@@ -73,21 +85,27 @@ def _run(make_vm, daemon, kernel: str, driver: str) -> tuple[CompactionRun, dict
     return run, stats
 
 
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3600)
 def test_compaction_after_an_idle_inflate_moves_our_pages_at_least_as_often_as_the_stock_drivers(
         make_vm, daemon, kernel):
-    runs: dict[str, CompactionRun] = {}
-    stats: dict[str, dict[str, str]] = {}
-    for driver in ("stock", "extension", "fallback"):
-        runs[driver], stats[driver] = _run(make_vm, daemon, kernel, driver)
-        print(f"\n{kernel} {driver}: {runs[driver].migrated} balloon pages migrated in "
-              f"{runs[driver].compact_seconds:.1f} s" + (f"; driver stats {stats[driver]}" if stats[driver] else ""))
+    migrated: dict[str, list[int]] = {d: [] for d in DRIVERS}
+    for rnd in range(ROUNDS):
+        for driver in DRIVERS:
+            run, stats = _run(make_vm, daemon, kernel, driver, f"{driver}{rnd}")
+            migrated[driver].append(run.migrated)
+            print(f"\n{kernel} round {rnd + 1} {driver}: {run.migrated} balloon pages migrated in "
+                  f"{run.compact_seconds:.1f} s (per-CPU free pages {run.percpu_after_fragment} after fragmenting, "
+                  f"{run.percpu_at_compaction} at compaction)" + (f"; driver stats {stats}" if stats else ""))
+            if driver != "stock":
+                assert int(stats["isolations"]) > 0 and run.migrated > 0, (
+                    f"compaction moved none of our pages ({driver}): {stats}")
 
+    median = {d: statistics.median(v) for d, v in migrated.items()}
+    print(f"\n{kernel} balloon pages migrated per round: {migrated}; medians {median}")
     # the scenario must make compaction move balloon pages at all, or the
     # comparison below proves nothing
-    assert runs["stock"].migrated > 0, "the stock driver's pages were not migrated: the scenario is broken"
+    assert median["stock"] > 0, "the stock driver's pages were not migrated: the scenario is broken"
     for driver in ("extension", "fallback"):
-        assert int(stats[driver]["isolations"]) > 0, f"compaction never isolated our pages ({driver}): {stats[driver]}"
-        assert runs[driver].migrated >= runs["stock"].migrated, (
-            f"{driver}: {runs[driver].migrated} of our balloon pages migrated, "
-            f"stock driver {runs['stock'].migrated}")
+        assert median[driver] >= median["stock"], (
+            f"{driver}: median {median[driver]} of our balloon pages migrated, stock driver {median['stock']} "
+            f"(rounds: {migrated})")
