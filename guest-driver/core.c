@@ -100,14 +100,24 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 	if (!bd_alloc_batch(vb, want, &fresh, balloon_page_alloc))
 		return 0;
 
+	/*
+	 * Room in frames for every page, made before balloon_lock is taken:
+	 * an allocation under it could enter reclaim and the OOM killer, whose
+	 * notifier deflates and so takes balloon_lock.  A page we cannot
+	 * record never becomes a balloon page; only our reference is dropped.
+	 */
+	list_for_each_entry_safe(page, tmp, &fresh, lru) {
+		if (xa_reserve(&vb->frames, page_to_pfn(page), GFP_KERNEL)) {
+			list_del(&page->lru);
+			put_page(page);
+		}
+	}
+
 	mutex_lock(&vb->balloon_lock);
 	list_for_each_entry_safe(page, tmp, &fresh, lru) {
-		/* Recorded before the page becomes the core's; a page we cannot
-		 * record is not ballooned but given back below. */
-		if (xa_err(xa_store(&vb->frames, page_to_pfn(page), BD_FRAME,
-				    GFP_KERNEL)))
-			continue;
 		list_del(&page->lru);
+		/* Into the slot reserved above: nothing is allocated. */
+		xa_store(&vb->frames, page_to_pfn(page), BD_FRAME, GFP_NOWAIT);
 		/* Rule i: page->private is set under balloon_pages_lock by the
 		 * core; it also counts BALLOON_INFLATE and adjusts managed
 		 * pages. */
@@ -118,11 +128,6 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 	bd_publish_batch(vb, vb->inflate_vq, n, "inflate");
 	mutex_unlock(&vb->balloon_lock);
 
-	/* Pages left over never were balloon pages: only our reference. */
-	list_for_each_entry_safe(page, tmp, &fresh, lru) {
-		list_del(&page->lru);
-		put_page(page);
-	}
 	atomic_long_add(n, &vb->cnt.inflated);
 	return n;
 }
