@@ -89,9 +89,9 @@ ANSWER_AFTER_TURNS = 3
 #: Workers run this much nicer than the supervisor. The supervisor (API,
 #: policy, QMP, heartbeats) needs little CPU but must get it when 64 busy
 #: workers want both cores: at equal weight its event loop fell 0.5-3.6 s
-#: behind under benchmarks/many_vms.py's load and API p99 was 4.9-5.5 s;
-#: with workers at +10 it was 0.58-0.67 s, and the VMs' inflate throughput
-#: did not drop (same host load, 13-15; docs/api.md, "Scheduling").
+#: behind under benchmarks/many_vms.py's load and API p99 was 5.8-6.1 s;
+#: with workers at +10 it was 0.64-0.73 s, inflate throughput within the
+#: host's noise (docs/api.md, "Scheduling").
 WORKER_NICE = 10
 #: A report is due at least this many times per supervisor timeout, so a
 #: short --worker-timeout never mistakes a quiet worker for a hung one.

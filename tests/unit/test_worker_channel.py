@@ -5,6 +5,7 @@ never another exception escaping into the supervisor's loop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import struct
 
@@ -47,7 +48,7 @@ def test_a_status_round_trips_with_its_engine_counters():
     (frame({"type": "Pfns", "id": 1, "count": 0}), "missing field"),
     (frame({"type": "Pfns", "id": 1, "count": 0, "ranges": [], "extra": 1}), "unknown fields"),
     (frame({"type": "Status", "id": 0, "applied": 0, "serving": {"connected": "yes"}}), "serving"),
-    (frame({"type": "Status", "id": 0, "applied": "1", "serving": {}}), "whole number"),
+    (frame({"type": "Status", "id": 0, "applied": "1", "serving": dataclasses.asdict(ServingStatus())}), "whole number"),
     (frame({"type": "Waiting", "reason": 3}), "expected a string"),
     (frame({"type": "Status", "id": 0, "applied": 0, "serving": []}), "expected an object"),
 ])
