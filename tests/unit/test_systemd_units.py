@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from balloond.services import config
+from balloond.worker.process import WORKER_NICE
 from balloond.services.policy import PolicyConfig, VmPolicySettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,6 +134,8 @@ def test_unit_settings():
     }.items():
         assert single.get(key) == value, key
     assert unit_values("SystemCallFilter")[0] == "@system-service"
+    # the control plane ahead of the workers, the workers level with QEMU
+    assert int(single["Nice"]) + WORKER_NICE == 0
     # these would break the daemon (see the comments in the unit)
     assert "ProcSubset" not in single and "PrivateUsers" not in single
     # the example configuration gives sockets to the group the unit joins
