@@ -97,7 +97,7 @@ unpack_kernel() {  # $1 = release, $2 = "split" for the 7.x packages
     local tmp
     tmp=$(mktemp -d)
     rm -rf "$dest"; mkdir -p "$dest"
-    if [ "$2" = split ]; then
+    if [ "${2:-}" = split ]; then
         log "kernel $rel: downloading linux-binary-$rel and linux-modules-$rel (trixie root's apt)"
         root_download "$tmp" "linux-binary-$rel" "linux-modules-$rel" \
             || die "cannot download the 7.x kernel packages for $rel"
