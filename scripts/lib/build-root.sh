@@ -38,12 +38,17 @@ build_root_path() {
 }
 
 # Run a command inside the root: a private mount namespace (nothing mounted
-# outlives the command) with /proc, then chroot.
+# outlives the command) with /proc and the host's current resolv.conf (the
+# root's copy is from the day it was made), then chroot.
 build_root_run() {  # $1 = root, rest = command
     local root="$1"; shift
     unshare --mount --propagation private -- /bin/sh -c '
         root=$1; shift
         mount -t proc proc "$root/proc" || exit 1
+        if [ -f /etc/resolv.conf ]; then
+            [ -f "$root/etc/resolv.conf" ] || : > "$root/etc/resolv.conf"
+            mount --bind /etc/resolv.conf "$root/etc/resolv.conf" || exit 1
+        fi
         exec chroot "$root" "$@"' build-root "$root" \
         /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 \
         DEBIAN_FRONTEND=noninteractive "$@"
