@@ -141,15 +141,15 @@ def sock():
 
 
 def test_a_run_of_slow_round_trips_is_caught_by_polling_after_two_kicks(clock, sock):
-    """Round trips of 2 ms (ten times --poll-us): the first kick polls
-    --poll-us and misses, the second measures the turnaround, and every
-    later buffer of the run is caught by polling."""
-    guest = Guest(clock, turnaround=0.002, buffers=40)
+    """Round trips of twice --poll-us: the first kick polls --poll-us and
+    misses, the second measures the turnaround, and every later buffer of
+    the run is caught by polling."""
+    guest = Guest(clock, turnaround=2 * POLL, buffers=40)
     guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
     conn = polling_connection(guest, sock)
     sessions = run_guest(conn, guest, clock)
     assert guest.served == 40
-    assert len(sessions) == 2, f"{len(sessions)} kicks for 40 round trips of 2 ms"
+    assert len(sessions) == 2, f"{len(sessions)} kicks for 40 round trips"
     assert conn.polled_buffers > 30  # (a burst handed back to the loop resumes with one not counted)
 
 
@@ -165,11 +165,12 @@ def test_round_trips_slower_than_the_ceiling_each_kick(clock, sock):
 def test_an_idle_guest_gets_the_short_window_again(clock, sock):
     """After a run of round trips the guest goes quiet; its next kick, much
     later, is polled for --poll-us, not for the run's long window."""
-    guest = Guest(clock, turnaround=0.003, buffers=20)
+    turnaround = MAX_ADAPTIVE_POLL_SECONDS * 0.6
+    guest = Guest(clock, turnaround=turnaround, buffers=20)
     guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
     conn = polling_connection(guest, sock)
     sessions = run_guest(conn, guest, clock)
-    assert len(sessions) == 2 and sessions[-1] > 0.003 * 18  # the run, polled through
+    assert len(sessions) == 2 and sessions[-1] > turnaround * 18  # the run, polled through
     guest.left = 1
     guest.rings[1].queue.arrivals.append(clock.now + 1.0)  # a second later
     (idle,) = run_guest(conn, guest, clock)
@@ -187,7 +188,7 @@ def test_the_window_never_outgrows_its_ceiling(clock, sock):
     sessions = run_guest(conn, guest, clock)
     assert len(sessions) == 2
     tail = sessions[1] - 8 * turnaround  # after the last buffer went back
-    assert MAX_ADAPTIVE_POLL_SECONDS <= tail < MAX_ADAPTIVE_POLL_SECONDS + 0.0005
+    assert MAX_ADAPTIVE_POLL_SECONDS <= tail < MAX_ADAPTIVE_POLL_SECONDS + 0.0001
 
 
 class ChattyGuest(Guest):
@@ -226,18 +227,20 @@ class ChattyGuest(Guest):
         other.arrivals.append(self.clock.now + self.turnaround)
 
 
-@pytest.mark.parametrize(("work", "after"), [(0.0035, 0.0005), (0.003, 0.003)], ids=["long-work", "even-steps"])
+@pytest.mark.parametrize(("work", "after"), [(0.7, 0.1), (0.6, 0.6)], ids=["long-work", "even-steps"])
 def test_requests_between_buffers_keep_the_polling_going(clock, sock, monkeypatch, work, after):
     """The guest works after each buffer, writes the config, and sends its
-    next buffer some time after the reply. Requests count as round trips
-    and a request served restarts the window: with 3.5 ms of work and 0.5 ms
-    after the reply (counting buffers alone the engine would see 0.5 ms
-    turnarounds and miss every request), or 3 ms and 3 ms (buffers 6 ms
-    apart, more than any window), the engine learns the steps from the
-    first request and polls through the rest of the run: two kicks in all."""
+    next buffer some time after the reply (in tenths of the window's
+    ceiling). Requests count as round trips and a request served restarts
+    the window: with 7 tenths of work and 1 after the reply (counting
+    buffers alone the engine would see short turnarounds and miss every
+    request), or 6 and 6 (buffers further apart than any window), the
+    engine learns the steps from the first request and polls through the
+    rest of the run: two kicks in all."""
     peer = socket.socketpair()
     mine, theirs = peer
-    guest = ChattyGuest(clock, work=work, turnaround=after, buffers=30, peer=theirs)
+    guest = ChattyGuest(clock, work=work * MAX_ADAPTIVE_POLL_SECONDS, turnaround=after * MAX_ADAPTIVE_POLL_SECONDS,
+                        buffers=30, peer=theirs)
     tick = clock.monotonic
 
     def monotonic() -> float:
@@ -285,11 +288,11 @@ def test_requests_between_buffers_keep_the_polling_going(clock, sock, monkeypatc
 
 
 def test_a_poll_that_loses_its_cpu_stops_and_kicks_go_back_on(clock, sock, monkeypatch):
-    """A pass of the poll loop that took 0.6 ms served nothing: the daemon
+    """A pass of the poll loop that took 0.55 ms served nothing: the daemon
     was descheduled, the host is short of CPU. Past --poll-us, polling stops
     there (kicks back on) rather than compete with the guest's threads; the
     run's next kick starts the adaptive window again."""
-    guest = Guest(clock, turnaround=0.002, buffers=40)
+    guest = Guest(clock, turnaround=MAX_ADAPTIVE_POLL_SECONDS * 0.9, buffers=40)
     guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
     conn = polling_connection(guest, sock)
     tick = clock.monotonic
@@ -299,9 +302,9 @@ def test_a_poll_that_loses_its_cpu_stops_and_kicks_go_back_on(clock, sock, monke
     def monotonic() -> float:
         arrivals = [t for v in guest.rings for t in v.queue.arrivals]  # type: ignore[union-attr]
         if (not jumped and guest.served >= 5 and guest.served == served_before[0]
-                and clock.now - conn._last_returned > 2 * POLL and arrivals and min(arrivals) - clock.now > 0.0012):
-            jumped.append(clock.now)  # well into the run, waiting for a buffer: descheduled for 0.6 ms
-            clock.now += 0.0006
+                and clock.now - conn._last_returned > 1.2 * POLL and arrivals and min(arrivals) - clock.now > 0.0006):
+            jumped.append(clock.now)  # well into the run, waiting for a buffer: descheduled for 0.55 ms
+            clock.now += 0.00055
         served_before[0] = guest.served
         return tick()
 
