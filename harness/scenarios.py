@@ -45,6 +45,8 @@ class CompactionRun:
     compact_seconds: float  # wall time of the COMPACT_ROUNDS compactions
     percpu_after_fragment: int  # free pages on per-CPU lists right after FRAGMENT
     percpu_at_compaction: int  # ... when the compactions started
+    migrate_failed: int  # /proc/vmstat pgmigrate_fail across the compactions: pages
+    #                      the kernel gave up moving, balloon pages or not
 
     @property
     def per_second(self) -> float:
@@ -134,9 +136,11 @@ def compaction_after_idle_inflate(
     percpu_after_fragment = percpu_lists(vm)[0]
     percpu_at_compaction = settle_percpu_lists(vm) if settle else percpu_after_fragment
     before = count()
+    failed_before = vmstat(vm, "pgmigrate_fail")
     t0 = time.monotonic()
     for _ in range(COMPACT_ROUNDS):
         vm.sh(COMPACT, timeout=timeout)
     seconds = time.monotonic() - t0
     return CompactionRun(migrated=count() - before, compact_seconds=seconds,
-                         percpu_after_fragment=percpu_after_fragment, percpu_at_compaction=percpu_at_compaction)
+                         percpu_after_fragment=percpu_after_fragment, percpu_at_compaction=percpu_at_compaction,
+                         migrate_failed=vmstat(vm, "pgmigrate_fail") - failed_before)
