@@ -102,7 +102,11 @@ def test_compaction_after_an_idle_inflate_moves_our_pages_at_least_as_often_as_t
                   f"{run.compact_seconds:.1f} s (per-CPU free pages {run.percpu_after_fragment} after fragmenting, "
                   f"{run.percpu_at_compaction} at compaction; {run.migrate_failed} migrations failed)" + (f"; driver stats {stats}" if stats else ""))
             if driver != "stock":
-                assert int(stats["isolations"]) > 0 and run.migrated > 0, (
+                # With the kernel's balloon core (the only page layer from
+                # 6.17) the core isolates pages and the driver sees only the
+                # migration: isolations are counted by our own layer alone.
+                isolated = int(stats["isolations"]) if stats["page_layer"] == "movable-ops" else run.migrated
+                assert isolated > 0 and run.migrated > 0, (
                     f"compaction moved none of our pages ({driver}): {stats}")
 
     median = {d: statistics.median(v) for d, v in migrated.items()}
