@@ -129,6 +129,10 @@ class DeviceCounters:
     discards_cancelled: int = 0
     driver_resets: int = 0
     config_changes_sent: int = 0
+    #: Config space reads and writes the frontend forwarded (GET_CONFIG,
+    #: SET_CONFIG): a frontend that caches the config asks only after a change.
+    config_reads: int = 0
+    config_writes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -202,9 +206,11 @@ class BalloonDevice:
         self.host = host
 
     def read_config(self, offset: int, size: int) -> bytes:
+        self.counters.config_reads += 1
         return self.config.read(offset, size)
 
     def write_config(self, offset: int, data: bytes) -> None:
+        self.counters.config_writes += 1
         changed = self.config.driver_write(offset, data)
         if "actual" in changed:
             self.log.debug("guest reports balloon size", actual_pages=self.config.actual)
@@ -297,6 +303,10 @@ class BalloonDevice:
             self.config.actual = len(self.tracker)
             self._poison_known = adoption.poison is not None
             self.config.poison_val = adoption.poison or 0
+            # Every change the device makes on its own is announced: a
+            # frontend may keep a copy of the config space and serve the
+            # guest from it (config-cache=on) until told (see started()).
+            self._config_dirty = True
             if "inflate" in rings:
                 self._inflate_stop_base = rings["inflate"]  # a resume, not a reset
             self._rebuild_huge_fill()
