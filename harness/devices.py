@@ -35,6 +35,11 @@ class VhostUserBalloon:
     chardev_options: str = ""
     #: extra device properties, e.g. {"vq_size": "128"}
     device_options: dict[str, str] = field(default_factory=dict)
+    #: QEMU serves the guest's config reads from its copy of the config
+    #: space (qemu-patches/0002), refreshed when the daemon announces a
+    #: change, instead of a GET_CONFIG round trip to the daemon per read:
+    #: the stock driver reads num_pages after every buffer.
+    config_cache: bool = True
 
     def qemu_args(self, qemu: QemuInfo) -> list[str]:
         if qemu.generic_device is None:
@@ -47,7 +52,8 @@ class VhostUserBalloon:
             + (f",{self.chardev_options}" if self.chardev_options else ""),
             "-device",
             f"{qemu.generic_device},chardev={self.chardev_id},virtio-id={VIRTIO_ID_BALLOON},"
-            f"num_vqs={self.num_queues},config_size={BALLOON_CONFIG_SIZE}"
+            f"num_vqs={self.num_queues},config_size={BALLOON_CONFIG_SIZE},"
+            f"config-cache={'on' if self.config_cache else 'off'}"
             + "".join(f",{k}={v}" for k, v in self.device_options.items()),
         ]
 

@@ -1,0 +1,77 @@
+"""QEMU's config cache (config-cache=on, qemu-patches/0002) with Linux's
+stock driver: the guest's config reads no longer reach the daemon, and the
+guest still follows every target, also after the daemon was killed and
+QEMU reconnected.
+
+Why: the stock virtio_balloon reads num_pages after every 256-page buffer.
+Without the cache each read is a GET_CONFIG round trip to the daemon, made
+in the vCPU thread; with it QEMU answers from its copy, which it refreshes
+on the daemon's CONFIG_CHANGE_MSG and at (re)connect. A copy that is not
+refreshed leaves the guest on a stale target, so each target here must be
+reached, and the GET_CONFIG count must stay near the number of changes,
+not of buffers.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import VhostUserBalloon
+from harness.daemon import DaemonProcess
+from tests.e2e.waiting import MIB, wait_for
+
+pytestmark = [pytest.mark.vm]
+
+#: 256 pages a buffer: each MiB of balloon is one buffer each way.
+TARGETS_MIB = (64, 16, 96, 0)
+#: GET_CONFIG the daemon may answer per target change: QEMU's refresh on
+#: the CONFIG_CHANGE_MSG, plus slack for a refresh at a device start.
+READS_PER_CHANGE = 3
+
+
+def counters(daemon: DaemonProcess) -> dict[str, int]:
+    return daemon.api.vm("guest")["counters"]
+
+
+def follow(daemon: DaemonProcess, targets_mib: tuple[int, ...], what: str) -> tuple[int, int]:
+    """Set each target and wait for the guest to reach it; return the
+    (GET_CONFIG, inflate + deflate buffers) the daemon saw meanwhile."""
+    before = counters(daemon)
+    for mib in targets_mib:
+        daemon.api.set_target("guest", mib * MIB)
+        wait_for(f"{what}: the guest to reach {mib} MiB",
+                 lambda: (v := daemon.api.vm("guest"))["actual_bytes"] == mib * MIB
+                 and v["ballooned_bytes"] == mib * MIB, 120, 0.05)
+    after = counters(daemon)
+    buffers = sum(after[k] - before[k] for k in ("inflate_buffers", "deflate_buffers"))
+    return after["config_reads"] - before["config_reads"], buffers
+
+
+def test_stock_driver_follows_targets_without_a_config_read_per_buffer(make_vm, tmp_path):
+    daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
+                           extra_args=["--state-dir", str(tmp_path / "state")])
+    daemon.start()
+    try:
+        vm = make_vm("6.1", memory_mib=512, load_balloon=True,
+                     balloon=VhostUserBalloon(daemon.sockets["guest"], chardev_options="reconnect-ms=200"))
+        wait_for("the device to start", lambda: daemon.api.vm("guest")["running"])
+
+        reads, buffers = follow(daemon, TARGETS_MIB, "first daemon")
+        assert buffers >= 2 * 96, f"only {buffers} buffers: the guest did not move the balloon"
+        assert reads <= READS_PER_CHANGE * len(TARGETS_MIB), \
+            f"{reads} GET_CONFIG for {buffers} buffers: the guest's config reads reach the daemon"
+
+        # The daemon dies with a balloon in place; QEMU reconnects to the
+        # new one, which restores the balloon and its target from --state-dir.
+        follow(daemon, (32,), "before the restart")
+        daemon.kill()
+        daemon.start()
+        wait_for("QEMU to reconnect and the device to start",
+                 lambda: (v := daemon.api.vm("guest"))["connected"] and v["running"], 60)
+        assert vm.running, "QEMU died when the daemon restarted"
+        reads, buffers = follow(daemon, TARGETS_MIB, "after the restart")
+        assert buffers >= 2 * 96
+        assert reads <= READS_PER_CHANGE * len(TARGETS_MIB), \
+            f"{reads} GET_CONFIG for {buffers} buffers after the restart"
+    finally:
+        daemon.stop()
