@@ -1251,26 +1251,28 @@ class TestFrontend:
         arr = pfns if isinstance(pfns, array.array) and pfns.typecode == "I" else array.array("I", pfns)
         raw = memoryview(arr).cast("B")
         mem = self.ram.mem
-        outstanding = 0
+        # Only this call's buffers count: chains a test put on the ring by
+        # hand before (its own slots as tokens) may come back in the same
+        # collection, and counting them would end the wait too early or never.
+        outstanding: set[int] = set()
         buffers = 0
         for start in range(0, len(arr), per_buffer):
             while not free:
                 for used in q.wait(1, timeout):
-                    if used.token is not None:
+                    if used.token in outstanding:
                         free.append(used.token)
-                        outstanding -= 1
+                        outstanding.discard(used.token)
             slot = free.pop()
             chunk = raw[start * 4 : (start + per_buffer) * 4]
             off = self.ram.offset(slot, len(chunk))
             mem[off : off + len(chunk)] = chunk
             q.put_avail(q.add([(slot, len(chunk), False)], slot))
             q.kick()
-            outstanding += 1
+            outstanding.add(slot)
             buffers += 1
         while outstanding:
             for used in q.wait(1, timeout):
-                if used.token is not None:
-                    outstanding -= 1
+                outstanding.discard(used.token)
         return buffers
 
     def inflate(

@@ -293,6 +293,9 @@ def test_kill_between_two_buffers_of_a_pipelined_inflate(target, pause):
         while q.read_used_idx() != base + 2:  # the buffers left on the ring came back
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        # ... the very buffers submitted by hand, each once
+        tail_slots = fe._pfn_slot_gpas(QueueRole.INFLATE)[:2]
+        assert sorted(u.token for u in q.get_used()) == sorted(tail_slots)
         # and the ring goes on: the rest of the pipelined inflate
         fe.inflate([p for chunk in tail[2:] for p in chunk], per_buffer=per, inflight=4)
         expect |= set(tail[2]) | set(tail[3])
