@@ -68,8 +68,11 @@ class ApiClient:
     def vms(self) -> list[dict[str, Any]]:
         return self.get("/v1/vms")
 
-    def vm(self, name: str) -> dict[str, Any]:
-        return self.get(f"/v1/vms/{name}")
+    def vm(self, name: str, fresh: bool = True) -> dict[str, Any]:
+        """One VM's state. Tests read what they just made a frontend or guest
+        do, so by default the VM's worker is asked (`?fresh=1`); fresh=False
+        is the operator's default read, from the worker's last report."""
+        return self.get(f"/v1/vms/{name}" + ("?fresh=1" if fresh else ""))
 
     def set_target(self, name: str, nbytes: int) -> dict[str, Any]:
         return self.put(f"/v1/vms/{name}/target", {"bytes": nbytes})
@@ -118,6 +121,7 @@ class DaemonProcess:
         extra_args: Sequence[str] = (),
         log_level: str = "debug",
         vm_options: Mapping[str, str] | None = None,
+        nice: int = 0,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +133,8 @@ class DaemonProcess:
         self.log_level = log_level
         #: Per VM, what follows the socket in its --vm option ("qmp=PATH,headroom=96M").
         self.vm_options = dict(vm_options or {})
+        #: Added to the daemon's nice value at start (the systemd unit's Nice=).
+        self.nice = nice
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = ApiClient(self.api_path)
 
@@ -151,8 +157,9 @@ class DaemonProcess:
         try:
             # Its own process group: `kill` reaches the supervisor, its
             # forkserver and every VM's worker at once.
+            renice = (lambda: os.nice(self.nice)) if self.nice else None
             self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=renice)
         finally:
             log.close()
         deadline = time.monotonic() + timeout

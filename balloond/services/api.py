@@ -344,8 +344,16 @@ class ControlApi:
         return web.json_response([vm.status().to_json() for vm in self.vms.values()])
 
     async def get_vm(self, request: web.Request) -> web.Response:
+        """One VM, from its worker's last report like a list (docs/api.md,
+        "Freshness"); `?fresh=1` asks the worker and waits for it."""
         vm = self._vm(request)
-        await _refresh_one(vm)
+        fresh = request.query.get("fresh", "0")
+        if fresh not in ("0", "1"):
+            return _error(400, f"fresh must be 0 or 1, not {fresh!r}")
+        if fresh == "1":
+            await _refresh_one(vm)
+        else:
+            await _refresh(vm)
         return web.json_response(vm.status().to_json())
 
     async def put_target(self, request: web.Request) -> web.Response:

@@ -241,7 +241,8 @@ def _count(text: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.command == "status":
-        data = request(args.api, "GET", f"/v1/vms/{args.name}" if args.name else "/v1/vms")
+        # One VM: its worker is asked (a one-off look should show everything it did).
+        data = request(args.api, "GET", f"/v1/vms/{args.name}?fresh=1" if args.name else "/v1/vms")
         if args.json:
             print(json.dumps(data, indent=2), file=out)
         elif args.name:

@@ -252,6 +252,34 @@ def test_e_a_list_asks_only_a_worker_that_has_not_reported_on_a_command(calm_wor
     assert worker(d, "vm0") == {"state": "running", "pid": victim, "restarts": 0, "last_exit": None}
 
 
+def test_e_a_read_of_one_vm_asks_its_worker_only_for_a_command_or_when_told(calm_workers):
+    """docs/api.md, Freshness: GET /v1/vms/{name} is served like a list,
+    from the worker's last report unless a command is not in it yet;
+    `?fresh=1` asks the worker (and waits for it). With vm0's worker
+    stopped, the plain read is answered at once and the fresh one waits
+    out REFRESH_TIMEOUT; after a target was accepted the plain read waits
+    too, and shows the target."""
+    d = calm_workers
+    victim = worker(d, "vm0")["pid"]
+    time.sleep(0.2)  # the fresh read above and its report are behind us
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        took, body = timed_get(d, "/v1/vms/vm0")
+        assert took < 0.3, f"a read of vm0 waited {took:.2f} s for a stopped worker with nothing to report"
+        assert body["worker"]["state"] == "running"
+        took, _ = timed_get(d, "/v1/vms/vm0?fresh=1")
+        assert took >= 0.4, f"a fresh read answered in {took:.2f} s without its stopped worker"
+        status, reply = d.api.call("GET", "/v1/vms/vm0?fresh=yes")
+        assert status == 400 and "fresh must be 0 or 1" in reply["error"]
+        d.api.set_target("vm0", 4 << 20)  # accepted; the answer waited for the worker
+        took, body = timed_get(d, "/v1/vms/vm0")
+        assert took >= 0.4, f"a read answered in {took:.2f} s from a report older than the target set"
+        assert body["target_bytes"] == 4 << 20
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    d.wait_for(lambda: timed_get(d, "/v1/vms/vm0")[0] < 0.3, 3, "reads of vm0 answered at once again")
+
+
 def test_f_a_guest_driven_change_reaches_a_list_without_asking_within_the_bound(calm_workers):
     """docs/api.md, Freshness 2: what a frontend did shows in GET /v1/vms
     (which asks no worker) soon after: every time within the report interval
