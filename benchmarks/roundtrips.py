@@ -28,7 +28,14 @@ balloond/QEMU (migrations/s: higher is better; times: lower is better).
 For our driver it also prints the guest's own counts: pages it moved, and
 records sent with the extension.
 
+With --ab-config-cache a fourth variant (D, "nocache") runs balloond and the
+stock driver with QEMU's config-cache=off (same QEMU binary): every config
+read of the guest is then a GET_CONFIG round trip to the daemon, as without
+qemu-patches/0002. For balloond the config reads the daemon answered
+(GET_CONFIG) are printed per run.
+
     python benchmarks/roundtrips.py [--rounds 2] [--kernel 6.1] [--idle-seconds 60] [--no-our-driver]
+                                    [--ab-config-cache]
 """
 
 from __future__ import annotations
@@ -132,14 +139,16 @@ def driver_stats(vm: Vm) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^(\w+): (\d+)$", out, re.M)}
 
 
-def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path | None = None) -> dict[str, float]:
+def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path | None = None,
+             config_cache: bool = True) -> dict[str, float]:
     """balloond with the stock driver, or with ours (`driver`: its .ko, loaded
-    with the migrate extension on)."""
+    with the migrate extension on); `config_cache`: QEMU's config-cache property."""
     daemon = DaemonProcess(workdir / "daemon", vms=("bench",),
                            extra_args=["--no-deflate-on-oom", *args.daemon_args], log_level="warning")
     daemon.start()
     try:
-        with Vm(args.kernel, memory_mib=MEMORY_MIB, balloon=VhostUserBalloon(daemon.sockets["bench"]),
+        with Vm(args.kernel, memory_mib=MEMORY_MIB,
+                balloon=VhostUserBalloon(daemon.sockets["bench"], config_cache=config_cache),
                 load_balloon=driver is None, modules=[driver] if driver else [], cmdline=["page_poison=1"],
                 log_dir=workdir / ("driver" if driver else "ours"), name="driver" if driver else "ours") as vm:
             if driver is not None:
@@ -170,6 +179,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
                     out[f"guest_{key}"] = guest.get(key, 0) - guest0.get(key, 0)
             out.update(to_target(args, set_balloon, reached))
             out["cpu_s"] = cpu() - cpu0
+            out["config_reads"] = daemon.api.vm("bench")["counters"]["config_reads"]
             if idle:
                 time.sleep(2)  # let the last buffers and discards settle
                 c0, t0 = cpu(), time.monotonic()
@@ -207,14 +217,18 @@ def main() -> int:
                    help="extra balloond argument (repeatable), e.g. --daemon-arg=--poll-us=0")
     p.add_argument("--no-our-driver", dest="our_driver", action="store_false",
                    help="leave out the variant with our guest driver")
+    p.add_argument("--ab-config-cache", action="store_true",
+                   help="add balloond + stock driver with QEMU's config-cache=off")
     args = p.parse_args()
     if not 0 < args.target_mib < MEMORY_MIB:
         p.error(f"--target-mib must be between 0 and {MEMORY_MIB}")
 
-    results: dict[str, list[dict[str, float]]] = {"balloond": [], "driver": [], "qemu": []}
+    results: dict[str, list[dict[str, float]]] = {"balloond": [], "nocache": [], "driver": [], "qemu": []}
     with tempfile.TemporaryDirectory(prefix="bd-rt-") as tmp:
         ko = build_driver(args.kernel, Path(tmp) / "driver-build") if args.our_driver else None
         variants: list[tuple[str, Callable[..., dict[str, float]]]] = [("balloond", run_ours)]
+        if args.ab_config_cache:
+            variants.append(("nocache", lambda a, w, idle: run_ours(a, w, False, config_cache=False)))
         if ko is not None:
             variants.append(("driver", lambda a, w, idle: run_ours(a, w, False, driver=ko)))
         variants.append(("qemu", run_qemu))
@@ -224,7 +238,8 @@ def main() -> int:
                 results[name].append(r)
                 extra = ""
                 if "cpu_s" in r:
-                    extra = f"  daemon counted {r['daemon_migrations']}  daemon CPU {r['cpu_s']:6.2f}s"
+                    extra = (f"  daemon counted {r['daemon_migrations']}  daemon CPU {r['cpu_s']:6.2f}s"
+                             f"  GET_CONFIG {r['config_reads']}")
                     if "idle_pct" in r:
                         extra += f"  idle CPU {r['idle_pct']:.3f}%"
                 if "guest_migrated" in r:
@@ -256,6 +271,12 @@ def main() -> int:
     print(f"daemon CPU per run (supervisor + worker): balloond {med(ours, 'cpu_s'):.2f}s"
           + (f", driver {med(drv, 'cpu_s'):.2f}s" if drv else ""))
     idle = [r["idle_pct"] for r in ours if "idle_pct" in r]
+    nocache = results["nocache"]
+    if nocache:
+        print(f"config-cache=off (same QEMU): {'':4}"
+              + "  ".join(f"{key} {med(nocache, key):.2f} ({med(nocache, key) / med(qemu, key):.2f}x QEMU)"
+                          for key in ("migrations_per_s", "inflate_s", "deflate_s"))
+              + f"  GET_CONFIG {med(nocache, 'config_reads'):.0f} vs {med(ours, 'config_reads'):.0f} with the cache")
     if idle:
         print(f"daemon CPU serving an idle guest for {args.idle_seconds:g}s: {idle[0]:.3f}% of a core")
     return 0
