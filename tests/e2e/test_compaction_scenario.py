@@ -17,8 +17,9 @@ and so how many compaction can reach, is the page allocator's doing and
 varies a little from boot to boot; the scenario waits for the guest's
 per-CPU free lists to hand the freed pages back before compacting (without
 that, on 6.12, the count swung between 0 and 4879 for the same driver).  The
-test compares the medians of the rounds with no slack: ours must reach the
-stock driver's, and the kernel's failed migrations with our driver must not
+test compares the medians of the rounds: ours must reach SAME_AS_STOCK of
+the stock driver's (the boot-to-boot spread; see there), and the kernel's
+failed migrations with our driver must not
 exceed those with the stock one (the count of moved pages is bounded by the
 holes compaction can fill, so a driver refusing half its pages still fills
 them all; it shows in the failures).  Each of our runs must also have had pages isolated and
@@ -42,6 +43,18 @@ pytestmark = pytest.mark.vm
 BALLOON = COMPACTION_BALLOON_MIB * MIB
 DRIVERS = ("stock", "extension", "fallback")
 ROUNDS = 2
+#: Ours must move at least this share of the stock driver's count. Both are
+#: capped by the holes compaction can fill, so equal drivers tie on average,
+#: and two boots of the very same stock driver differed by up to 21 % (6.1:
+#: 3807 and 4846; 6.12: 3392 and 4244): requiring ours >= stock over two
+#: rounds failed a run where ours was 4581 against 4801. A driver
+#: compaction cannot reach moves none (the bug this test is for), and one that
+#: refuses part of its moves shows in the failed migrations checked below.
+SAME_AS_STOCK = 0.75
+#: Failed migrations ours may have beyond the stock driver's: every run sees
+#: 3-4 (pages other than the balloon's), a driver refusing part of its
+#: moves thousands (16000+ measured for one refusing odd frames).
+FAILED_SLACK = 16
 
 
 def _run(make_vm, daemon, kernel: str, driver: str, name: str) -> tuple[CompactionRun, dict[str, str]]:
@@ -117,13 +130,13 @@ def test_compaction_after_an_idle_inflate_moves_our_pages_at_least_as_often_as_t
     # comparison below proves nothing
     assert median["stock"] > 0, "the stock driver's pages were not migrated: the scenario is broken"
     for driver in ("extension", "fallback"):
-        assert median[driver] >= median["stock"], (
+        assert median[driver] >= SAME_AS_STOCK * median["stock"], (
             f"{driver}: median {median[driver]} of our balloon pages migrated, stock driver {median['stock']} "
             f"(rounds: {migrated})")
         # The count above is bounded by the holes compaction can fill, not by
         # the balloon pages it finds (32768 of them against some 5000 holes):
         # a driver that refused to move half its pages still filled them all.
         # Such a driver shows in the kernel's failed migrations instead.
-        assert failed_median[driver] <= failed_median["stock"], (
+        assert failed_median[driver] <= failed_median["stock"] + FAILED_SLACK, (
             f"{driver}: median {failed_median[driver]} failed migrations, stock driver {failed_median['stock']} "
             f"(rounds: {failed})")
