@@ -13,6 +13,7 @@ GET /v1/vms/{name} has always sent (same field names, same values).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,3 +167,9 @@ class VmStatus:
             if out[key] is None:
                 del out[key]
         return out
+
+
+def encode_status(status: VmStatus) -> bytes:
+    """One VM's API object as the bytes of a JSON document (a list of many VMs
+    is these joined, so that a VM unchanged since the last read is not encoded again)."""
+    return json.dumps(status.to_json()).encode()

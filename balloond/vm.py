@@ -23,7 +23,7 @@ from .device.journal import BalloonJournal, PeerProcess
 from .engine.connection import VhostUserConnection
 from .engine.memory import DEFAULT_MAX_GUEST_RAM
 from .engine.listener import VhostUserListener
-from .status import Disconnect, EngineCounters, ServingStatus, VmStatus
+from .status import Disconnect, EngineCounters, ServingStatus, VmStatus, encode_status
 
 
 class TargetError(ValueError):
@@ -47,6 +47,10 @@ class ManagedVm(Protocol):
     qmp: Any
 
     def status(self) -> VmStatus: ...
+
+    def status_body(self) -> bytes:
+        """status() as the API's JSON (status.encode_status); a VM may keep it between changes."""
+        ...
 
     def set_target_bytes(self, value: Any) -> int: ...
 
@@ -249,6 +253,9 @@ class VirtualMachine:
     def summary(self) -> dict[str, Any]:
         """The API's JSON for this VM."""
         return self.status().to_json()
+
+    def status_body(self) -> bytes:
+        return encode_status(self.status())
 
     def pfn_ranges(self) -> dict[str, Any]:
         if self.device is None:

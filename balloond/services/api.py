@@ -106,6 +106,11 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _json_body(body: bytes) -> web.Response:
+    """A JSON document already encoded (VMs' status bodies are kept between reads)."""
+    return web.Response(body=body, content_type="application/json")
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -341,7 +346,7 @@ class ControlApi:
 
     async def list_vms(self, request: web.Request) -> web.Response:
         await _refresh(*self.vms.values())
-        return web.json_response([vm.status().to_json() for vm in self.vms.values()])
+        return _json_body(b"[" + b", ".join(vm.status_body() for vm in self.vms.values()) + b"]")
 
     async def get_vm(self, request: web.Request) -> web.Response:
         """One VM, from its worker's last report like a list (docs/api.md,
@@ -354,7 +359,7 @@ class ControlApi:
             await _refresh_one(vm)
         else:
             await _refresh(vm)
-        return web.json_response(vm.status().to_json())
+        return _json_body(vm.status_body())
 
     async def put_target(self, request: web.Request) -> web.Response:
         return await self._put_setting(request, "bytes", lambda vm, value: vm.set_target_bytes(value))

@@ -40,7 +40,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from protocol.balloon import PAGE_SIZE, decode_qemu_guest_stats
 
-from ..status import VmStatus
+from ..status import VmStatus, encode_status
 from ..vm import NotSupported, TargetError, stats_interval, target_pages
 from .discard_guard import list_devices
 from .qmp_link import QmpLink, QmpUnavailable, QmpWatch
@@ -259,3 +259,6 @@ class QemuBalloonVm(QmpWatch):
     def summary(self) -> dict[str, Any]:
         """The API's JSON for this VM."""
         return self.status().to_json()
+
+    def status_body(self) -> bytes:
+        return encode_status(self.status())

@@ -201,8 +201,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     raise ChannelError(f"{where}: cannot decode {tp}")  # a message type this module cannot check
 
 
-async def read_message(reader: asyncio.StreamReader, allowed: dict[str, type]) -> Any:
-    """The next message, or None at end of stream; ChannelError for a bad one."""
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next message's body, undecoded, or None at end of stream; ChannelError for a bad frame."""
     try:
         head = await reader.readexactly(_LENGTH.size)
     except asyncio.IncompleteReadError as exc:
@@ -213,7 +213,12 @@ async def read_message(reader: asyncio.StreamReader, allowed: dict[str, type]) -
     if length > MAX_FRAME:
         raise ChannelError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
     try:
-        body = await reader.readexactly(length)
+        return await reader.readexactly(length)
     except asyncio.IncompleteReadError:
         raise ChannelError("stream ended inside a frame") from None
-    return decode(body, allowed)
+
+
+async def read_message(reader: asyncio.StreamReader, allowed: dict[str, type]) -> Any:
+    """The next message, or None at end of stream; ChannelError for a bad one."""
+    body = await read_frame(reader)
+    return None if body is None else decode(body, allowed)

@@ -7,6 +7,7 @@ of a real socketpair."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import pytest
@@ -152,4 +153,79 @@ def test_a_worker_claiming_a_command_never_sent_is_killed():
         worker.report(5)
         reason = await asyncio.wait_for(reading, 1)
         assert reason is not None and "malformed message" in reason
+    run(go())
+
+
+class FakeQmp:
+    path, connected, status, ram_bytes = "/run/vm0.qmp", True, "running", 0
+
+
+class FakeGuard:
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def summary(self) -> dict:
+        return {"discard_inhibited": self.reason}
+
+
+def test_the_kept_status_body_follows_everything_the_status_is_made_of():
+    """status_body() keeps its bytes between reads; after a change of any
+    input of status() it must say what status() says."""
+    async def go():
+        vm, worker, reading = await running_vm()
+        vm.qmp, vm.discard_guard = FakeQmp(), FakeGuard()
+
+        def agrees() -> bytes:
+            body = vm.status_body()
+            assert json.loads(body) == vm.status().to_json()
+            return body
+
+        first = agrees()
+        assert vm.status_body() is first, "nothing changed: the same bytes, not encoded again"
+        changes = [
+            lambda: worker.report(0, connected=True, connections=1),
+            lambda: vm.set_target_bytes(8 * MIB),
+            lambda: vm.set_stats_interval(3),
+            lambda: setattr(vm.qmp, "status", "paused"),
+            lambda: setattr(vm.qmp, "connected", False),
+            lambda: setattr(vm.discard_guard, "reason", "migration"),
+            lambda: setattr(vm, "state", "restarting"),
+            lambda: setattr(vm, "restarts", 1),
+            lambda: setattr(vm, "last_exit", "killed by SIGBUS"),
+            lambda: setattr(vm, "pid", 4242),
+        ]
+        seen = {first}
+        for change in changes:
+            change()
+            await asyncio.sleep(0.05)
+            body = agrees()
+            assert body not in seen, f"a change was not seen in the body: {body!r}"
+            seen.add(body)
+        reading.cancel()
+    run(go())
+
+
+def test_a_report_repeated_is_a_heartbeat_not_decoded_again(monkeypatch):
+    from balloond.worker import supervisor
+
+    decoded = []
+    real = supervisor.decode
+    monkeypatch.setattr(supervisor, "decode", lambda body, allowed: decoded.append(body) or real(body, allowed))
+
+    async def go():
+        vm, worker, reading = await running_vm()
+        vm.timeout = 0.3
+        assert len(decoded) == 1  # running_vm's first report
+        decoded.clear()
+        for _ in range(8):  # 0.8 s of the same report: alive all along
+            worker.report(0)
+            await asyncio.sleep(0.1)
+        assert not reading.done()
+        assert decoded == [], "a report equal to the last one must not be decoded"
+        worker.report(0, connected=True)
+        await asyncio.sleep(0.05)
+        assert vm.serving.connected and len(decoded) == 1
+        # Silence now: the deadline, moved at every message, ends the worker.
+        reason = await asyncio.wait_for(reading, 2)
+        assert reason == "no heartbeat for 0.3 s"
     run(go())
