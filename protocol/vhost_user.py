@@ -43,6 +43,11 @@ MAX_MEM_SLOTS = 32
 #: The vhost-user bit in the virtio feature word that announces protocol features.
 F_PROTOCOL_FEATURES = 30
 
+#: Device feature bit (vhost's own, never the guest's): the frontend turns it
+#: on in SET_FEATURES while migrating, and the backend then logs every write
+#: it makes to guest memory in the shared log (SET_LOG_BASE).
+F_LOG_ALL = 26
+
 VERSION = 0x1
 FLAG_VERSION_MASK = 0x3
 FLAG_REPLY = 0x4
@@ -270,6 +275,13 @@ CONFIG_HEAD = struct.Struct("<III")
 #: The largest config space QEMU's vhost-user code moves (VHOST_USER_MAX_CONFIG_SIZE).
 MAX_CONFIG_SIZE = 256
 VRING_ADDR_F_LOG = 0x1
+LOG_BASE = struct.Struct("<QQ")  # mmap_size, mmap_offset
+DEVICE_STATE = struct.Struct("<II")  # direction, phase
+
+#: SET_DEVICE_STATE_FD directions and the only phase defined so far.
+STATE_DIRECTION_SAVE = 0
+STATE_DIRECTION_LOAD = 1
+STATE_PHASE_STOPPED = 0
 
 
 @dataclass(frozen=True)
@@ -362,11 +374,30 @@ class BackendChannel:
 
 
 @dataclass(frozen=True)
+class LogBase:
+    """SET_LOG_BASE with LOG_SHMFD: the dirty log is `size` bytes of `fd` from `offset`."""
+
+    size: int
+    offset: int
+    fd: int
+
+
+@dataclass(frozen=True)
+class DeviceStateFd:
+    """SET_DEVICE_STATE_FD: one end of a pipe to write (save) or read (load) the state through."""
+
+    direction: int
+    phase: int
+    fd: int
+
+
+@dataclass(frozen=True)
 class NoPayload:
     pass
 
 
-Payload = Union[U64Payload, VringState, VringAddr, VringFile, MemTable, SingleRegion, ConfigSpace, BackendChannel, NoPayload]
+Payload = Union[U64Payload, VringState, VringAddr, VringFile, MemTable, SingleRegion, ConfigSpace, BackendChannel,
+                LogBase, DeviceStateFd, NoPayload]
 
 
 @dataclass(frozen=True)
@@ -400,6 +431,7 @@ _NO_PAYLOAD_REQUESTS = {
     Request.GET_MAX_MEM_SLOTS,
     Request.GET_STATUS,
     Request.RESET_DEVICE,
+    Request.CHECK_DEVICE_STATE,
 }
 _VRING_STATE_REQUESTS = {
     Request.SET_VRING_NUM,
@@ -423,6 +455,8 @@ SUPPORTED_REQUESTS = frozenset(
         Request.GET_CONFIG,
         Request.SET_CONFIG,
         Request.SET_BACKEND_REQ_FD,
+        Request.SET_LOG_BASE,
+        Request.SET_DEVICE_STATE_FD,
     }
 )
 
@@ -527,6 +561,20 @@ def decode_request(message: Message) -> DecodedRequest:
             raise FrontendError("SET_BACKEND_REQ_FD: unexpected payload")
         _expect_fds(message, 1)
         return DecodedRequest(message, request, BackendChannel(message.fds[0]))
+    if request is Request.SET_LOG_BASE:
+        # Only the shared-memory form (LOG_SHMFD): a log given as an address
+        # in the frontend's own process is of no use to another process.
+        _expect_size(message, LOG_BASE.size)
+        _expect_fds(message, 1)
+        size, offset = LOG_BASE.unpack(message.payload)
+        if offset + size > 1 << 64:
+            raise FrontendError("SET_LOG_BASE: offset + size overflows 64 bits")
+        return DecodedRequest(message, request, LogBase(size, offset, message.fds[0]))
+    if request is Request.SET_DEVICE_STATE_FD:
+        _expect_size(message, DEVICE_STATE.size)
+        _expect_fds(message, 1)
+        direction, phase = DEVICE_STATE.unpack(message.payload)
+        return DecodedRequest(message, request, DeviceStateFd(direction, phase, message.fds[0]))
     raise UnsupportedRequest(f"{request.name} is not supported by this backend")  # pragma: no cover
 
 
@@ -548,6 +596,14 @@ def encode_mem_table(regions: list[MemoryRegion]) -> bytes:
 
 def encode_single_region(region: MemoryRegion) -> bytes:
     return U64.pack(0) + region.encode()
+
+
+def encode_log_base(size: int, offset: int = 0) -> bytes:
+    return LOG_BASE.pack(size, offset)
+
+
+def encode_device_state_fd(direction: int, phase: int = STATE_PHASE_STOPPED) -> bytes:
+    return DEVICE_STATE.pack(direction, phase)
 
 
 def encode_vring_file(index: int, has_fd: bool) -> bytes:

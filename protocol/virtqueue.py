@@ -32,7 +32,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .errors import GuestError
 
@@ -269,6 +269,9 @@ class SplitQueue:
         self.signalled_used = self.used_idx
         self._signalled_valid = False
         self.in_flight: set[int] = set()
+        #: Called after every write to the used ring (element, index, flags,
+        #: avail_event) while the frontend wants them logged (migration).
+        self.on_used_write: Callable[[], None] | None = None
 
     # -- avail side
 
@@ -325,6 +328,8 @@ class SplitQueue:
         """Ask the guest to kick when it adds the entry after the ones seen."""
         if self.event_idx:
             U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+            if self.on_used_write is not None:
+                self.on_used_write()
 
     def enable_kicks(self) -> None:
         """The device is about to sleep: the next buffer must kick it.
@@ -336,6 +341,8 @@ class SplitQueue:
             self.set_avail_event()
         else:
             U16.pack_into(self.used, 0, 0)
+            if self.on_used_write is not None:
+                self.on_used_write()
         full_barrier()
 
     def disable_kicks(self) -> None:
@@ -345,6 +352,8 @@ class SplitQueue:
             U16.pack_into(self.used, 4 + 8 * self.num, (self.last_avail + 0x7FFF) & 0xFFFF)
         else:
             U16.pack_into(self.used, 0, VRING_USED_F_NO_NOTIFY)
+        if self.on_used_write is not None:
+            self.on_used_write()
 
     # -- used side
 
@@ -358,6 +367,8 @@ class SplitQueue:
         USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         U16.pack_into(self.used, 2, self.used_idx)
+        if self.on_used_write is not None:
+            self.on_used_write()
 
     def should_notify(self) -> bool:
         """Whether the guest wants an interrupt for what was pushed since the last one."""

@@ -113,6 +113,9 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
 
 
 class BackendRequest(enum.IntEnum):
@@ -143,6 +146,9 @@ class ProtocolFeature(enum.IntEnum):
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+    XEN_MMAP = 17
+    SHARED_OBJECT = 18
+    DEVICE_STATE = 19
 
 
 def bits(*numbers: int) -> int:

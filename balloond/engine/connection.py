@@ -37,6 +37,8 @@ from protocol.vhost_user import ProtocolFeature, Request
 
 from ..logs import RateLimited
 from .device_api import VirtioDevice
+from .device_state import StateTransfer
+from .dirty_log import DirtyLog
 from .memory import DEFAULT_MAX_GUEST_RAM, GuestMemory
 from .vring import Vring, eventfd_drain
 
@@ -110,11 +112,16 @@ BACKEND_RETRY_SECONDS = 0.5
 #: Protocol features offered. CONFIG is required by QEMU's generic device,
 #: BACKEND_REQ carries config changes, REPLY_ACK lets QEMU confirm each
 #: request, CONFIGURE_MEM_SLOTS allows memory hotplug without a full remap.
+#: LOG_SHMFD and DEVICE_STATE (with the VHOST_F_LOG_ALL feature bit) let the
+#: VM migrate: our writes to guest memory are logged, and the device's state
+#: travels in QEMU's migration stream (docs/migration.md).
 OFFERED_PROTOCOL_FEATURES = vu.feature_mask(
     ProtocolFeature.REPLY_ACK,
     ProtocolFeature.BACKEND_REQ,
     ProtocolFeature.CONFIG,
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    ProtocolFeature.LOG_SHMFD,
+    ProtocolFeature.DEVICE_STATE,
 )
 
 _connection_ids = itertools.count(1)
@@ -177,6 +184,11 @@ class VhostUserConnection:
         self._backend_retry: asyncio.TimerHandle | None = None
         #: CONFIG_CHANGE_MSGs that found the backend channel full (retried).
         self.backend_full = 0
+        #: Migration: the shared dirty log, whether VHOST_F_LOG_ALL is on, and
+        #: the device state transfer under way or last done.
+        self.dirty_log: DirtyLog | None = None
+        self.logging = False
+        self.state_transfer: StateTransfer | None = None
         self.limited = RateLimited(self.log)
         self._handlers: dict[Request, Callable[[vu.DecodedRequest], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
@@ -204,6 +216,9 @@ class VhostUserConnection:
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: lambda d: vu.encode_u64(self.status),
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            Request.CHECK_DEVICE_STATE: self._check_device_state,
         }
         device.attach(self)
 
@@ -256,6 +271,11 @@ class VhostUserConnection:
             self._safe_device_call(self.device.stopped)
         self._safe_device_call(self.device.disconnected)
         self.memory.close()
+        if self.state_transfer is not None:
+            self.state_transfer.cancel("the frontend went away")
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
         if self.backend_sock is not None:
             self._loop.remove_reader(self.backend_sock.fileno())
             self.backend_sock.close()
@@ -404,17 +424,18 @@ class VhostUserConnection:
     # ============================================================= features
 
     def _get_features(self, d: vu.DecodedRequest) -> bytes:
-        return vu.encode_u64(self.device.features | (1 << vu.F_PROTOCOL_FEATURES))
+        return vu.encode_u64(self.device.features | (1 << vu.F_PROTOCOL_FEATURES) | (1 << vu.F_LOG_ALL))
 
     def _set_features(self, d: vu.DecodedRequest) -> None:
         value = d.payload.value  # type: ignore[union-attr]
-        offered = self.device.features | (1 << vu.F_PROTOCOL_FEATURES)
+        offered = self.device.features | (1 << vu.F_PROTOCOL_FEATURES) | (1 << vu.F_LOG_ALL)
         if value & ~offered:
             raise FrontendError(f"acknowledged features {value & ~offered:#x} that were not offered")
-        self.acked_features = value & ~(1 << vu.F_PROTOCOL_FEATURES)
+        self.acked_features = value & ~(1 << vu.F_PROTOCOL_FEATURES) & ~(1 << vu.F_LOG_ALL)
         self.protocol_bit_acked = bool(value & (1 << vu.F_PROTOCOL_FEATURES))
         self.log.info("features negotiated", features=self.acked_features)
         self.device.set_features(self.acked_features)
+        self._set_logging(bool(value & (1 << vu.F_LOG_ALL)))
 
     def _get_protocol_features(self, d: vu.DecodedRequest) -> bytes:
         return vu.encode_u64(self.offered_protocol_features)
@@ -516,6 +537,7 @@ class VhostUserConnection:
         vring = self.vrings.get(index)
         if vring is None:
             vring = self.vrings[index] = Vring(index)
+            vring.set_log(self._active_log())
         return vring
 
     def _set_vring_num(self, d: vu.DecodedRequest) -> None:
@@ -813,6 +835,87 @@ class VhostUserConnection:
 
     def _service(self, vring: Vring) -> None:
         self._safe_device_call(self.device.queue_kicked, vring)
+
+    # ============================================================ migration
+
+    def _active_log(self) -> DirtyLog | None:
+        return self.dirty_log if self.logging else None
+
+    def _set_logging(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL turned on or off: every ring logs its used-ring
+        writes (those whose SET_VRING_ADDR asked for it) while it is on."""
+        if on == self.logging:
+            return
+        self.logging = on
+        self.log.info("dirty logging " + ("on" if on else "off"), log_bytes=self.dirty_log.size if self.dirty_log else 0)
+        for vring in self.vrings.values():
+            vring.set_log(self._active_log())
+        changed = getattr(self.device, "logging_changed", None)
+        if changed is not None:
+            self._safe_device_call(changed, on)
+
+    def _set_log_base(self, d: vu.DecodedRequest) -> bytes:
+        base: vu.LogBase = d.payload  # type: ignore[assignment]
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            _close_fds([base.fd])
+            raise FrontendError("SET_LOG_BASE without LOG_SHMFD negotiated")
+        log = DirtyLog(base.fd, base.size, base.offset)  # owns the fd from here
+        # The new log is in place before the old one goes: QEMU switches logs
+        # while logging and releases the old one after our reply.
+        old, self.dirty_log = self.dirty_log, log
+        for vring in self.vrings.values():
+            vring.set_log(self._active_log())
+        if old is not None:
+            old.close()
+        self.log.info("dirty log mapped", log_bytes=base.size)
+        return vu.encode_u64(0)
+
+    def _set_device_state_fd(self, d: vu.DecodedRequest) -> bytes:
+        """Start a save or load of the device's state through a pipe; the
+        reply says whether it is accepted (bit 8: no fd of ours in return)."""
+        request: vu.DeviceStateFd = d.payload  # type: ignore[assignment]
+        if self.state_transfer is not None:
+            self.state_transfer.cancel("a new transfer started")
+            self.state_transfer = None
+        save: Callable[[], bytes] | None = getattr(self.device, "save_state", None)
+        load: Callable[[bytes], None] | None = getattr(self.device, "load_state", None)
+        refused = None
+        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
+            refused = "DEVICE_STATE not negotiated"
+        elif request.phase != vu.STATE_PHASE_STOPPED:
+            refused = f"unknown transfer phase {request.phase}"
+        elif request.direction not in (vu.STATE_DIRECTION_SAVE, vu.STATE_DIRECTION_LOAD):
+            refused = f"unknown transfer direction {request.direction}"
+        elif save is None or load is None:
+            refused = "the device keeps no state to transfer"
+        if refused is not None:
+            _close_fds([request.fd])
+            self.log.warning("device state transfer refused", reason=refused)
+            return vu.encode_u64(vu.VRING_NOFD_MASK | 1)
+        assert save is not None and load is not None
+        if request.direction == vu.STATE_DIRECTION_SAVE:
+            data = self._safe_device_call(save)
+            if not isinstance(data, bytes):
+                _close_fds([request.fd])
+                return vu.encode_u64(vu.VRING_NOFD_MASK | 1)
+            self.state_transfer = StateTransfer(self._loop, request.fd, data=data)
+            self.log.info("device state save started", state_bytes=len(data))
+        else:
+            self.state_transfer = StateTransfer(self._loop, request.fd, on_loaded=load)
+            self.log.info("device state load started")
+        return vu.encode_u64(vu.VRING_NOFD_MASK)
+
+    def _check_device_state(self, d: vu.DecodedRequest) -> bytes:
+        transfer, self.state_transfer = self.state_transfer, None
+        if transfer is None:
+            self.log.warning("CHECK_DEVICE_STATE without a transfer")
+            return vu.encode_u64(1)
+        result = transfer.check()
+        if result:
+            self.log.error("device state transfer failed", reason=result, bytes=transfer.transferred)
+            return vu.encode_u64(1)
+        self.log.info("device state transfer done", saved=transfer.saving, bytes=transfer.transferred)
+        return vu.encode_u64(0)
 
     # ======================================================== config space
 

@@ -70,3 +70,16 @@ class VirtioDevice(Protocol):
 
     def disconnected(self) -> None:
         """The frontend went away; release everything tied to the connection."""
+
+    # Migration (optional: a device without them is not offered DEVICE_STATE
+    # transfers; the engine refuses them).
+
+    def save_state(self) -> bytes:
+        """The stopped device's state, for QEMU to carry to the destination."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Adopt a state saved by `save_state` on the source; ValueError refuses it."""
+
+    def logging_changed(self, on: bool) -> None:
+        """The frontend turned dirty logging (VHOST_F_LOG_ALL) on or off."""

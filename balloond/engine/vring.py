@@ -15,8 +15,9 @@ import select
 from dataclasses import dataclass
 
 from protocol.virtqueue import SplitQueue, avail_ring_size, desc_table_size, used_ring_size
-from protocol.vhost_user import VringAddr
+from protocol.vhost_user import VRING_ADDR_F_LOG, VringAddr
 
+from .dirty_log import DirtyLog
 from .memory import GuestMemory
 
 
@@ -91,6 +92,8 @@ class Vring:
         self.enabled = False
         self.queue: SplitQueue | None = None
         self.counters = VringCounters()
+        #: The dirty log while the frontend migrates (see set_log).
+        self.log: DirtyLog | None = None
 
     @property
     def configured(self) -> bool:
@@ -108,6 +111,27 @@ class Vring:
         avail = memory.view_uaddr(addr.avail_user_addr, avail_ring_size(num, event_idx))
         used = memory.view_uaddr(addr.used_user_addr, used_ring_size(num, event_idx))
         self.queue = SplitQueue(num, desc, avail, used, event_idx=event_idx, indirect=indirect, last_avail=self.base)
+        self._attach_log()
+
+    def set_log(self, log: DirtyLog | None) -> None:
+        """Log this ring's used-ring writes in `log` (None: stop logging),
+        if the frontend asked for it in SET_VRING_ADDR (VRING_ADDR_F_LOG)."""
+        self.log = log
+        self._attach_log()
+
+    def _attach_log(self) -> None:
+        if self.queue is None:
+            return
+        log, addr = self.log, self.addr
+        if log is None or addr is None or not addr.flags & VRING_ADDR_F_LOG:
+            self.queue.on_used_write = None
+            return
+        gpa, size = addr.log_guest_addr, used_ring_size(self.queue.num, self.queue.event_idx)
+
+        def logged() -> None:
+            log.mark(gpa, size)
+
+        self.queue.on_used_write = logged
 
     def stop(self) -> int:
         """Drop the live queue; return its next avail index (the ring base)."""

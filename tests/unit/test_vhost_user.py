@@ -127,8 +127,8 @@ def test_config_window_must_fit_the_config_space():
 def test_unknown_and_unsupported_requests_are_distinguished():
     with pytest.raises(vu.UnsupportedRequest, match="unknown"):
         vu.decode_request(msg(999))
-    with pytest.raises(vu.UnsupportedRequest, match="SET_LOG_BASE"):
-        vu.decode_request(msg(vu.Request.SET_LOG_BASE, bytes(16)))
+    with pytest.raises(vu.UnsupportedRequest, match="SET_LOG_FD"):
+        vu.decode_request(msg(vu.Request.SET_LOG_FD, bytes(16)))
 
 
 def test_wrong_payload_sizes_are_frontend_errors():
