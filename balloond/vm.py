@@ -153,6 +153,7 @@ class VirtualMachine:
             journal=self.journal, peer=peer,
         )
         device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
+        device.on_adopted = self._adopted_from_migration
         connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds,
                                          max_guest_ram=self.max_guest_ram)
         self.device, self.connection = device, connection
@@ -164,6 +165,14 @@ class VirtualMachine:
             if self.connection is connection:
                 self.connection = None
         self.last_disconnect = Disconnect(at=time.time(), reason=str(reason))
+
+    def _adopted_from_migration(self, target_pages: int, stats_interval: float) -> None:
+        """A VM migrated in: the operator's target and stats interval come with it."""
+        self.target_pages = target_pages
+        self.settings.stats_interval = stats_interval
+        if self.journal is not None:
+            self.journal.target(target_pages)
+        self.log.info("target adopted from the migrated-in VM", target_bytes=target_pages * PAGE_SIZE)
 
     @property
     def connected(self) -> bool:

@@ -51,6 +51,7 @@ from ..engine.vring import Vring
 from ..logs import RateLimited
 from ..status import DeviceStatus
 from .journal import BalloonJournal, GuestIdentity, PeerProcess
+from .migration_state import MigrationState
 from .releaser import MemoryReleaser, ReleasableRegion
 from .tracker import PfnTracker
 
@@ -128,6 +129,12 @@ class DeviceCounters:
     #: guest took them back before the discard was due.
     discards_cancelled: int = 0
     driver_resets: int = 0
+    #: Device states handed to a migration (saved) and adopted from one (loaded).
+    migrations_out: int = 0
+    migrations_in: int = 0
+    #: Times the whole balloon was discarded again after QEMU's migration
+    #: read it back in (logging ended: a failed or cancelled migration).
+    rediscards_after_migration: int = 0
     config_changes_sent: int = 0
     #: Config space reads and writes the frontend forwarded (GET_CONFIG,
     #: SET_CONFIG): a frontend that caches the config asks only after a change.
@@ -190,6 +197,11 @@ class BalloonDevice:
         self._restored = False
         #: Discards were allowed again while stopped: the balloon is discarded at the next start.
         self._discard_at_start = False
+        #: A migrated-in state whose frames wait for guest RAM to be known (set_memory).
+        self._adopting: MigrationState | None = None
+        #: Told the target and stats interval a migrated-in state brought
+        #: (the VM's own settings follow the VM; see VirtualMachine).
+        self.on_adopted: Any = None
         self.connected_at = time.time()
         # What each queue role's buffers mean; built once, looked up per kick.
         self._handlers = {
@@ -249,6 +261,9 @@ class BalloonDevice:
                 for r in memory.regions
             ]
         )
+        if self._adopting is not None:
+            self._adopt_frames(self._adopting)
+            self._adopting = None
         self._rebuild_huge_fill()
 
     def _rebuild_huge_fill(self) -> None:
@@ -412,6 +427,91 @@ class BalloonDevice:
         self._stats_held = None
         self.memory = None
         self.releaser = MemoryReleaser([])
+
+    # =========================================================== migration
+
+    def save_state(self) -> bytes:
+        """The device's state for a migrating VM (the device is stopped:
+        QEMU asks once the rings are down, and pending discards were done
+        at the stop)."""
+        self.flush_discards()
+        state = MigrationState(
+            features=self.acked,
+            config=BalloonConfig(self.config.num_pages, self.config.actual, self.config.free_page_hint_cmd_id,
+                                 self.config.poison_val),
+            stats_interval=self.settings.stats_interval,
+            inflate_base=self._inflate_stop_base,
+            poison_known=self._poison_known,
+            guest_ram_bytes=self.memory.total_bytes if self.memory is not None else 0,
+            runs=tuple(self.tracker.runs()),
+        )
+        self.counters.migrations_out += 1
+        self.log.info("device state saved for migration", frames=state.frames, runs=len(state.runs))
+        return state.encode()
+
+    def load_state(self, data: bytes) -> None:
+        """Adopt a migrated-in state (raises ValueError to refuse it; the
+        migration then fails and the source goes on). The destination's
+        QEMU has not started the device: guest RAM comes with the start, and
+        the frames are checked against it then (`_adopt_frames`)."""
+        state = MigrationState.decode(data)
+        if state.features & ~self.features:
+            raise ValueError(f"the driver acknowledged features {state.features & ~self.features:#x} "
+                             "this daemon does not offer")
+        if self.running:
+            raise ValueError("the device is running")
+        self.config.num_pages = state.config.num_pages
+        self.config.actual = state.config.actual
+        self.config.poison_val = state.config.poison_val
+        self._poison_known = state.poison_known
+        self._poison_written = None
+        self._inflate_stop_base = state.inflate_base
+        self.settings.stats_interval = state.stats_interval
+        self._config_dirty = True  # announced at the start: a frontend may cache the config
+        self.tracker.clear()
+        self._pending = set()
+        self._adopting = state
+        if self.memory is not None:
+            self._adopt_frames(state)
+            self._adopting = None
+        self.counters.migrations_in += 1
+        self.log.info("device state adopted from a migration", frames=state.frames, runs=len(state.runs),
+                      target_pages=state.config.num_pages)
+        if self.on_adopted is not None:
+            self.on_adopted(state.config.num_pages, state.stats_interval)
+
+    def _adopt_frames(self, state: MigrationState) -> None:
+        """Track the frames ballooned on the source. They reached this side
+        as zero pages, which QEMU's loading allocated here like any other
+        page of a shared memory file: the balloon is discarded again at the
+        start (the RAM has all arrived by then; docs/migration.md)."""
+        assert self.memory is not None
+        ram = self.memory.ram_ranges()
+        for first, count in state.runs:
+            if not any(start <= first and first + count <= start + n for start, n in ram):
+                self.log.error("migrated-in balloon lies outside guest RAM: not adopted, nothing discarded",
+                               run=(first, count))
+                return
+        frames = [pfn for first, count in state.runs for pfn in range(first, first + count)]
+        self.tracker.inflate(frames)
+        self.tracker.counters.inflated = 0
+        self._discard_at_start = True
+
+    def logging_changed(self, on: bool) -> None:
+        """The frontend's dirty logging ended: its migration is over. Reading
+        RAM for it allocated every ballooned page again (a hole in a shared
+        memory file reads as a new zero page); if the VM stays here (a failed
+        or cancelled migration) the balloon is discarded again, under the
+        rules of any discard (`_discard_balloon`)."""
+        if on:
+            return
+        self.counters.rediscards_after_migration += 1
+        if self.discard_inhibit is not None:
+            return  # discarded when allowed again
+        if not self.running:
+            self._discard_at_start = True
+            return
+        self._discard_balloon()
 
     # ============================================================= control
 

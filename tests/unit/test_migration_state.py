@@ -1,0 +1,196 @@
+"""The device state a migrating VM carries (balloond/device/migration_state.py)
+and its adoption by a BalloonDevice on the destination."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+
+import pytest
+
+from balloond.device.balloon import BalloonDevice, DeviceSettings
+from balloond.device.migration_state import HEADER, MAGIC, MAX_RUNS, MigrationState
+from balloond.engine.memory import GuestMemory
+from protocol.balloon import BalloonConfig
+from protocol.vhost_user import MemoryRegion
+
+PAGE = 4096
+
+
+def make_state(**kw) -> MigrationState:
+    base = dict(
+        features=(1 << 32) | 1 | (1 << 62), config=BalloonConfig(num_pages=5000, actual=4000, poison_val=0xAA),
+        stats_interval=2.5, inflate_base=1234, poison_known=True, guest_ram_bytes=1 << 30,
+        runs=((256, 10), (300, 1), (4096, 3990)),
+    )
+    base.update(kw)
+    return MigrationState(**base)
+
+
+def test_round_trip_keeps_every_field():
+    state = make_state()
+    assert MigrationState.decode(state.encode()) == state
+    assert state.frames == 4001
+    unknown = make_state(inflate_base=None, poison_known=False, runs=())
+    assert MigrationState.decode(unknown.encode()) == unknown
+
+
+def test_a_fragmented_balloon_stays_small():
+    runs = tuple((i * 2, 1) for i in range(100_000))  # every other frame of 800 MiB
+    data = make_state(runs=runs).encode()
+    assert len(data) < 16 * 1024  # (gap 1, count 1) repeated compresses to almost nothing
+    assert MigrationState.decode(data).runs == runs
+
+
+def corrupt(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value):]
+
+
+def resign(data: bytes) -> bytes:
+    """Fix the CRC after a change, so the check behind it is what refuses."""
+    head = data[: HEADER.size]
+    packed = data[HEADER.size + 4 :]
+    return head + struct.pack("<I", zlib.crc32(packed, zlib.crc32(head))) + packed
+
+
+@pytest.mark.parametrize(
+    "mangle,match",
+    [
+        (lambda d: d[:10], "shorter"),
+        (lambda d: corrupt(d, 0, b"XXXXXXXX"), "not a balloond"),
+        (lambda d: d[:-1], "bytes of runs"),
+        (lambda d: d + b"\0", "bytes of runs"),
+        (lambda d: corrupt(d, 20, b"\xff"), "checksum"),
+        (lambda d: resign(corrupt(d, 8, struct.pack("<I", 1 << 7))), "unknown flags"),
+        (lambda d: resign(corrupt(d, 12, struct.pack("<I", MAX_RUNS + 1))), "runs"),
+        (lambda d: resign(corrupt(d, 12, struct.pack("<I", 2))), "do not match"),
+        (lambda d: resign(corrupt(d, 12, struct.pack("<I", 4))), "do not match"),
+        (lambda d: resign(corrupt(d, 40, struct.pack("<d", float("nan")))), "stats interval"),
+    ],
+)
+def test_hostile_states_are_refused(mangle, match):
+    with pytest.raises(ValueError, match=match):
+        MigrationState.decode(mangle(make_state().encode()))
+
+
+def forged(raw: bytes, nruns: int) -> bytes:
+    packed = zlib.compress(raw)
+    head = HEADER.pack(MAGIC, 0, nruns, 0, bytes(16), 1.0, 0, 0, len(packed))
+    return head + struct.pack("<I", zlib.crc32(packed, zlib.crc32(head))) + packed
+
+
+def test_runs_must_be_coalesced_non_empty_and_inside_any_address_space():
+    run = struct.Struct("<QQ")
+    with pytest.raises(ValueError, match="empty"):
+        MigrationState.decode(forged(run.pack(5, 0), 1))
+    with pytest.raises(ValueError, match="coalesced"):
+        MigrationState.decode(forged(run.pack(5, 1) + run.pack(0, 1), 2))
+    with pytest.raises(ValueError, match="beyond"):
+        MigrationState.decode(forged(run.pack(1 << 60, 1), 1))
+
+
+def test_a_decompression_bomb_is_cut_short():
+    bomb = bytes(64 << 20)  # 64 MiB of zeros: 4 million "runs" of count 0
+    data = forged(bomb, 1)
+    assert len(data) < 100_000
+    with pytest.raises(ValueError, match="do not match"):
+        MigrationState.decode(data)
+
+
+# ------------------------------------------------------------------ adoption
+
+
+class Ram:
+    """A memfd standing for guest RAM, as GuestMemory maps it."""
+
+    def __init__(self, size: int) -> None:
+        self.fd = os.memfd_create("ram", os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self.map = mmap.mmap(self.fd, size)
+
+    def memory(self) -> GuestMemory:
+        memory = GuestMemory()
+        memory.add(MemoryRegion(0, self.size, 0x7F0000000000, 0), os.dup(self.fd))
+        return memory
+
+    def allocated(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+
+def test_the_destination_tracks_the_frames_and_discards_them_at_the_start():
+    """Adopted frames are tracked at once, with the config and settings that
+    travelled, and the RAM QEMU wrote for them is discarded only once the
+    device runs (all of it has arrived then)."""
+    ram = Ram(64 << 20)
+    ram.map[:] = b"\x5a" * len(ram.map)  # what loading the migration stream allocated
+    state = make_state(runs=((256, 1024), (4096, 512)), features=1 << 32 | 1, inflate_base=7)
+    device = BalloonDevice(DeviceSettings(stats_interval=5.0))
+    adopted = []
+    device.on_adopted = lambda pages, interval: adopted.append((pages, interval))
+    device.load_state(state.encode())
+    assert adopted == [(5000, 2.5)]
+    assert device.config.num_pages == 5000 and device.config.actual == 4000 and device.config.poison_val == 0xAA
+    assert device.counters.migrations_in == 1
+    device.set_features(1 << 32 | 1)  # VERSION_1, MUST_TELL_HOST
+    device.set_memory(ram.memory())
+    assert len(device.tracker) == 1536 and device.tracker.runs() == [(256, 1024), (4096, 512)]
+    assert ram.allocated() == 64 << 20  # nothing discarded before the start
+    device.started()
+    assert ram.allocated() == (64 << 20) - 1536 * PAGE
+    assert ram.map[255 * PAGE] == 0x5A and ram.map[256 * PAGE] == 0  # the neighbour is untouched
+    assert device.save_state() and MigrationState.decode(device.save_state()).runs == state.runs
+
+
+def test_without_must_tell_host_the_adopted_frames_are_not_discarded():
+    """A driver without MUST_TELL_HOST may be using frames it ballooned
+    (it needs no deflate to take them back): the destination tracks them but
+    never discards them."""
+    ram = Ram(16 << 20)
+    ram.map[:] = b"\x5a" * len(ram.map)
+    device = BalloonDevice(DeviceSettings())
+    device.load_state(make_state(runs=((256, 100),), features=1 << 32).encode())
+    device.set_features(1 << 32)  # VERSION_1 only
+    device.set_memory(ram.memory())
+    device.started()
+    assert len(device.tracker) == 100
+    assert ram.allocated() == 16 << 20
+
+
+def test_frames_outside_the_destination_ram_are_not_adopted():
+    ram = Ram(16 << 20)
+    ram.map[:] = b"\x5a" * len(ram.map)
+    device = BalloonDevice(DeviceSettings())
+    device.load_state(make_state(runs=((256, 10), (8192, 10))).encode())  # 8192 is past 16 MiB
+    device.set_features(1 << 32 | 1)
+    device.set_memory(ram.memory())
+    device.started()
+    assert len(device.tracker) == 0
+    assert ram.allocated() == 16 << 20
+
+
+def test_features_this_daemon_does_not_offer_refuse_the_state():
+    device = BalloonDevice(DeviceSettings(migrate_extension=False))
+    with pytest.raises(ValueError, match="does not offer"):
+        device.load_state(make_state().encode())
+    assert device.counters.migrations_in == 0
+
+
+def test_the_source_discards_its_balloon_again_when_logging_ends():
+    """Reading RAM for a migration allocates every ballooned page again (a
+    hole in a shared memory file reads as a new page): when the VM stays
+    (logging off), the balloon is discarded again."""
+    ram = Ram(16 << 20)
+    device = BalloonDevice(DeviceSettings(discard_max_delay=0))
+    device.set_features(1 << 32 | 1)
+    device.set_memory(ram.memory())
+    device.started()
+    device.tracker.inflate(range(256, 512))
+    ram.map[:] = b"\x01" * len(ram.map)  # QEMU's migration read every page
+    device.logging_changed(True)
+    assert ram.allocated() == 16 << 20
+    device.logging_changed(False)
+    assert ram.allocated() == (16 << 20) - 256 * PAGE
+    assert device.counters.rediscards_after_migration == 1
