@@ -6,7 +6,8 @@
 #   3. the guest kernels, headers and busybox, and the trixie root in which
 #      modules for the 7.x guest kernel are built (scripts/build-guest-kit.sh),
 #   4. the Python package the harness uses for QMP (qemu.qmp),
-#   5. the static guest tool, compiled once as a check.
+#   5. the static guest tool, compiled once as a check,
+#   6. libvirt (daemon, virsh, the Python binding) for the libvirt tests.
 # Idempotent: everything is cached; a second run only verifies.
 #
 # Environment: PYTHON (default python3) is the interpreter the tests use
@@ -17,23 +18,25 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export LOG_TAG=setup
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$REPO_ROOT/scripts/lib/common.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/libvirt.sh
+. "$REPO_ROOT/scripts/lib/libvirt.sh"
 require_root
 PYTHON="${PYTHON:-python3}"
 
 step() { log "== $* =="; }
 T0=$(date +%s)
 
-step "1/5 Debian packages"
+step "1/6 Debian packages"
 apt_install busybox-static qemu-system-data seabios gcc libc6-dev make kmod \
     xz-utils dwarves python3 python3-venv systemd
 
-step "2/5 QEMU with vhost-user balloon support"
+step "2/6 QEMU with vhost-user balloon support"
 bash "$REPO_ROOT/scripts/build-qemu.sh"
 
-step "3/5 guest kernels, headers, build root, busybox"
+step "3/6 guest kernels, headers, build root, busybox"
 bash "$REPO_ROOT/scripts/build-guest-kit.sh"
 
-step "4/5 Python packages for the harness ($PYTHON)"
+step "4/6 Python packages for the harness ($PYTHON)"
 if "$PYTHON" -c 'import qemu.qmp' 2>/dev/null; then
     log "qemu.qmp already installed"
 else
@@ -51,7 +54,7 @@ else
     fi
 fi
 
-step "5/5 guest tool"
+step "5/6 guest tool"
 (cd "$REPO_ROOT" && "$PYTHON" -c '
 from harness.guesttool import guesttool_binary
 from harness.qemu import find_qemu
@@ -62,4 +65,6 @@ for k in available_kernels():
     print("[setup] kernel", k.series, k.release, "headers:", k.headers_dir)
 print("[setup] guest tool:", guesttool_binary())
 ')
+step "6/6 libvirt"
+ensure_libvirt "$PYTHON"
 log "ready in $(( $(date +%s) - T0 ))s"
