@@ -19,6 +19,11 @@ Example file:
     [[vm]]
     name = "legacy"
     qmp = "/run/qemu/legacy.qmp"           # only qmp: QEMU's built-in balloon
+
+    [[vm]]
+    name = "db1"
+    libvirt = "qemu:///system"             # QEMU's built-in balloon, through libvirt
+    domain = "db1"                         # optional: the domain's name (default: name)
 """
 
 from __future__ import annotations
@@ -48,11 +53,14 @@ class VmConfig:
     fd: int | None = None
     qmp: str | None = None
     policy: VmPolicySettings = field(default_factory=VmPolicySettings)
+    #: libvirt:URI/DOMAIN: QEMU's built-in balloon of a libvirt domain, through libvirt's API.
+    libvirt: str | None = None
+    domain: str | None = None
 
     @property
     def uses_qemu_balloon(self) -> bool:
         """No socket of ours: the VM has QEMU's built-in balloon, steered over QMP."""
-        return self.socket is None and self.fd is None
+        return self.socket is None and self.fd is None and self.libvirt is None
 
 
 @dataclass
@@ -101,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm", action="append", default=[], metavar="NAME=SOCKET",
                    help="serve a VM: NAME=PATH listens on PATH; NAME=fd:N uses inherited listening fd N; "
                         "append ,qmp=PATH for the VM's QMP socket; NAME=qmp:PATH manages a VM with QEMU's "
-                        "built-in virtio-balloon over its QMP socket (repeatable)")
+                        "built-in virtio-balloon over its QMP socket; NAME=libvirt:URI/DOMAIN steers a libvirt "
+                        "domain's built-in virtio-balloon through libvirt's API (repeatable)")
     p.add_argument("--socket-path", help="vhost-user backend convention: one VM, named 'default', on PATH")
     p.add_argument("--fd", type=int, help="vhost-user backend convention: one VM, named 'default', on fd N")
     p.add_argument("--api", metavar="PATH", help="control API Unix socket")
@@ -167,6 +176,8 @@ def parse_vm_spec(spec: str) -> VmConfig:
     for option in parts[1:]:
         key, sep, value = option.partition("=")
         if key == "qmp" and sep and value:
+            if vm.libvirt is not None:
+                raise ConfigError(f"--vm {spec!r}: a libvirt domain is reached through libvirt, not a QMP socket")
             if vm.qmp is not None:
                 raise ConfigError(f"--vm {spec!r}: the QMP socket is given twice")
             vm.qmp = value
@@ -189,12 +200,40 @@ def _vm(name: str, where: str) -> VmConfig:
         if not where[4:]:
             raise ConfigError(f"VM {name}: {where!r} is not qmp:PATH")
         return VmConfig(name, qmp=where[4:])
+    if where.startswith("libvirt:"):
+        from .libvirt_balloon import parse_target  # only a libvirt VM needs that module
+
+        try:
+            uri, domain = parse_target(where[len("libvirt:"):])
+        except ValueError as exc:
+            raise ConfigError(f"VM {name}: libvirt:{exc}") from None
+        return VmConfig(name, libvirt=uri, domain=domain)
     if where.startswith("fd:"):
         try:
             return VmConfig(name, fd=int(where[3:]))
         except ValueError:
             raise ConfigError(f"VM {name}: {where!r} is not fd:NUMBER") from None
     return VmConfig(name, socket=where)
+
+
+def _libvirt_entry(path: str, entry: dict[str, Any]) -> VmConfig:
+    """A [[vm]] with libvirt = URI (and domain, default: its name)."""
+    name = str(entry["name"])
+    others = sorted({"socket", "fd", "qmp"} & set(entry))
+    if others:
+        raise ConfigError(f"{path}: [[vm]] {name}: a libvirt domain takes no {', '.join(others)} "
+                          "(libvirt owns its QEMU's monitor)")
+    uri, domain = entry.get("libvirt"), entry.get("domain", name)
+    if not isinstance(uri, str) or not uri:
+        raise ConfigError(f"{path}: [[vm]] {name}: libvirt must be a connection URI (e.g. qemu:///system)")
+    if not isinstance(domain, str) or not domain or "/" in domain:
+        raise ConfigError(f"{path}: [[vm]] {name}: domain must be a libvirt domain name")
+    vm = _vm(name, f"libvirt:{uri}/{domain}")
+    try:
+        vm.policy = VmPolicySettings.from_mapping(entry, where=f"{path}: [[vm]] {name}")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
+    return vm
 
 
 def _from_file(path: str) -> dict[str, Any]:
@@ -240,11 +279,15 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
                 for entry in value:
                     if not isinstance(entry, dict) or "name" not in entry:
                         raise ConfigError(f"{args.config}: each [[vm]] needs a name")
-                    unknown = set(entry) - {"name", "socket", "fd", "qmp", *VmPolicySettings.FILE_KEYS}
+                    unknown = set(entry) - {"name", "socket", "fd", "qmp", "libvirt", "domain",
+                                            *VmPolicySettings.FILE_KEYS}
                     if unknown:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: unknown keys {sorted(unknown)}")
                     if "socket" in entry and "fd" in entry:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: give socket or fd, not both")
+                    if "libvirt" in entry or "domain" in entry:
+                        settings.vms.append(_libvirt_entry(args.config, entry))
+                        continue
                     if "socket" not in entry and "fd" not in entry and "qmp" not in entry:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: give socket or fd (our "
                                           "balloon), or only qmp (QEMU's built-in balloon)")
@@ -329,6 +372,9 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
     paths = [vm.socket for vm in settings.vms if vm.socket]
     if len(paths) != len(set(paths)):
         raise ConfigError("two VMs cannot share one socket path")
+    domains = [(vm.libvirt, vm.domain) for vm in settings.vms if vm.libvirt is not None]
+    if len(domains) != len(set(domains)):
+        raise ConfigError("two VMs cannot steer one libvirt domain")
     qmps = [vm.qmp for vm in settings.vms if vm.qmp]
     if len(qmps) != len(set(qmps)):
         raise ConfigError("two VMs cannot share one QMP socket (QEMU serves one client per -qmp socket)")

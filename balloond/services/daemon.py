@@ -26,6 +26,7 @@ from . import config
 from .api import ControlApi
 from .discard_guard import DiscardGuard
 from .host_memory import SimulatedHost
+from .libvirt_balloon import LibvirtBalloonVm
 from .policy_loop import PolicyLoop
 from .qemu_balloon import QemuBalloonVm
 from .qmp_link import QmpLink
@@ -135,6 +136,11 @@ class Daemon:
 
     def open_sockets(self) -> None:
         for vmc in self.settings.vms:
+            if vmc.libvirt is not None:
+                assert vmc.domain is not None
+                self.vms[vmc.name] = LibvirtBalloonVm(vmc.name, vmc.libvirt, vmc.domain,
+                                                      stats_interval=self.settings.stats_interval, log=self.log)
+                continue
             if vmc.uses_qemu_balloon:
                 assert vmc.qmp is not None
                 link = QmpLink(vmc.qmp, log=self.log.bind(vm=vmc.name))
@@ -187,6 +193,8 @@ class Daemon:
         await asyncio.gather(*(asyncio.wait_for(vm.reported.wait(), self.settings.worker_timeout)
                                for vm in workers), return_exceptions=True)
         tasks += [vm.qmp.start() for vm in self.vms.values() if vm.qmp is not None]
+        libvirt_vms = [vm for vm in self.vms.values() if isinstance(vm, LibvirtBalloonVm)]
+        tasks += [vm.start() for vm in libvirt_vms]
         tasks.append(self.policy.start())  # idles while the policy is off; the API can turn it on
         watchdog = self._watchdog_interval()
         if watchdog is not None:
@@ -200,6 +208,7 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.log.info("shutting down")
             await asyncio.gather(*(vm.stop() for vm in workers), return_exceptions=True)
+            await asyncio.gather(*(vm.stop() for vm in libvirt_vms), return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -227,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     daemon = Daemon(settings)
     try:
-        if settings.vm_isolation == "process" and any(not vmc.uses_qemu_balloon for vmc in settings.vms):
+        if settings.vm_isolation == "process" and any(vmc.socket is not None or vmc.fd is not None
+                                                      for vmc in settings.vms):
             daemon.worker_context()  # before the event loop starts any thread
         asyncio.run(daemon.run())
     except (ListenerError, JournalError) as exc:
