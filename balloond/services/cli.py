@@ -5,6 +5,7 @@
     balloonctl [--api PATH] pfns NAME
     balloonctl [--api PATH] policy [show|on|off|vm NAME ...]
     balloonctl [--api PATH] watch NAME [--interval S] [--count N]
+    balloonctl [--api PATH] libvirt-xml NAME     the domain XML for a VM (docs/libvirt.md)
 
 --api and --json may also follow the command (`balloonctl status --json`).
 
@@ -22,6 +23,7 @@ import socket
 import sys
 import time
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from .policy import render_policy
 from .sizes import format_size, parse_size
@@ -163,6 +165,42 @@ def _progress(vm: dict[str, Any], width: int = 40) -> str:
     return f"[{bar}] {format_size(actual)} of {format_size(target)}"
 
 
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def _qemu_opt(value: str) -> str:
+    """A value inside a QEMU option list: a comma is written twice."""
+    return value.replace(",", ",,")
+
+
+def render_libvirt_xml(name: str, socket_path: str, qmp: str | None, *,
+                       device: str = "vhost-user-test-device-pci", config_cache: bool = True) -> str:
+    """What a libvirt domain needs for balloond's device (docs/libvirt.md): shared
+    memfd RAM, no balloon of libvirt's own, and through libvirt's QEMU
+    namespace the chardev to the VM's socket, the device and, when the VM
+    has one configured, balloond's own QMP monitor beside libvirt's."""
+    args = ["-chardev", f"socket,id=balloond0,path={_qemu_opt(socket_path)}",
+            "-device", f"{device},chardev=balloond0,virtio-id=5,num_vqs=5,config_size=16"
+            + (",config-cache=on" if config_cache else "")]
+    if qmp:
+        args += ["-qmp", f"unix:{_qemu_opt(qmp)},server=on,wait=off"]
+    lines = [
+        f"<!-- balloond's balloon for VM {name}: merge into its libvirt domain (virsh edit).",
+        f"     The <domain> element must declare xmlns:qemu='{QEMU_NAMESPACE}'. -->",
+        "<memoryBacking>",
+        "  <source type='memfd'/>",
+        "  <access mode='shared'/>",
+        "</memoryBacking>",
+        "<devices>",
+        "  <memballoon model='none'/>",
+        "</devices>",
+        "<qemu:commandline>",
+        *(f"  <qemu:arg value={quoteattr(a)}/>" for a in args),
+        "</qemu:commandline>",
+    ]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------- commands
 
 
@@ -214,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--interval", type=_positive_seconds, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--count", type=_count, default=0, help="stop after N refreshes (0 = until Ctrl-C)")
+    p = sub.add_parser("libvirt-xml", parents=[common],
+                       help="print the libvirt domain XML that attaches a VM to balloond (docs/libvirt.md)")
+    p.add_argument("name")
+    p.add_argument("--socket", help="the VM's socket (default: as the daemon serves it)")
+    p.add_argument("--qmp", help="balloond's QMP socket for the VM (default: as the daemon has it; 'none': no monitor)")
+    p.add_argument("--device", default="vhost-user-test-device-pci",
+                   help="QEMU's generic vhost-user device (default vhost-user-test-device-pci)")
+    p.add_argument("--no-config-cache", dest="config_cache", action="store_false",
+                   help="for a QEMU without the project's config-cache patch")
     return parser
 
 
@@ -307,6 +354,22 @@ def _run(args: argparse.Namespace) -> int:
             if args.count and n >= args.count:
                 return 0
             time.sleep(args.interval)
+    if args.command == "libvirt-xml":
+        socket_path, qmp = args.socket, args.qmp
+        if socket_path is None:
+            vm = request(args.api, "GET", f"/v1/vms/{args.name}")
+            if (vm.get("kind") or "vhost-user") != "vhost-user":
+                raise CliError(f"VM {args.name} keeps QEMU's built-in balloon ({vm['kind']}): "
+                               "its domain needs nothing from balloond")
+            socket_path = vm.get("socket")
+            if qmp is None:
+                qmp = vm.get("qmp")
+        if not socket_path or socket_path.startswith("fd:"):
+            raise CliError(f"VM {args.name} has no socket path QEMU could connect to ({socket_path}); "
+                           "give --socket PATH")
+        print(render_libvirt_xml(args.name, socket_path, None if qmp == "none" else qmp,
+                                 device=args.device, config_cache=args.config_cache), file=out)
+        return 0
     return 2  # pragma: no cover
 
 

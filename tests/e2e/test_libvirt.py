@@ -1,0 +1,170 @@
+"""balloond beside libvirt: Debian's libvirtd (started here, privately:
+harness/libvirt.py) runs the project's QEMU (TCG, direct kernel boot of the
+test kernel) for two kinds of domain (docs/libvirt.md):
+
+- balloond's own device, added through libvirt's QEMU namespace, with a
+  second QMP monitor for balloond beside libvirt's: inflate, deflate, stats,
+  and `virsh destroy` / `virsh start` with the daemon following;
+- the domain's own `<memballoon model='virtio'>`, steered by balloond only
+  through libvirt's API (`--vm NAME=libvirt:URI/DOMAIN`): targets, the stats
+  period, statistics, and the domain's lifecycle.
+
+One libvirtd serves the module; each test boots one guest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import BuiltinBalloon
+from harness.daemon import DaemonProcess
+from harness.libvirt import LibvirtDaemon, LibvirtVm
+from tests.e2e.waiting import MIB, wait_for
+
+pytestmark = pytest.mark.vm
+
+RAM = 512 * MIB
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+@pytest.fixture(scope="module")
+def libvirtd(vm_environment: None) -> Iterator[LibvirtDaemon]:
+    with LibvirtDaemon() as daemon:
+        print(f"\nlibvirtd {daemon.version()} in {daemon.workdir}")
+        yield daemon
+
+
+@pytest.fixture
+def sockdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="bd-lvt-"))
+
+
+def _balloonctl(api: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "balloond.services.cli", "--api", api, *args],
+                          capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def test_balloond_device_in_a_libvirt_domain(libvirtd, sockdir, tmp_path):
+    qmp = str(sockdir / "ours.qmp")
+    daemon = DaemonProcess(sockdir / "d", ("ours",), stats_interval=1, log_level="info",
+                           vm_options={"ours": f"qmp={qmp}"})
+    daemon.start()
+    # The domain carries exactly the QEMU arguments `balloonctl libvirt-xml` prints
+    # (the harness writes the memory backing and <memballoon model='none'/> itself).
+    fragment = _balloonctl(daemon.api_path, "libvirt-xml", "ours")
+    for line in ("<source type='memfd'/>", "<access mode='shared'/>", "<memballoon model='none'/>"):
+        assert line in fragment, (line, fragment)
+    root = ET.fromstring(f"<domain xmlns:qemu='{QEMU_NS}'>{fragment}</domain>")
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    assert args == ["-chardev", f"socket,id=balloond0,path={daemon.sockets['ours']}",
+                    "-device", "vhost-user-test-device-pci,chardev=balloond0,virtio-id=5,num_vqs=5,config_size=16,"
+                    "config-cache=on", "-qmp", f"unix:{qmp},server=on,wait=off"], args
+    vm = LibvirtVm(libvirtd, "6.12", name="bd-ours", memory_mib=RAM // MIB, log_dir=tmp_path / "ours",
+                   qemu_args=args, load_balloon=True)
+    ok = False
+    try:
+        vm.start()
+        print(f"boot {vm.wait_boot():.1f} s")
+        xml = libvirtd.virsh("dumpxml", vm.domain).stdout
+        assert "vhost-user-test-device-pci" in xml and "<memballoon model='none'/>" in xml
+        state = daemon.wait_vm("ours", lambda v: v["connected"] and v["run_state"] == "running"
+                               and v["stats"].get("free_memory"), 60, "the device, stats and the second monitor")
+        assert state["guest_ram_bytes"] == RAM and state["qmp_connected"], state
+        # libvirt keeps its own monitor meanwhile
+        assert vm.qmp("query-status")["status"] == "running"
+
+        daemon.api.set_target("ours", 256 * MIB)
+        state = daemon.wait_vm("ours", lambda v: v["actual_bytes"] == 256 * MIB, 120, "the inflate")
+        allocated = vm.memfd_allocated_bytes()
+        print(f"inflated 256 MiB: host freed {state['host_freed_bytes'] >> 20} MiB, "
+              f"guest RAM allocated {allocated >> 20} MiB")
+        assert state["host_freed_bytes"] >= 0.95 * state["ballooned_bytes"] > 0, state
+        assert allocated <= RAM - 0.95 * 256 * MIB, allocated
+
+        daemon.api.set_target("ours", 64 * MIB)
+        daemon.wait_vm("ours", lambda v: v["actual_bytes"] == 64 * MIB, 120, "the deflate")
+
+        # virsh destroy: the daemon sees the device and the monitor go ...
+        vm.destroy()
+        state = daemon.wait_vm("ours", lambda v: not v["connected"] and not v["qmp_connected"], 30, "QEMU gone")
+        assert vm.state() == "shut off"
+        assert state["target_bytes"] == 64 * MIB
+        # ... and virsh start: a new QEMU, found again; its driver reads the target at probe
+        print(f"boot after virsh start {vm.power_on():.1f} s")
+        state = daemon.wait_vm("ours", lambda v: v["connected"] and v["run_state"] == "running"
+                               and v["actual_bytes"] == 64 * MIB, 120, "the restarted domain at its target")
+        assert state["connections"] == 2, state
+        ok = True
+    finally:
+        vm.close() if ok else vm.kill()
+        daemon.stop()
+        print(f"balloond log: {daemon.log_path}")
+
+
+def test_builtin_balloon_steered_through_libvirt(libvirtd, sockdir, tmp_path):
+    domain = "bd-builtin"
+    daemon = DaemonProcess(
+        sockdir / "d", (), stats_interval=1, log_level="info",
+        extra_args=["--vm", f"builtin=libvirt:{libvirtd.uri}/{domain}",
+                    # a domain nobody defined: not connected, and no harm to the other
+                    "--vm", f"ghost=libvirt:{libvirtd.uri}/no-such-domain"],
+    )
+    daemon.start()
+    # No <stats period> in the XML: the period the guest reports with is the one balloond sets.
+    vm = LibvirtVm(libvirtd, "6.12", name=domain, memory_mib=RAM // MIB, log_dir=tmp_path / "builtin",
+                   balloon=BuiltinBalloon({"autodeflate": "on"}), load_balloon=True)
+    ok = False
+    try:
+        vm.start()
+        print(f"boot {vm.wait_boot():.1f} s")
+        state = daemon.wait_vm("builtin", lambda v: v["connected"] and v["run_state"] == "running", 60,
+                               "the domain through libvirt")
+        assert state["kind"] == "libvirt" and state["qmp"] is None and state["guest_ram_bytes"] == RAM, state
+        assert state["target_bytes"] == 0, state  # took over an empty balloon
+        state = daemon.wait_vm("builtin", lambda v: v["stats"].get("available_memory"), 30,
+                               "the guest's statistics (balloond set the period)")
+        assert 0 < state["stats"]["total_memory"] <= RAM and state["resident_bytes"] > 0, state
+        assert "<stats" not in libvirtd.virsh("dumpxml", "--inactive", domain).stdout
+
+        resident_before = vm.memfd_allocated_bytes()
+        daemon.api.set_target("builtin", 200 * MIB)
+        state = daemon.wait_vm("builtin", lambda v: v["actual_bytes"] == 200 * MIB, 120, "the inflate")
+        memstat = dict(line.split() for line in libvirtd.virsh("dommemstat", domain).stdout.splitlines())
+        assert int(memstat["actual"]) == (RAM - 200 * MIB) // 1024, memstat
+        # QEMU's own balloon gives the memory back to the host
+        allocated = wait_for("QEMU to free the ballooned memory",
+                             lambda: (a := vm.memfd_allocated_bytes()) <= RAM - 0.95 * 200 * MIB and a, 30, 1)
+        print(f"built-in balloon 200 MiB: guest RAM allocated {resident_before >> 20} -> {allocated >> 20} MiB")
+        status, body = daemon.api.call("GET", "/v1/vms/builtin/pfns")
+        assert status == 409 and "does not tell" in body["error"], (status, body)
+        assert 'balloond_vm_info{kind="libvirt",vm="builtin"} 1.0' in daemon.api.metrics()
+        # the persistent definition is untouched: only the live balloon moved
+        assert "<currentMemory unit='KiB'>524288</currentMemory>" in libvirtd.virsh(
+            "dumpxml", "--inactive", domain).stdout
+
+        ghost = daemon.api.vm("ghost")
+        assert not ghost["connected"] and ghost["run_state"] is None, ghost
+
+        # virsh destroy / start: balloond follows the lifecycle and sends its target to the new QEMU
+        vm.destroy()
+        daemon.wait_vm("builtin", lambda v: not v["connected"] and v["run_state"] == "shutoff", 30,
+                       "the domain shut off")
+        print(f"boot after virsh start {vm.power_on():.1f} s")
+        state = daemon.wait_vm("builtin", lambda v: v["connected"] and v["actual_bytes"] == 200 * MIB, 120,
+                               "the target on the restarted domain")
+        assert state["target_bytes"] == 200 * MIB and state["counters"]["targets_sent"] == 2, state
+        # deflate back
+        daemon.api.set_target("builtin", 0)
+        daemon.wait_vm("builtin", lambda v: v["actual_bytes"] == 0, 120, "the deflate")
+        ok = True
+    finally:
+        vm.close() if ok else vm.kill()
+        daemon.stop()
+        print(f"balloond log: {daemon.log_path}")
