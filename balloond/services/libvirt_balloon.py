@@ -35,8 +35,9 @@ host memory the discards freed (QEMU's own device discards).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,14 +97,62 @@ def parse_target(where: str) -> tuple[str, str]:
     return uri, domain
 
 
+def _count(value: Any) -> int | None:
+    """A whole, non-negative number from libvirt, or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 def convert_stats(stats: dict[str, Any]) -> dict[str, int]:
     """virDomainMemoryStats → {our stats key: value}; what is not a whole number is left out."""
     out: dict[str, int] = {}
     for name, (key, scale) in LIBVIRT_STAT_NAMES.items():
-        value = stats.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = _count(stats.get(name))
+        if value is not None:
             out[key] = value * scale
     return out
+
+
+class _CallThread:
+    """One daemon thread that runs a VM's blocking libvirt calls in turn.
+
+    Not a ThreadPoolExecutor: Python joins those threads at exit, so a call
+    stuck on a libvirtd that stopped answering would hold up the daemon's
+    exit until libvirt's keepalive gave up on it."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            loop, future, fn, args = item
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((loop, future, fn, args))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 @dataclass
@@ -133,7 +182,7 @@ def _load_binding() -> Any:
 _events_loop: asyncio.AbstractEventLoop | None = None
 
 
-def _register_events(binding: Any, loop: asyncio.AbstractEventLoop) -> bool:
+def _register_events(loop: asyncio.AbstractEventLoop) -> bool:
     """libvirt's events on this asyncio loop (once per process: libvirt keeps
     the first event implementation it is given). False: no events here, the
     VM relies on its looks."""
@@ -166,6 +215,9 @@ class LibvirtBalloonVm:
         self.backoff_max = backoff_max
         self._binding = binding
         self._use_events = events
+        #: A binding given by the caller (tests) delivers its events itself;
+        #: the real one needs libvirt's event loop on ours (libvirtaio).
+        self._needs_event_impl = binding is None
         #: The balloon asked for (bytes); None until set or taken over.
         self.target_bytes: int | None = None
         self.look = DomainLook()
@@ -181,7 +233,7 @@ class LibvirtBalloonVm:
         self._closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One thread per VM: its blocking calls wait for libvirtd, nobody else does.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"balloond-libvirt-{name}")
+        self._calls: _CallThread | None = None
 
     # ------------------------------------------------------------- the task
 
@@ -195,10 +247,14 @@ class LibvirtBalloonVm:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._calls is not None:
+            self._calls.close()
+            self._calls = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if self._calls is None:
+            self._calls = _CallThread(f"balloond-libvirt-{self.name}")
+        return await self._calls.call(fn, *args)
 
     async def run(self) -> None:
         delay = self.backoff_initial
@@ -231,7 +287,7 @@ class LibvirtBalloonVm:
         if self._binding is None:
             self._binding = _load_binding()
         loop = asyncio.get_running_loop()
-        events = self._use_events and _register_events(self._binding, loop)
+        events = self._use_events and (not self._needs_event_impl or _register_events(loop))
         self._closed.clear()
         self._conn = conn = await self._call(self._open)
         if events:
@@ -308,10 +364,7 @@ class LibvirtBalloonVm:
             except Exception:  # noqa: BLE001
                 pass
 
-        try:
-            await self._call(close)
-        except RuntimeError:  # the executor is shut down: the daemon is stopping
-            pass
+        await self._call(close)
         if was:
             self.log.info("libvirt disconnected")
 
@@ -332,19 +385,21 @@ class LibvirtBalloonVm:
             raise
         state, _reason = dom.state()
         look = DomainLook(found=True, state=_STATES.get(state, f"state-{state}"))
-        look.ram_bytes = int(dom.maxMemory()) * KIB
+        look.ram_bytes = (_count(dom.maxMemory()) or 0) * KIB
         if state not in (_RUNNING, _PAUSED) and not dom.isActive():
             return look
         run_id = dom.ID()
         look.run_id = run_id if isinstance(run_id, int) and run_id >= 0 else None
         stats = dom.memoryStats()
-        actual = stats.get("actual")
-        look.logical_bytes = actual * KIB if isinstance(actual, int) and actual > 0 else None
-        rss = stats.get("rss")
-        look.resident_bytes = rss * KIB if isinstance(rss, int) and rss >= 0 else None
+        if not isinstance(stats, dict):
+            stats = {}
+        actual = _count(stats.get("actual"))
+        look.logical_bytes = actual * KIB if actual else None
+        rss = _count(stats.get("rss"))
+        look.resident_bytes = rss * KIB if rss is not None else None
         look.stats = convert_stats(stats)
-        updated = stats.get("last_update")
-        if isinstance(updated, int) and updated > 0 and look.stats:
+        updated = _count(stats.get("last_update"))
+        if updated and look.stats:
             look.stats_updated_at = float(updated)
         return look
 
