@@ -1,0 +1,204 @@
+"""Live migration at the vhost-user level, against the real daemon: dirty
+logging of used-ring writes, the device state saved on one VM's socket and
+adopted on another's (as two QEMUs on one host would do it), and frontends
+that break the protocol on the way.
+
+The test frontend plays both QEMUs on one `GuestRam`: after the source's
+save it hangs up and connects to the destination's socket with the same
+driver state, as a guest that migrated would resume. Before the
+destination starts, the test writes the ballooned frames (as QEMU's loading
+of the migration stream allocates each as a zero page).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+import pytest
+
+from tests import wire
+from tests.frontend import FRONTEND_PROTOCOL_FEATURES, PAGE_SIZE, GuestRam, TestFrontend
+from tests.wire import ProtocolFeature, Request
+
+MIGRATING = FRONTEND_PROTOCOL_FEATURES | wire.bits(ProtocolFeature.LOG_SHMFD, ProtocolFeature.DEVICE_STATE)
+F_LOG_ALL = 26
+LOG_BYTES = 1 << 20  # 32 GiB of guest-physical space
+SAVE, LOAD = 0, 1
+NOFD = 0x100
+
+
+def sealed_log() -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("vhost-log", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, LOG_BYTES)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd, mmap.mmap(fd, LOG_BYTES)
+
+
+def marked(log: mmap.mmap, gpa: int) -> bool:
+    page = gpa // PAGE_SIZE
+    return bool(log[page >> 3] & (1 << (page & 7)))
+
+
+def start_logging(fe: TestFrontend) -> tuple[int, mmap.mmap]:
+    """QEMU's log_global_start: the log, LOG_ALL, then each ring's log address."""
+    fd, log = sealed_log()
+    fe.send(Request.SET_LOG_BASE, wire.pack_u64(LOG_BYTES) + wire.pack_u64(0), [fd])
+    assert wire.unpack_u64(fe.recv_reply(Request.SET_LOG_BASE, 8)) == 0
+    assert fe.driver_features is not None
+    fe.set_u64(Request.SET_FEATURES, fe.driver_features | (1 << wire.F_PROTOCOL_FEATURES) | (1 << F_LOG_ALL))
+    for index, q in fe.queues.items():
+        fe.request(Request.SET_VRING_ADDR, wire.pack_vring_addr(
+            index, 1, desc=fe.uaddr(q.desc_gpa), used=fe.uaddr(q.used_gpa), avail=fe.uaddr(q.avail_gpa),
+            log=q.used_gpa))
+    return fd, log
+
+
+def transfer_fd(fe: TestFrontend, direction: int, fd: int) -> int:
+    fe.send(Request.SET_DEVICE_STATE_FD, wire.pack_u32(direction) + wire.pack_u32(0), [fd])
+    return wire.unpack_u64(fe.recv_reply(Request.SET_DEVICE_STATE_FD, 8))
+
+
+def check(fe: TestFrontend) -> int:
+    fe.send(Request.CHECK_DEVICE_STATE)
+    return wire.unpack_u64(fe.recv_reply(Request.CHECK_DEVICE_STATE, 8))
+
+
+def save(fe: TestFrontend) -> bytes:
+    r, w = os.pipe()
+    try:
+        assert transfer_fd(fe, SAVE, w) == NOFD  # accepted, no fd of its own
+    finally:
+        os.close(w)
+    state = bytearray()
+    while chunk := os.read(r, 1 << 16):
+        state += chunk
+    os.close(r)
+    assert check(fe) == 0
+    return bytes(state)
+
+
+def load(fe: TestFrontend, state: bytes) -> int:
+    r, w = os.pipe()
+    try:
+        assert transfer_fd(fe, LOAD, r) == NOFD
+    finally:
+        os.close(r)
+    os.write(w, state)  # small enough for the pipe
+    os.close(w)
+    return check(fe)
+
+
+@pytest.fixture
+def ram():
+    ram = GuestRam(64 << 20)
+    yield ram
+    ram.close()
+
+
+def test_a_balloon_migrates_between_two_sockets(daemon, ram, settled):
+    fe = TestFrontend(daemon.sockets["vm0"], ram=ram, protocol_features=MIGRATING)
+    try:
+        fe.start()
+        daemon.api.set_target("vm0", 3000 * PAGE_SIZE)
+        first = range(fe.first_free_pfn, fe.first_free_pfn + 2048)
+        ram.touch(first)
+        fe.inflate(first)
+        fe.set_actual(2048)
+
+        log_fd, log = start_logging(fe)
+        inflate_q = next(q for i, q in fe.queues.items() if fe.roles[i].value == "inflate")
+        deflate_q = next(q for i, q in fe.queues.items() if fe.roles[i].value == "deflate")
+        log[:] = bytes(LOG_BYTES)
+        more = range(first[-1] + 1, first[-1] + 1 + 512)
+        ram.touch(more)
+        fe.inflate(more)
+        assert marked(log, inflate_q.used_gpa), "the inflate ring's used ring was written but not logged"
+        log[:] = bytes(LOG_BYTES)
+        fe.deflate(range(first[0], first[0] + 256))
+        assert marked(log, deflate_q.used_gpa)
+        fe.set_actual(2048 + 512 - 256)
+        settled("vm0")
+        frames = daemon.api.pfn_set("vm0")
+        assert len(frames) == 2304
+
+        bases = fe.stop()
+        state = save(fe)
+        os.close(log_fd)
+        src = daemon.api.vm("vm0")
+        assert src["counters"]["migrations_out"] == 1
+        fe.close()  # the source QEMU, done (the guest's RAM lives on in `ram`)
+
+        ram.touch(frames, value=0)  # QEMU's loading: a zero page for each, allocated
+        before = ram.allocated_bytes()
+        fe.socket_path = daemon.sockets["vm1"]
+        fe.connect()
+        assert load(fe, state) == 0
+        fe.start()  # the rings resume at the source's indices
+        assert {i: q.base for i, q in fe.queues.items()} == bases
+        dst = settled("vm1")
+        assert daemon.api.pfn_set("vm1") == frames
+        assert dst["counters"]["migrations_in"] == 1
+        assert dst["counters"]["driver_resets"] == 0
+        assert fe.num_pages() == 3000  # the target travelled
+        assert before - ram.allocated_bytes() == len(frames) * PAGE_SIZE  # discarded again, once
+        # The destination knows the source's frames: a deflate of one is taken.
+        fe.deflate(range(first[-1] - 255, first[-1] + 1))
+        assert len(daemon.api.pfn_set("vm1")) == 2048
+        assert daemon.api.vm("vm1")["counters"]["stray_deflate"] == 0
+    finally:
+        fe.close()
+
+
+def test_a_frontend_without_the_features_gets_no_transfer_and_no_log(daemon, connect):
+    fe = connect("vm0")  # LOG_SHMFD and DEVICE_STATE not negotiated
+    r, w = os.pipe()
+    assert transfer_fd(fe, SAVE, w) == NOFD | 1
+    os.close(w)
+    assert os.read(r, 10) == b""  # the daemon closed its copy of the pipe
+    os.close(r)
+    fd, _ = sealed_log()
+    fe.send(Request.SET_LOG_BASE, wire.pack_u64(LOG_BYTES) + wire.pack_u64(0), [fd])
+    os.close(fd)
+    assert fe.hung_up()
+
+
+def test_a_state_the_destination_refuses_fails_the_check_only(daemon, connect):
+    fe = connect("vm1", start=False, protocol_features=MIGRATING)
+    assert load(fe, b"not a balloon state") == 1
+    r, w = os.pipe()
+    assert transfer_fd(fe, LOAD, r) == NOFD
+    os.close(r)
+    os.write(w, b"half a state")
+    assert check(fe) == 1, "a writer still open must fail the check, not hang it"
+    os.close(w)
+    for direction, phase in ((2, 0), (SAVE, 1)):
+        r, w = os.pipe()
+        fe.send(Request.SET_DEVICE_STATE_FD, wire.pack_u32(direction) + wire.pack_u32(phase), [w])
+        assert wire.unpack_u64(fe.recv_reply(Request.SET_DEVICE_STATE_FD, 8)) == NOFD | 1
+        os.close(w)
+        os.close(r)
+    assert check(fe) == 1  # no transfer under way
+    fe.start()  # the connection is still good
+    assert daemon.api.vm("vm1")["running"]
+    assert daemon.api.vm("vm1")["counters"]["migrations_in"] == 0
+
+
+@pytest.mark.parametrize("size", [0, 1 << 40])
+def test_a_hostile_log_closes_the_connection(daemon, connect, size):
+    fe = connect("vm0", protocol_features=MIGRATING)
+    fd, _ = sealed_log()
+    fe.send(Request.SET_LOG_BASE, wire.pack_u64(size) + wire.pack_u64(0), [fd])
+    os.close(fd)
+    assert fe.hung_up()
+    assert daemon.alive
+
+
+def test_an_unsealable_log_closes_the_connection(daemon, connect):
+    fe = connect("vm0", protocol_features=MIGRATING)
+    fd = os.memfd_create("log")  # no MFD_ALLOW_SEALING: the frontend could shrink it under us
+    os.ftruncate(fd, LOG_BYTES)
+    fe.send(Request.SET_LOG_BASE, wire.pack_u64(LOG_BYTES) + wire.pack_u64(0), [fd])
+    os.close(fd)
+    assert fe.hung_up()
