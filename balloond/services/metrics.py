@@ -43,6 +43,11 @@ _DEVICE_COUNTERS = (
     "discard_inhibits",
     "reports_skipped_inhibit",
     "targets_sent",
+    # live migration: device states saved (out) and adopted (in), and balloons
+    # discarded again after a migration that left the VM here
+    "migrations_out",
+    "migrations_in",
+    "rediscards_after_migration",
     # the engine's: what a frontend's shared fds kept it from doing (status.EngineCounters)
     "calls_skipped",
     "backend_full",

@@ -147,6 +147,10 @@ def test_a_balloon_migrates_between_two_sockets(daemon, ram, settled):
         fe.deflate(range(first[-1] - 255, first[-1] + 1))
         assert len(daemon.api.pfn_set("vm1")) == 2048
         assert daemon.api.vm("vm1")["counters"]["stray_deflate"] == 0
+        metrics = daemon.api.metrics().splitlines()
+        for vm, kind in (("vm0", "migrations_out"), ("vm1", "migrations_in")):
+            assert any(f'vm="{vm}"' in line and f'kind="{kind}"' in line and line.endswith(" 1.0")
+                       for line in metrics), f"no {kind} count for {vm} in the metrics"
     finally:
         fe.close()
 
