@@ -7,7 +7,9 @@ test kernel) for two kinds of domain (docs/libvirt.md):
   and `virsh destroy` / `virsh start` with the daemon following;
 - the domain's own `<memballoon model='virtio'>`, steered by balloond only
   through libvirt's API (`--vm NAME=libvirt:URI/DOMAIN`): targets, the stats
-  period, statistics, and the domain's lifecycle.
+  period, statistics, and the domain's lifecycle;
+- one policy on a simulated small host across the three kinds of balloon
+  (ours in a libvirt domain, QEMU's over QMP, a libvirt domain's through libvirt).
 
 One libvirtd serves the module; each test boots one guest.
 """
@@ -168,3 +170,104 @@ def test_builtin_balloon_steered_through_libvirt(libvirtd, sockdir, tmp_path):
         vm.close() if ok else vm.kill()
         daemon.stop()
         print(f"balloond log: {daemon.log_path}")
+
+
+#: The three-kind host: balloond's device in a libvirt domain, QEMU's built-in
+#: balloon over QMP (a QEMU started by hand) and a libvirt domain's built-in
+#: balloon through libvirt. All boot with page_poison=1, so all of guest RAM
+#: is resident and only a balloon gives any back; resident is ~1.7 GiB (QEMU's
+#: own memory counts for the two built-in kinds). A host of this size, keeping
+#: its reserve, is short by ~700 MiB: more than any one guest can give
+#: (RAM - used - headroom, ~350 MiB), so the policy must reclaim from several.
+POLICY_STEP = 64 * MIB
+POLICY_RESERVE = 256 * MIB
+POLICY_HEADROOM = 96 * MIB
+POLICY_HOST = 1280 * MIB
+
+
+def test_one_policy_across_three_kinds_of_balloon(libvirtd, sockdir, tmp_path):
+    from harness import Vm
+
+    qmp = {"ours": str(sockdir / "ours.qmp"), "builtin": str(sockdir / "builtin.qmp")}
+    headroom = f"headroom={POLICY_HEADROOM >> 20}M"
+    daemon = DaemonProcess(
+        sockdir / "d", ("ours",), stats_interval=1, log_level="info",
+        vm_options={"ours": f"qmp={qmp['ours']},{headroom}"},
+        extra_args=["--vm", f"builtin=qmp:{qmp['builtin']},{headroom}",
+                    "--vm", f"lv=libvirt:{libvirtd.uri}/bd-lv,{headroom}",
+                    "--policy", "--policy-interval", "2", "--policy-simulate-host", f"{POLICY_HOST >> 20}M",
+                    "--host-reserve", f"{POLICY_RESERVE >> 20}M", "--policy-step", f"{POLICY_STEP >> 20}M",
+                    "--no-free-page-reporting"],
+    )
+    daemon.start()
+    fragment = _balloonctl(daemon.api_path, "libvirt-xml", "ours")
+    root = ET.fromstring(f"<domain xmlns:qemu='{QEMU_NS}'>{fragment}</domain>")
+    ours_args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    common = {"memory_mib": RAM // MIB, "load_balloon": True, "cmdline": ["page_poison=1"]}
+    vms = {
+        "ours": LibvirtVm(libvirtd, "6.12", name="bd-pol-ours", qemu_args=ours_args, log_dir=tmp_path / "ours",
+                          **common),
+        "builtin": Vm("6.12", name="builtin", balloon=BuiltinBalloon({"deflate-on-oom": "on"}),
+                      qemu_args=["-qmp", f"unix:{qmp['builtin']},server=on,wait=off"],
+                      log_dir=tmp_path / "builtin", **common),
+        "lv": LibvirtVm(libvirtd, "6.12", name="bd-lv", balloon=BuiltinBalloon({"autodeflate": "on"}),
+                        log_dir=tmp_path / "lv", **common),
+    }
+    ok = False
+    try:
+        for vm in vms.values():
+            vm.start()
+        for vm in vms.values():
+            vm.wait_boot()
+        wait_for("three VMs managed", lambda: all(v["connected"] and v["run_state"] == "running"
+                                                  for v in daemon.api.vms()), 60)
+        assert {v["name"]: v["kind"] for v in daemon.api.vms()} == {"ours": "vhost-user", "builtin": "qemu",
+                                                                    "lv": "libvirt"}
+        wait_for("every guest's stats", lambda: all(v["stats"].get("free_memory") for v in daemon.api.vms()), 30)
+        print(f"\nresident after boot: { {v['name']: v['resident_bytes'] >> 20 for v in daemon.api.vms()} } MiB")
+
+        def all_ballooned() -> dict[str, int] | None:
+            sizes = {v["name"]: v["actual_bytes"] for v in daemon.api.vms()}
+            return sizes if all(s >= 2 * POLICY_STEP for s in sizes.values()) else None
+
+        wait_for("balloons in all three guests", all_ballooned, 300, 1)
+        # until the policy is done: no new target for four intervals
+        seen: list[int] = []
+
+        def settled() -> bool:
+            seen.append(len(daemon.policy_targets()))
+            return len(seen) > 4 and seen[-1] == seen[-5]
+
+        wait_for("the policy to settle", settled, 300, 2)
+
+        def freed() -> dict[str, tuple[int, int]] | None:
+            now = {v["name"]: v["actual_bytes"] for v in daemon.api.vms()}
+            allocated = {n: vm.memfd_allocated_bytes() for n, vm in vms.items()}
+            if all(allocated[n] <= RAM - 0.95 * now[n] for n in vms):
+                return {n: (now[n], allocated[n]) for n in vms}
+            return None
+
+        result = wait_for("the host memory behind every balloon freed", freed, 60, 1)
+        # page_poison=1 made all of guest RAM resident: what is not allocated now was given back
+        reclaimed = {n: RAM - allocated for n, (_, allocated) in result.items()}
+        print("guest RAM given back to the host: "
+              + ", ".join(f"{n} {r >> 20} MiB ({result[n][0] >> 20} MiB ballooned)" for n, r in reclaimed.items())
+              + f"; total {sum(reclaimed.values()) >> 20} MiB")
+        assert daemon.api.vm("ours")["host_freed_bytes"] >= 0.95 * daemon.api.vm("ours")["ballooned_bytes"]
+        first = daemon.policy_targets()[0]
+        assert "below its reserve" in first["reason"], first
+        sent = [r for r in daemon.log_records() if r.get("event") == "target sent to libvirt"]
+        assert sent and all(r["vm"] == "lv" for r in sent), sent
+        ok = True
+    finally:
+        for vm in vms.values():
+            vm.close() if ok else vm.kill()
+        daemon.stop()
+        print(f"balloond log: {daemon.log_path}")
+
+    targets = daemon.policy_targets()
+    steps = [abs(r["target_bytes"] - r["old_bytes"]) for r in targets]
+    moved = {r["vm"] for r in targets}
+    print(f"policy targets set: {len(steps)}; largest step {max(steps) >> 20} MiB; VMs moved: {sorted(moved)}")
+    assert moved == {"ours", "builtin", "lv"}
+    assert max(steps) <= POLICY_STEP
