@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from balloond.engine import connection as engine
-from balloond.engine.connection import MAX_ADAPTIVE_POLL_SECONDS, VhostUserConnection
+from balloond.engine.connection import MAX_ADAPTIVE_POLL_SECONDS, RUN_GAP_SECONDS, VhostUserConnection
 from balloond.engine.vring import Vring
 
 POLL = 200e-6  # --poll-us 200, the default
@@ -105,6 +105,8 @@ def polling_connection(guest: Guest, sock: socket.socket) -> VhostUserConnection
     conn.polled_buffers = conn.polled_requests = conn.polls_preempted = 0
     conn._last_returned = float("-inf")
     conn._turnaround = 0.0
+    conn._run_ring, conn._run_buffer_at, conn._polling = None, float("-inf"), False
+    conn.messages = 0
     return conn
 
 
@@ -334,3 +336,86 @@ def test_the_operators_window_is_polled_even_without_the_cpu(clock, sock, monkey
     monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=monotonic))
     sessions = run_guest(conn, guest, clock)
     assert guest.served == 10 and len(sessions) == 1 and conn.polls_preempted == 0
+
+
+def chatty_run(clock, monkeypatch, guest: ChattyGuest, mine: socket.socket) -> tuple[VhostUserConnection, list[float]]:
+    """Run `guest` to its end with the engine's own _readable (each read
+    one request, dispatched as the engine does): a request the engine did
+    not see while polling is served from the event loop. Returns the
+    connection and the polling after each kick."""
+    tick = clock.monotonic
+
+    def monotonic() -> float:
+        now = tick()
+        guest.tick()
+        return now
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(monotonic=monotonic))
+    conn = polling_connection(guest, mine)
+    conn._reading = True
+
+    def serve(message: Any) -> None:
+        guest.replied()
+
+    def read_once() -> bool:
+        try:
+            mine.recv(1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        conn.messages += 1
+        conn._dispatch(None)  # type: ignore[arg-type]
+        return True
+
+    conn._serve_request = serve  # type: ignore[method-assign]
+    conn._read_once = read_once  # type: ignore[method-assign]
+    sessions = []
+    while guest.left > 0:
+        if guest.requests:  # the engine went to sleep before the request: the event loop serves it
+            clock.now = max(clock.now, guest.requests[0])
+            guest.tick()
+            conn._readable()
+            continue
+        ring = next(v for v in guest.rings if v.queue.arrivals)  # type: ignore[union-attr]
+        q: Any = ring.queue
+        assert q.kicks_on, "a buffer was due while kicks were off, yet the engine stopped looking"
+        clock.now = max(clock.now, q.arrivals[0])
+        start = clock.now
+        conn._poll(ring)
+        sessions.append(clock.now - start)
+        for fn, args in conn._later:  # type: ignore[attr-defined]
+            fn(*args)
+        conn._later.clear()  # type: ignore[attr-defined]
+    return conn, sessions
+
+
+def test_a_request_in_a_run_polls_for_the_next_buffer(clock, monkeypatch):
+    """A 256-page deflate in a TCG guest: 2 ms of work after each buffer
+    (longer than any poll window), the config written, the next buffer
+    0.25 ms after the reply. The request, served from the event loop,
+    starts a poll that catches that buffer: one kick for the whole run,
+    not one per buffer."""
+    mine, theirs = socket.socketpair()
+    guest = ChattyGuest(clock, work=2 * MAX_ADAPTIVE_POLL_SECONDS, turnaround=0.25 * MAX_ADAPTIVE_POLL_SECONDS,
+                        buffers=30, peer=theirs)
+    guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
+    conn, sessions = chatty_run(clock, monkeypatch, guest, mine)
+    assert guest.served == 30
+    assert len(sessions) == 1, f"{len(sessions)} kicks for 30 buffers"
+    assert conn.polled_buffers == 29
+    mine.close()
+    theirs.close()
+
+
+def test_a_request_long_after_the_last_buffer_starts_no_poll(clock, monkeypatch):
+    """A guest whose requests come long after its buffers (an idle guest
+    writing its config now and then) is not polled for on each request:
+    every buffer is kicked, and a request costs no spinning."""
+    mine, theirs = socket.socketpair()
+    guest = ChattyGuest(clock, work=2 * RUN_GAP_SECONDS, turnaround=0.25 * MAX_ADAPTIVE_POLL_SECONDS,
+                        buffers=10, peer=theirs)
+    guest.rings[0].queue.arrivals.append(0.0)  # type: ignore[union-attr]
+    conn, sessions = chatty_run(clock, monkeypatch, guest, mine)
+    assert guest.served == 10
+    assert len(sessions) == 10 and conn.polled_buffers == 0
+    mine.close()
+    theirs.close()
