@@ -41,6 +41,7 @@ class Feature(enum.IntEnum):
     IN_ORDER = 35
     # balloond's extension (protocol/balloond_ext.h)
     BALLOOND_MIGRATE_VQ = extension.F_MIGRATE_VQ
+    BALLOOND_MIGRATE_SPLIT = extension.F_MIGRATE_SPLIT
 
 
 def has(features: int, feature: Feature) -> bool:

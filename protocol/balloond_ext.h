@@ -38,6 +38,32 @@ struct balloond_migration {
 	__le64 new_pfn;	/* frame number that is ballooned from now on */
 };
 
+/*
+ * Split migrations, a second device feature bit, meaningful only together
+ * with BALLOOND_F_MIGRATE_VQ.  When it is negotiated a record may also carry
+ * only one half of a migration, which lets a driver tell the host about many
+ * departing pages in one buffer, wait once, and tell it about the pages that
+ * replace them later, again many per buffer:
+ *
+ *   { old, BALLOOND_PFN_NONE }    departure: old leaves the balloon because it
+ *                                 is being migrated.  Once the buffer is
+ *                                 returned the host no longer counts old and
+ *                                 has cancelled any discard of it still
+ *                                 pending, exactly as for a deflate.
+ *   { BALLOOND_PFN_NONE, new }    arrival: new, the destination of a
+ *                                 migration, enters the balloon (one move).
+ *   { BALLOOND_PFN_RETURN, new }  return: new enters the balloon again, a
+ *                                 departed page put back after its migration
+ *                                 failed (not a move).
+ *
+ * Whole records { old, new } keep their meaning.  A device that did not
+ * negotiate the bit refuses the new forms (they name no frame of RAM).
+ */
+#define BALLOOND_F_MIGRATE_SPLIT	61
+
+#define BALLOOND_PFN_NONE	0xffffffffffffffffULL
+#define BALLOOND_PFN_RETURN	0xfffffffffffffffeULL
+
 /* Frame numbers are in 4 KiB units, as in the standard inflate/deflate queues. */
 #define BALLOOND_PFN_SHIFT	12
 

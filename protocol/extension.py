@@ -15,6 +15,13 @@ from .errors import GuestError
 #: Device feature bit announcing the migrate queue (BALLOOND_F_MIGRATE_VQ).
 F_MIGRATE_VQ = 62
 
+#: Device feature bit for split migrations (BALLOOND_F_MIGRATE_SPLIT): with
+#: it, a record may be a departure {old, PFN_NONE}, an arrival {PFN_NONE, new}
+#: or a return {PFN_RETURN, new} as well as a whole move {old, new}.
+F_MIGRATE_SPLIT = 61
+PFN_NONE = 0xFFFF_FFFF_FFFF_FFFF
+PFN_RETURN = 0xFFFF_FFFF_FFFF_FFFE
+
 #: struct balloond_migration: __le64 old_pfn, __le64 new_pfn.
 MIGRATION = struct.Struct("<QQ")
 MIGRATION_SIZE = MIGRATION.size
@@ -32,6 +39,31 @@ MIGRATIONS_PER_BUFFER = 256
 class Migration:
     old_pfn: int
     new_pfn: int
+
+    @property
+    def kind(self) -> str:
+        """"move", "depart", "arrive", "return", or "invalid" for a record
+        that names no frame at all (or a marker where a frame belongs)."""
+        old, new = self.old_pfn, self.new_pfn
+        if new in (PFN_NONE, PFN_RETURN):
+            return "depart" if new == PFN_NONE and old not in (PFN_NONE, PFN_RETURN) else "invalid"
+        if old == PFN_NONE:
+            return "arrive"
+        if old == PFN_RETURN:
+            return "return"
+        return "move"
+
+
+def departure(pfn: int) -> Migration:
+    return Migration(pfn, PFN_NONE)
+
+
+def arrival(pfn: int) -> Migration:
+    return Migration(PFN_NONE, pfn)
+
+
+def returned(pfn: int) -> Migration:
+    return Migration(PFN_RETURN, pfn)
 
 
 def decode_migrations(data: bytes) -> list[Migration]:

@@ -22,6 +22,9 @@ PROBE = r"""
 #include "balloond_ext.h"
 int main(void) {
     printf("F_MIGRATE_VQ=%d\n", BALLOOND_F_MIGRATE_VQ);
+    printf("F_MIGRATE_SPLIT=%d\n", BALLOOND_F_MIGRATE_SPLIT);
+    printf("PFN_NONE=%llu\n", (unsigned long long)BALLOOND_PFN_NONE);
+    printf("PFN_RETURN=%llu\n", (unsigned long long)BALLOOND_PFN_RETURN);
     printf("PFN_SHIFT=%d\n", BALLOOND_PFN_SHIFT);
     printf("MIGRATIONS_PER_BUFFER=%d\n", BALLOOND_MIGRATIONS_PER_BUFFER);
     printf("MIGRATION_SIZE=%zu\n", sizeof(struct balloond_migration));
@@ -49,6 +52,9 @@ def test_constants_agree(c_values):
     assert c_values["F_MIGRATE_VQ"] == ext.F_MIGRATE_VQ == Feature.BALLOOND_MIGRATE_VQ
     assert c_values["PFN_SHIFT"] == ext.PFN_SHIFT == PFN_SHIFT
     assert c_values["MIGRATIONS_PER_BUFFER"] == ext.MIGRATIONS_PER_BUFFER
+    assert c_values["F_MIGRATE_SPLIT"] == ext.F_MIGRATE_SPLIT == Feature.BALLOOND_MIGRATE_SPLIT
+    assert c_values["PFN_NONE"] == ext.PFN_NONE
+    assert c_values["PFN_RETURN"] == ext.PFN_RETURN
 
 
 def test_record_layout_agrees(c_values):
@@ -63,3 +69,18 @@ def test_record_layout_agrees(c_values):
 def test_feature_bit_is_in_the_device_specific_range():
     # virtio reserves 24..49 for transport features; 50..63 belong to the device type.
     assert 50 <= ext.F_MIGRATE_VQ <= 63
+    assert 50 <= ext.F_MIGRATE_SPLIT <= 63 and ext.F_MIGRATE_SPLIT != ext.F_MIGRATE_VQ
+
+
+def test_split_record_kinds():
+    assert ext.Migration(5, 6).kind == "move"
+    assert ext.departure(5).kind == "depart"
+    assert ext.arrival(6).kind == "arrive"
+    assert ext.returned(6).kind == "return"
+    # markers where a frame belongs, or no frame at all
+    for bad in ((ext.PFN_NONE, ext.PFN_NONE), (ext.PFN_RETURN, ext.PFN_NONE), (5, ext.PFN_RETURN),
+                (ext.PFN_NONE, ext.PFN_RETURN), (ext.PFN_RETURN, ext.PFN_RETURN)):
+        assert ext.Migration(*bad).kind == "invalid", bad
+    # the new forms are the same 16-byte record on the wire
+    data = ext.encode_migrations([ext.departure(5), ext.arrival(6), ext.returned(7)])
+    assert ext.decode_migrations(data) == [ext.departure(5), ext.arrival(6), ext.returned(7)]
