@@ -10,11 +10,16 @@ test kernels, the command channel on ttyS1) but defined as libvirt domains.
 its own (``unshare --mount``), where its state directories (/etc/libvirt,
 /run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt) are
 bind mounts of a scratch directory; its socket is in that directory too and
-reached with ``qemu:///system?socket=PATH``. QEMU runs as root with no
-security driver, no cgroups and no per-domain /dev namespace (none of which
-a container offers); the domain's QEMU log is ``<workdir>/log/qemu/NAME.log``
-and its pid file ``<workdir>/run/qemu/NAME.pid``, seen from outside through
-the same bind mounts.
+reached with ``qemu:///system?socket=PATH``. QEMU runs as Debian's
+libvirt runs it, as the user libvirt-qemu with the group libvirt-qemu and
+libvirt-qemu's supplementary group kvm (``qemu_user="root"`` for root), but
+with no security driver, no cgroups and no per-domain /dev namespace (none
+of which a container offers); the domain's QEMU log is
+``<workdir>/log/qemu/NAME.log`` and its pid file
+``<workdir>/run/qemu/NAME.pid``, seen from outside through the same bind
+mounts. What that user must reach is copied where it can: the emulator and
+the guest's kernel and initramfs (the build cache is under root's home);
+the command channel's socket is handed to it.
 
 ``LibvirtVm`` is a ``Vm`` whose QEMU libvirt starts: ``start``, ``destroy``
 (virsh destroy) and ``power_on`` (virsh start) drive the domain; commands,
@@ -60,9 +65,11 @@ def _stop_leftover_daemons() -> None:
 class LibvirtDaemon:
     """A private libvirtd (see the module's docstring); a context manager."""
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike[str] | None = None, *, qemu_user: str = "libvirt-qemu") -> None:
         # Unix socket paths must stay short (108 bytes): the default is in /tmp.
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="bd-lv-"))
+        self.qemu_user = qemu_user
+        self.qemu_group = "root" if qemu_user == "root" else "libvirt-qemu"
         self.socket = self.workdir / "sock" / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
         self.log_path = self.workdir / "libvirtd.log"
@@ -74,7 +81,27 @@ class LibvirtDaemon:
     def pid_file(self, domain: str) -> Path:
         return self.workdir / "run" / "qemu" / f"{domain}.pid"
 
+    @property
+    def qemu_uid(self) -> int:
+        import pwd
+
+        return pwd.getpwnam(self.qemu_user).pw_uid
+
+    def readable(self, path: Path) -> Path:
+        """`path`, or a copy of it the QEMU user can read (kept for the daemon's life)."""
+        if self.qemu_user == "root":
+            return path
+        copy = self.workdir / "files" / f"{path.stat().st_mtime_ns}-{path.name}"
+        if not copy.exists():
+            copy.parent.mkdir(mode=0o755, exist_ok=True)
+            tmp = copy.with_suffix(".tmp")
+            shutil.copy2(path, tmp)
+            tmp.chmod(0o755)
+            os.replace(tmp, copy)
+        return copy
+
     def _write_config(self) -> Path:
+        self.workdir.chmod(0o755)  # the QEMU user reaches the copies made for it through it
         for sub in (*STATE_DIRS.values(), "sock"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         (self.workdir / "etc" / "libvirtd.conf").write_text(
@@ -86,7 +113,7 @@ class LibvirtDaemon:
         # What a container lacks is turned off: DAC relabelling, cgroups, the
         # per-domain /dev namespace; QEMU's stdio goes to a plain file (no virtlogd).
         (self.workdir / "etc" / "qemu.conf").write_text(
-            'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
+            f'user = "{self.qemu_user}"\ngroup = "{self.qemu_group}"\ndynamic_ownership = 0\nremember_owner = 0\n'
             'security_driver = "none"\ncgroup_controllers = [ ]\nnamespaces = [ ]\n'
             'stdio_handler = "file"\n'
         )
@@ -233,8 +260,8 @@ class LibvirtVm(Vm):
   <vcpu>{self.cpus}</vcpu>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{escape(str(self.kernel.vmlinuz))}</kernel>
-    <initrd>{escape(str(initrd))}</initrd>
+    <kernel>{escape(str(self.libvirt.readable(self.kernel.vmlinuz)))}</kernel>
+    <initrd>{escape(str(self.libvirt.readable(initrd)))}</initrd>
     <cmdline>{escape(" ".join(self.cmdline))}</cmdline>
   </os>
   <features><acpi/></features>
@@ -243,7 +270,7 @@ class LibvirtVm(Vm):
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>{escape(str(self.qemu.binary))}</emulator>
+    <emulator>{escape(str(self.libvirt.readable(self.qemu.binary)))}</emulator>
     <controller type='usb' model='none'/>
     <serial type='file'><source path={quoteattr(str(self.console_log))} append='on'/><target port='0'/></serial>
     <serial type='unix'><source mode='connect' path={quoteattr(str(self._cmd_socket))}/><target port='1'/></serial>
@@ -262,6 +289,9 @@ class LibvirtVm(Vm):
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self._cmd_socket))
         self._listener.listen(1)
+        if self.libvirt.qemu_user != "root":  # QEMU connects to it as its own user
+            self._sockdir.chmod(0o711)
+            os.chown(self._cmd_socket, self.libvirt.qemu_uid, -1)
         self.xml_path.write_text(self.domain_xml(initrd))
         self.libvirt.virsh("define", str(self.xml_path))
         self.power_on(wait=False)

@@ -16,6 +16,9 @@ One libvirtd serves the module; each test boots one guest.
 
 from __future__ import annotations
 
+import grp
+import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -48,15 +51,34 @@ def sockdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="bd-lvt-"))
 
 
+def share_with_qemu(libvirtd: LibvirtDaemon, sockdir: Path) -> Path:
+    """The layout docs/libvirt.md gives an operator, for QEMU running as
+    libvirt-qemu: balloond's sockets reachable (--socket-group kvm), and a
+    setgid directory of libvirt-qemu's in balloond's group where QEMU makes
+    the second monitor's socket. Returns that directory."""
+    sockdir.chmod(0o755)
+    qmpdir = sockdir / "qmp"
+    qmpdir.mkdir()
+    os.chown(qmpdir, libvirtd.qemu_uid, os.getgid())
+    qmpdir.chmod(0o2770)
+    return qmpdir
+
+
+def qemu_credentials(pid: int) -> tuple[int, set[int]]:
+    """A process's uid and supplementary groups."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["Uid"].split()[0]), {int(g) for g in fields["Groups"].split()}
+
+
 def _balloonctl(api: str, *args: str) -> str:
     return subprocess.run([sys.executable, "-m", "balloond.services.cli", "--api", api, *args],
                           capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def test_balloond_device_in_a_libvirt_domain(libvirtd, sockdir, tmp_path):
-    qmp = str(sockdir / "ours.qmp")
+    qmp = str(share_with_qemu(libvirtd, sockdir) / "ours.qmp")
     daemon = DaemonProcess(sockdir / "d", ("ours",), stats_interval=1, log_level="info",
-                           vm_options={"ours": f"qmp={qmp}"})
+                           vm_options={"ours": f"qmp={qmp}"}, extra_args=["--socket-group", "kvm"])
     daemon.start()
     # The domain carries exactly the QEMU arguments `balloonctl libvirt-xml` prints
     # (the harness writes the memory backing and <memballoon model='none'/> itself).
@@ -79,6 +101,16 @@ def test_balloond_device_in_a_libvirt_domain(libvirtd, sockdir, tmp_path):
         state = daemon.wait_vm("ours", lambda v: v["connected"] and v["run_state"] == "running"
                                and v["stats"].get("free_memory"), 60, "the device, stats and the second monitor")
         assert state["guest_ram_bytes"] == RAM and state["qmp_connected"], state
+        # QEMU runs as libvirt-qemu and reaches balloond's socket through its supplementary group kvm;
+        # the monitor it made is in balloond's group, which may write to it
+        kvm = grp.getgrnam("kvm").gr_gid
+        uid, groups = qemu_credentials(vm.qemu_pid)
+        assert uid == libvirtd.qemu_uid and kvm in groups, (uid, groups)
+        st = os.stat(daemon.sockets["ours"])
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, kvm), st
+        st = os.stat(qmp)
+        print(f"second monitor: {stat.filemode(st.st_mode)} uid {st.st_uid} gid {st.st_gid}")
+        assert st.st_uid == libvirtd.qemu_uid and st.st_gid == os.getgid() and st.st_mode & 0o020, st
         # libvirt keeps its own monitor meanwhile
         assert vm.qmp("query-status")["status"] == "running"
 
@@ -188,7 +220,7 @@ POLICY_HOST = 1280 * MIB
 def test_one_policy_across_three_kinds_of_balloon(libvirtd, sockdir, tmp_path):
     from harness import Vm
 
-    qmp = {"ours": str(sockdir / "ours.qmp"), "builtin": str(sockdir / "builtin.qmp")}
+    qmp = {"ours": str(share_with_qemu(libvirtd, sockdir) / "ours.qmp"), "builtin": str(sockdir / "builtin.qmp")}
     headroom = f"headroom={POLICY_HEADROOM >> 20}M"
     daemon = DaemonProcess(
         sockdir / "d", ("ours",), stats_interval=1, log_level="info",
@@ -197,7 +229,7 @@ def test_one_policy_across_three_kinds_of_balloon(libvirtd, sockdir, tmp_path):
                     "--vm", f"lv=libvirt:{libvirtd.uri}/bd-lv,{headroom}",
                     "--policy", "--policy-interval", "2", "--policy-simulate-host", f"{POLICY_HOST >> 20}M",
                     "--host-reserve", f"{POLICY_RESERVE >> 20}M", "--policy-step", f"{POLICY_STEP >> 20}M",
-                    "--no-free-page-reporting"],
+                    "--no-free-page-reporting", "--socket-group", "kvm"],
     )
     daemon.start()
     fragment = _balloonctl(daemon.api_path, "libvirt-xml", "ours")
