@@ -106,6 +106,7 @@ class DeviceSettings:
             features &= ~(1 << Feature.REPORTING)
         if self.migrate_extension:
             features |= 1 << Feature.BALLOOND_MIGRATE_VQ
+            features |= 1 << Feature.BALLOOND_MIGRATE_SPLIT
         return features
 
 
@@ -767,9 +768,18 @@ class BalloonDevice:
             self.limited.warning("discard failed", error=self.releaser.last_error)
 
     def _migrate(self, vring: Vring, chains: list[Chain]) -> None:
+        """Migration records, whole or (with BALLOOND_F_MIGRATE_SPLIT) split.
+
+        A departure takes its frame out of the balloon and, like a deflate,
+        cancels the frame's pending discard before the buffer is returned:
+        the driver frees the page as soon as it has the buffer back. An
+        arrival or a return puts a frame in, to be discarded like an inflated
+        one. The split forms are refused from a driver that did not
+        negotiate them (they name no frame, so they would be refused anyway).
+        """
         self.counters.migrate_buffers += len(chains)
-        entered: list[int] = []
-        left: list[int] = []
+        split = vb.has(self.acked, Feature.BALLOOND_MIGRATE_SPLIT)
+        moves: list[tuple[int, int]] = []  # (left, entered); NONE for a half
         was: dict[int, bool] = {}  # in the balloon before this batch? (every frame moved)
         for chain in chains:
             data = self._read(vring, chain)
@@ -781,16 +791,30 @@ class BalloonDevice:
                 self._guest_error(vring, exc)
                 continue
             for record in records:
-                if self.tracker.migrate(record.old_pfn, record.new_pfn):
-                    entered.append(record.new_pfn)
-                    left.append(record.old_pfn)
-                    was.setdefault(record.old_pfn, True)
-                    was.setdefault(record.new_pfn, False)
+                kind = record.kind
+                if kind == "move":
+                    done = self.tracker.migrate(record.old_pfn, record.new_pfn)
+                elif not split or kind == "invalid":
+                    self.tracker.counters.bad_migration += 1
+                    done = False
+                elif kind == "depart":
+                    done = self.tracker.depart(record.old_pfn)
                 else:
-                    self.limited.warning("migration refused", old_pfn=record.old_pfn, new_pfn=record.new_pfn)
+                    done = self.tracker.arrive(record.new_pfn, moved=kind == "arrive")
+                if not done:
+                    self.limited.warning("migration refused", kind=kind, old_pfn=record.old_pfn,
+                                         new_pfn=record.new_pfn)
+                    continue
+                left = record.old_pfn if kind in ("move", "depart") else ext.PFN_NONE
+                entered = record.new_pfn if kind != "depart" else ext.PFN_NONE
+                moves.append((left, entered))
+                if left != ext.PFN_NONE:
+                    was.setdefault(left, True)
+                if entered != ext.PFN_NONE:
+                    was.setdefault(entered, False)
         if self.journal is not None:
             assert vring.queue is not None
-            self.journal.migrated(list(zip(left, entered)), vring.queue.last_avail)
+            self.journal.migrated(moves, vring.queue.last_avail)
         # Only the batch's net effect: a frame that came in and went out again
         # (a->b, then b->c) is the guest's once more and must not be
         # discarded, nor counted as returned (found by fuzzing).

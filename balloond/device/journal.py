@@ -55,6 +55,12 @@ import structlog
 #: kind, payload length in bytes, CRC32 of kind + length + payload.
 RECORD = struct.Struct("<BII")
 INFLATE, DEFLATE, MIGRATE, CLEAR, TARGET = b"I"[0], b"D"[0], b"M"[0], b"C"[0], b"T"[0]
+#: A migrate batch holding split migrations: (old, new) pairs as MIGRATE's,
+#: where NO_FRAME stands for the half a departure or an arrival lacks. Its own
+#: kind, so a daemon that predates it stops replaying there (its journal then
+#: lags behind the rings and is dropped) rather than adopt a marker as a frame.
+SPLIT_MIGRATE = b"S"[0]
+NO_FRAME = 0xFFFF_FFFF_FFFF_FFFF
 IDENTITY, POISON = b"G"[0], b"P"[0]
 #: A record longer than this is garbage, not a batch (a batch is at most a
 #: queue of 4 KiB buffers; an identity a few hundred bytes).
@@ -416,11 +422,11 @@ class BalloonJournal:
     def _apply(self, kind: int, payload: bytes) -> bool:
         """One record's effect on the state; False for a kind we do not know."""
         state = self.state
-        if kind in (INFLATE, DEFLATE, MIGRATE):
+        if kind in (INFLATE, DEFLATE, MIGRATE, SPLIT_MIGRATE):
             values = _values(payload)
             if not values:
                 return False
-            role = {INFLATE: "inflate", DEFLATE: "deflate", MIGRATE: "migrate"}[kind]
+            role = {INFLATE: "inflate", DEFLATE: "deflate", MIGRATE: "migrate", SPLIT_MIGRATE: "migrate"}[kind]
             self._moved(role, values[0])
             pfns = values[1:]
             if kind == INFLATE:
@@ -429,8 +435,10 @@ class BalloonJournal:
                 state.frames.difference_update(pfns)
             else:
                 for i in range(0, len(pfns) - 1, 2):
-                    state.frames.discard(pfns[i])
-                    state.frames.add(pfns[i + 1])
+                    if pfns[i] != NO_FRAME:
+                        state.frames.discard(pfns[i])
+                    if pfns[i + 1] != NO_FRAME:
+                        state.frames.add(pfns[i + 1])
         elif kind == CLEAR:
             state.frames.clear()
             state.last_batch = None
@@ -525,12 +533,22 @@ class BalloonJournal:
         self._batch(DEFLATE, "deflate", ring_index, pfns)
 
     def migrated(self, pairs: list[tuple[int, int]], ring_index: int) -> None:
+        """A batch of migrate buffers: (old, new) moves in order, NO_FRAME
+        for the missing half of a departure (old, NO_FRAME) or an arrival
+        (NO_FRAME, new)."""
         flat: list[int] = []
+        split = False
         for old, new in pairs:
-            self.state.frames.discard(old)
-            self.state.frames.add(new)
+            if old != NO_FRAME:
+                self.state.frames.discard(old)
+            else:
+                split = True
+            if new != NO_FRAME:
+                self.state.frames.add(new)
+            else:
+                split = True
             flat += (old, new)
-        self._batch(MIGRATE, "migrate", ring_index, flat)
+        self._batch(SPLIT_MIGRATE if split else MIGRATE, "migrate", ring_index, flat)
 
     def target(self, pages: int) -> None:
         if pages != self.state.target_pages:

@@ -39,6 +39,11 @@ class TrackerCounters:
     double_inflate: int = 0  # inflate of a frame already ballooned
     stray_deflate: int = 0  # deflate of a frame not ballooned
     bad_migration: int = 0  # migration whose old/new frames did not fit
+    #: Split migrations (protocol/balloond_ext.h): frames that left the
+    #: balloon ahead of their move, and departed frames put back after a
+    #: failed one. An arrival counts as a migration.
+    departures: int = 0
+    returns: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -441,6 +446,36 @@ class PfnTracker:
         ro.bits.clear(oo)
         rn.bits.set(on)
         self.counters.migrations += 1
+        self._single_inflate = None
+        return True
+
+    def depart(self, pfn: int) -> bool:
+        """Half of a split migration: a ballooned frame leaves ahead of its
+        move. Refused (counted as a bad migration) unless it is ballooned."""
+        hit = self._locate(pfn)
+        if hit is None or not hit[0].bits.get(hit[1]):
+            self.counters.bad_migration += 1
+            return False
+        hit[0].bits.clear(hit[1])
+        self.count -= 1
+        self.counters.departures += 1
+        self._single_inflate = None
+        return True
+
+    def arrive(self, pfn: int, *, moved: bool) -> bool:
+        """The other half: a frame of RAM not ballooned enters, as the
+        destination of a move (`moved`, counted as a migration) or as a
+        departed frame put back. Refused (counted) otherwise."""
+        hit = self._locate(pfn)
+        if hit is None or hit[0].bits.get(hit[1]):
+            self.counters.bad_migration += 1
+            return False
+        hit[0].bits.set(hit[1])
+        self.count += 1
+        if moved:
+            self.counters.migrations += 1
+        else:
+            self.counters.returns += 1
         self._single_inflate = None
         return True
 
