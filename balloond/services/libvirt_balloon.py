@@ -424,17 +424,18 @@ class LibvirtBalloonVm:
             self._forget_run()  # stopped, or a new QEMU: its balloon starts at <currentMemory>
         if look.state != previous.state:
             self.log.info("domain state", run_state=look.state if look.found else "undefined")
+        self.look = look
         if not look.found:
             self._problem(f"no domain {self.domain!r} at {self.uri}")
-        elif look.run_id is None:
-            self.last_error = None
-        # keep a newer balloon size a BALLOON_CHANGE event brought while we looked
-        self.look = look
-        if look.run_id is None or look.logical_bytes is None:
+            return
+        if look.run_id is not None and look.logical_bytes is None:
+            self._problem("libvirt reports no balloon size for the domain")
+            return
+        self.last_error = None  # before any wait: whoever sees it connected sees no old problem
+        if look.run_id is None:
             return
         self._take_over()
         await self._push()
-        self.last_error = None
 
     def _wanted(self) -> tuple[int | None, int | None, int | None]:
         """What this run of the domain still needs: (stats period, logical KiB, target bytes)."""
