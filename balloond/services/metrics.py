@@ -65,7 +65,8 @@ class _VmCollector:
             up.add_metric([name], 1.0 if s.connected else 0.0)
         yield up
         info = GaugeMetricFamily("balloond_vm_info", "Which device backs the VM's balloon (vhost-user: ours; "
-                                 "qemu: QEMU's built-in, over QMP)", labels=["vm", "kind"])
+                                 "qemu: QEMU's built-in, over QMP; libvirt: a libvirt domain's built-in, "
+                                 "through libvirt)", labels=["vm", "kind"])
         inhibited = GaugeMetricFamily("balloond_vm_discard_inhibited",
                                       "1 while discards are refused (VFIO device, migration, QMP unknown)",
                                       labels=["vm"])
