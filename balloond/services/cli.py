@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the libvirt domain XML that attaches a VM to balloond (docs/libvirt.md)")
     p.add_argument("name")
     p.add_argument("--socket", help="the VM's socket (default: as the daemon serves it)")
-    p.add_argument("--qmp", help="balloond's QMP socket for the VM (default: as the daemon has it; 'none': no monitor)")
+    p.add_argument("--qmp", help="balloond's QMP socket for the VM (default: as the daemon has it; "
+                                 "'none': no monitor)")
     p.add_argument("--device", default="vhost-user-test-device-pci",
                    help="QEMU's generic vhost-user device (default vhost-user-test-device-pci)")
     p.add_argument("--no-config-cache", dest="config_cache", action="store_false",
