@@ -179,6 +179,15 @@ def test_builtin_balloon_steered_through_libvirt(libvirtd, sockdir, tmp_path):
         status, body = daemon.api.call("GET", "/v1/vms/builtin/pfns")
         assert status == 409 and "does not tell" in body["error"], (status, body)
         assert 'balloond_vm_info{kind="libvirt",vm="builtin"} 1.0' in daemon.api.metrics()
+        # balloonctl: the same table as for the other kinds, the libvirt kind named
+        table = _balloonctl(daemon.api_path, "status").splitlines()
+        row = next(line for line in table if line.startswith("builtin "))
+        assert "libvirt" in row and "200.0 MiB" in row, table
+        detail = _balloonctl(daemon.api_path, "status", "builtin")
+        assert "guest stats" in detail and "available_memory" in detail, detail
+        out = subprocess.run([sys.executable, "-m", "balloond.services.cli", "--api", daemon.api_path,
+                              "libvirt-xml", "builtin"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and "needs nothing from balloond" in out.stderr, out
         # the persistent definition is untouched: only the live balloon moved
         assert "<currentMemory unit='KiB'>524288</currentMemory>" in libvirtd.virsh(
             "dumpxml", "--inactive", domain).stdout
