@@ -79,6 +79,19 @@
 /* Queues we may use: inflate, deflate, stats, migrate. */
 #define BD_MAX_VQS		4
 
+/*
+ * Split migrations (movable-ops layer, BALLOOND_F_MIGRATE_SPLIT): isolated
+ * pages whose departure the host has not been told yet, at most this many
+ * noted (compaction isolates COMPACT_CLUSTER_MAX = 32 at a time); one more
+ * is told alone when its own migration comes.  Departures and the arrivals
+ * that ride along share one buffer of BALLOOND_MIGRATIONS_PER_BUFFER.
+ */
+#define BD_DEPART_MAX		128
+
+/* Pending arrivals are told this long after the last migration at the
+ * latest (sooner if a departure, a deflate or a pfns read comes first). */
+#define BD_ARRIVAL_DELAY	(HZ / 50)
+
 /* Monotonic counters shown in debugfs; atomics, so no lock is needed. */
 struct bd_counters {
 	atomic_long_t inflated;		/* pages handed to the host */
@@ -91,8 +104,11 @@ struct bd_counters {
 	atomic_long_t migrated;		/* successful migrations */
 	atomic_long_t migrate_busy;	/* -EAGAIN: balloon_lock was taken */
 	atomic_long_t migrate_failures;	/* -EAGAIN: the host report failed */
-	atomic_long_t ext_records;	/* migration records sent */
+	atomic_long_t ext_records;	/* migration records sent, any form */
 	atomic_long_t ext_buffers;	/* migrate-queue buffers sent */
+	atomic_long_t ext_departures;	/* of the records: departures, */
+	atomic_long_t ext_arrivals;	/* arrivals (one per move told), */
+	atomic_long_t ext_returns;	/* and returns */
 	atomic_long_t fallback_pairs;	/* inflate+deflate pairs sent */
 };
 
@@ -105,6 +121,7 @@ struct balloond {
 	struct virtqueue *stats_vq;	/* NULL unless STATS_VQ negotiated */
 	struct virtqueue *migrate_vq;	/* NULL unless the extension is used */
 	bool use_ext;			/* BALLOOND_F_MIGRATE_VQ negotiated */
+	bool use_split;			/* BALLOOND_F_MIGRATE_SPLIT negotiated */
 	bool deflate_on_oom;		/* VIRTIO_BALLOON_F_DEFLATE_ON_OOM */
 	bool must_tell_host;		/* VIRTIO_BALLOON_F_MUST_TELL_HOST */
 
@@ -119,6 +136,7 @@ struct balloond {
 
 	struct delayed_work size_work;	/* moves num_pages towards the target */
 	struct work_struct stats_work;	/* answers the host's stats request */
+	struct delayed_work arrival_work; /* tells the host of pending arrivals */
 
 	/* Woken by the inflate/deflate/migrate queue callbacks. */
 	wait_queue_head_t acked;
@@ -132,6 +150,7 @@ struct balloond {
 	 *                 value: the size worker, debugfs);
 	 *   pfns[]      - the inflate/deflate buffer while the host owns it;
 	 *   migr_buf    - the migrate-queue buffer while the host owns it;
+	 *   sending[]   - the pages whose departures are in migr_buf;
 	 *   the config field "actual", written only under this lock so two
 	 *   writers cannot leave a stale value behind.
 	 * The migrate callback only trylocks it (it runs with both pages
@@ -143,6 +162,7 @@ struct balloond {
 	unsigned int num_pages;
 	__virtio32 pfns[BD_PFNS_PER_BATCH];
 	struct balloond_migration *migr_buf;
+	struct page *sending[BD_DEPART_MAX + 1];
 
 #if BALLOOND_BALLOON_API == 7
 	/*
@@ -175,8 +195,18 @@ struct balloond {
 	 *                      yet migrated or put back (their page->lru
 	 *                      belongs to the migration core meanwhile);
 	 *   refuse_isolation - set by remove() so isolate_page says no.
-	 * A page's movable/offline state and page->private change only with
-	 * the page locked and this lock held.  Lock order:
+	 *   unannounced      - balloon pages the host has not been told of
+	 *                      yet (split migrations: a move's destination, or
+	 *                      a departed page put back), linked by page->lru,
+	 *                      and their number n_unannounced;
+	 *   departing[]      - isolated pages the host still counts and has
+	 *                      not yet been told are leaving, n_departing of
+	 *                      them;
+	 *   the state bits of page->private (movable.c: BD_KNOWN ...).
+	 * A page's movable/offline state and its owner in page->private change
+	 * only with the page locked and this lock held; the state bits of an
+	 * isolated page may change with this lock alone (a departure sent for
+	 * the whole batch).  Lock order:
 	 *   page lock -> pages_lock   (isolate, putback, migrate, inflate);
 	 * deflate goes pages_lock -> trylock_page, which cannot deadlock.
 	 */
@@ -185,6 +215,10 @@ struct balloond {
 	unsigned long on_list;
 	unsigned long isolated;
 	bool refuse_isolation;
+	struct list_head unannounced;
+	unsigned long n_unannounced;
+	struct page *departing[BD_DEPART_MAX];
+	unsigned int n_departing;
 #endif
 
 	/* Woken when pages come back from isolation; remove() waits on it. */
@@ -201,6 +235,8 @@ struct balloond {
 
 /* main.c */
 extern bool bd_migrate_ext;
+extern bool bd_migrate_split;
+void bd_queue_arrivals(struct balloond *vb);
 u32 bd_read_target(struct balloond *vb);
 void bd_write_actual(struct balloond *vb);
 unsigned int bd_alloc_batch(struct balloond *vb, unsigned int want,
@@ -218,6 +254,12 @@ int bd_send_pfns(struct balloond *vb, struct virtqueue *vq, unsigned int n);
 int bd_report_migration(struct balloond *vb, struct page *oldpage,
 			struct page *newpage);
 int bd_send_migrations(struct balloond *vb, unsigned int n);
+static inline void bd_record(struct balloond *vb, unsigned int i, u64 old_pfn,
+			     u64 new_pfn)
+{
+	vb->migr_buf[i].old_pfn = cpu_to_le64(old_pfn);
+	vb->migr_buf[i].new_pfn = cpu_to_le64(new_pfn);
+}
 
 /* movable.c or core.c */
 void bd_pages_init(struct balloond *vb);
@@ -225,6 +267,8 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want);
 unsigned int bd_deflate(struct balloond *vb, unsigned int want);
 void bd_drain(struct balloond *vb);
 void bd_pages_resume(struct balloond *vb);
+int bd_report_departure(struct balloond *vb, struct page *page);
+int bd_flush_arrivals(struct balloond *vb);
 int bd_pfns_snapshot(struct balloond *vb, unsigned long **pfns, size_t *n);
 void bd_page_counts(struct balloond *vb, unsigned long *on_list,
 		    unsigned long *isolated);

@@ -413,4 +413,22 @@ int bd_pfns_snapshot(struct balloond *vb, unsigned long **pfns, size_t *n)
 	return 0;
 }
 
+#endif
+
+#if BALLOOND_USE_BALLOON_CORE
+/*
+ * Split migrations are never negotiated with the balloon core (validate()
+ * clears the bit): the core isolates pages without telling the driver, so
+ * there is no batch to announce, and each migration stays one record.
+ */
+int bd_report_departure(struct balloond *vb, struct page *page)
+{
+	WARN_ON_ONCE(1);
+	return -EINVAL;
+}
+
+int bd_flush_arrivals(struct balloond *vb)
+{
+	return 0;
+}
 #endif /* BALLOOND_USE_BALLOON_CORE */

@@ -135,8 +135,15 @@ static int bd_stats_show(struct seq_file *m, void *unused)
 	bd_show_counter(m, "migrate_failures", &c->migrate_failures);
 	bd_show_counter(m, "ext_records", &c->ext_records);
 	bd_show_counter(m, "ext_buffers", &c->ext_buffers);
+	bd_show_counter(m, "ext_departures", &c->ext_departures);
+	bd_show_counter(m, "ext_arrivals", &c->ext_arrivals);
+	bd_show_counter(m, "ext_returns", &c->ext_returns);
 	bd_show_counter(m, "fallback_pairs", &c->fallback_pairs);
+#if !BALLOOND_USE_BALLOON_CORE
+	seq_printf(m, "unannounced: %lu\n", READ_ONCE(vb->n_unannounced));
+#endif
 	seq_printf(m, "ext_negotiated: %s\n", vb->use_ext ? "yes" : "no");
+	seq_printf(m, "ext_split: %s\n", vb->use_split ? "yes" : "no");
 	seq_printf(m, "stats_vq: %s\n", vb->stats_vq ? "yes" : "no");
 	seq_printf(m, "deflate_on_oom: %s\n", vb->deflate_on_oom ? "yes" : "no");
 	seq_printf(m, "must_tell_host: %s\n", vb->must_tell_host ? "yes" : "no");

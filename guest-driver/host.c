@@ -77,6 +77,7 @@ int bd_send_migrations(struct balloond *vb, unsigned int n)
  * before anything about the pages has changed: on failure the caller returns
  * -EAGAIN and the migration is simply not done.
  *
+ * With split migrations it is the old page's departure (see movable.c).
  * With the extension this is one record on the migrate queue.  Without it,
  * it is the stock protocol's pair: a one-page inflate of @newpage, then a
  * one-page deflate of @oldpage, which any virtio-balloon device understands.
@@ -90,6 +91,11 @@ int bd_report_migration(struct balloond *vb, struct page *oldpage,
 	int err;
 
 	lockdep_assert_held(&vb->balloon_lock);
+
+	/* Split migrations: the host stops counting the old page now (with
+	 * the rest of its batch, in one buffer); the new one is told later. */
+	if (vb->use_split)
+		return bd_report_departure(vb, oldpage);
 
 	if (vb->use_ext) {
 		vb->migr_buf[0].old_pfn = cpu_to_le64(page_to_pfn(oldpage));

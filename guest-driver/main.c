@@ -29,6 +29,11 @@ module_param_named(migrate_ext, bd_migrate_ext, bool, 0644);
 MODULE_PARM_DESC(migrate_ext,
 		 "Use the migration-report queue when the device offers it (default 1); read when a device is bound");
 
+bool bd_migrate_split = true;
+module_param_named(migrate_split, bd_migrate_split, bool, 0644);
+MODULE_PARM_DESC(migrate_split,
+		 "With the migration-report queue, report a batch's departing pages in one buffer and their replacements later when the device offers it (default 1; movable-ops page layer only); read when a device is bound");
+
 static unsigned int bd_oom_pages = 256;
 module_param_named(oom_pages, bd_oom_pages, uint, 0644);
 MODULE_PARM_DESC(oom_pages,
@@ -169,6 +174,34 @@ void bd_migration_done(struct balloond *vb)
 }
 
 /* ---- work scheduling ------------------------------------------------- */
+
+/*
+ * Pending arrivals (split migrations) are told once migrations have been
+ * quiet for BD_ARRIVAL_DELAY: every new one pushes the work back, so it
+ * does not take balloon_lock in the middle of a compaction run (where the
+ * migrate callback would find it busy); during a run they ride along with
+ * the next batch's departures anyway.  Callable from any context.
+ */
+void bd_queue_arrivals(struct balloond *vb)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&vb->stop_lock, flags);
+	if (!vb->stop_work)
+		mod_delayed_work(system_freezable_wq, &vb->arrival_work,
+				 BD_ARRIVAL_DELAY);
+	spin_unlock_irqrestore(&vb->stop_lock, flags);
+}
+
+static void bd_arrival_work_fn(struct work_struct *work)
+{
+	struct balloond *vb = container_of(to_delayed_work(work),
+					   struct balloond, arrival_work);
+
+	mutex_lock(&vb->balloon_lock);
+	bd_flush_arrivals(vb);
+	mutex_unlock(&vb->balloon_lock);
+}
 
 static void bd_queue_size_work(struct balloond *vb, unsigned long delay)
 {
@@ -428,6 +461,8 @@ static void bd_stop_work(struct balloond *vb)
 	spin_unlock_irqrestore(&vb->stop_lock, flags);
 	cancel_delayed_work_sync(&vb->size_work);
 	cancel_work_sync(&vb->stats_work);
+	/* Pending arrivals are told by the drain's deflates. */
+	cancel_delayed_work_sync(&vb->arrival_work);
 }
 
 /* Every page back to the guest (the host told first), then the queues go. */
@@ -451,6 +486,13 @@ static int bd_validate(struct virtio_device *vdev)
 	 */
 	if (!bd_migrate_ext)
 		__virtio_clear_bit(vdev, BALLOOND_F_MIGRATE_VQ);
+	/*
+	 * Split migrations need the extension's queue and the driver's own
+	 * isolate_page (the movable-ops layer): with the balloon core the
+	 * kernel isolates, and each migration stays one whole record.
+	 */
+	if (!bd_migrate_ext || !bd_migrate_split || BALLOOND_USE_BALLOON_CORE)
+		__virtio_clear_bit(vdev, BALLOOND_F_MIGRATE_SPLIT);
 	return 0;
 }
 
@@ -470,6 +512,8 @@ static int bd_probe(struct virtio_device *vdev)
 	vdev->priv = vb;
 	vb->vdev = vdev;
 	vb->use_ext = virtio_has_feature(vdev, BALLOOND_F_MIGRATE_VQ);
+	vb->use_split = vb->use_ext &&
+		virtio_has_feature(vdev, BALLOOND_F_MIGRATE_SPLIT);
 	vb->deflate_on_oom =
 		virtio_has_feature(vdev, VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
 	vb->must_tell_host =
@@ -478,6 +522,7 @@ static int bd_probe(struct virtio_device *vdev)
 	spin_lock_init(&vb->stop_lock);
 	INIT_DELAYED_WORK(&vb->size_work, bd_size_work_fn);
 	INIT_WORK(&vb->stats_work, bd_stats_work_fn);
+	INIT_DELAYED_WORK(&vb->arrival_work, bd_arrival_work_fn);
 	init_waitqueue_head(&vb->acked);
 	init_waitqueue_head(&vb->drain_wq);
 	mutex_init(&vb->balloon_lock);
@@ -508,11 +553,11 @@ static int bd_probe(struct virtio_device *vdev)
 	bd_debugfs_init(vb);
 
 	dev_info(&vdev->dev,
-		 "balloon ready: pages=%s stats=%s deflate-on-oom=%s must-tell-host=%s migrate-ext=%s\n",
+		 "balloon ready: pages=%s stats=%s deflate-on-oom=%s must-tell-host=%s migrate-ext=%s%s\n",
 		 bd_page_layer, vb->stats_vq ? "yes" : "no",
 		 vb->deflate_on_oom ? "yes" : "no",
 		 vb->must_tell_host ? "yes" : "no",
-		 vb->use_ext ? "yes" : "no");
+		 vb->use_ext ? "yes" : "no", vb->use_split ? " (split)" : "");
 	return 0;
 
 err_del_vqs:
@@ -585,6 +630,7 @@ static unsigned int bd_features[] = {
 	VIRTIO_BALLOON_F_STATS_VQ,
 	VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
 	BALLOOND_F_MIGRATE_VQ,
+	BALLOOND_F_MIGRATE_SPLIT,
 };
 
 static struct virtio_driver bd_driver = {

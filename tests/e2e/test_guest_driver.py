@@ -128,15 +128,25 @@ def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, 
     assert vmstat(vm, "balloon_migrate") >= migrated
     assert int(stats["migrate_failures"]) == 0
 
+    # Reading pfns first tells the host of every move not told yet (split
+    # migrations tell a move's destination late, see the driver's README).
+    pfns = guest_pfns(vm)
     wait_for("pending discards", lambda: daemon.api.vm("guest")["pending_discard_bytes"] == 0, 10)
     state = daemon.api.vm("guest")
-    assert state["migrations"] >= migrated
-    if ext:
+    stats = guest_stats(vm)
+    if ext and stats["ext_split"] == "yes":
+        # one arrival per move, but for a destination moved again before it was told
+        assert state["migrations"] == int(stats["ext_arrivals"]) >= 0.95 * migrated
+        assert state["counters"]["departures"] == int(stats["ext_departures"])
+        assert int(stats["fallback_pairs"]) == 0
+    elif ext:
+        assert state["migrations"] >= migrated
         assert int(stats["ext_records"]) >= migrated and int(stats["fallback_pairs"]) == 0
     else:
+        assert state["migrations"] >= migrated
         assert int(stats["fallback_pairs"]) >= migrated and int(stats["ext_records"]) == 0
     # exactly the same frames on both sides
-    assert daemon.api.pfn_set("guest") == guest_pfns(vm)
+    assert daemon.api.pfn_set("guest") == pfns
     assert state["ballooned_bytes"] == balloon
     # every frame that entered the balloon had its host memory released
     assert state["host_freed_bytes"] >= 0.95 * balloon
