@@ -498,6 +498,7 @@ class BalloonDevice:
         frames = [pfn for first, count in state.runs for pfn in range(first, first + count)]
         self.tracker.inflate(frames)
         self.tracker.counters.inflated = 0
+        self._discard_at_start = True
 
     def logging_changed(self, on: bool) -> None:
         """The frontend's dirty logging ended: its migration is over. Reading
@@ -505,7 +506,7 @@ class BalloonDevice:
         memory file reads as a new zero page); if the VM stays here (a failed
         or cancelled migration) the balloon is discarded again, under the
         rules of any discard (`_discard_balloon`)."""
-        if on or True:
+        if on:
             return
         self.counters.rediscards_after_migration += 1
         if self.discard_inhibit is not None:
