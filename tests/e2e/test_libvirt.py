@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import grp
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -41,6 +42,12 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 @pytest.fixture(scope="module")
 def libvirtd(vm_environment: None) -> Iterator[LibvirtDaemon]:
+    try:
+        import libvirt  # noqa: F401 - the daemon's binding, which the harness uses too
+    except ImportError:
+        pytest.skip("libvirt's Python binding missing; run as root: scripts/setup.sh")
+    if shutil.which("libvirtd") is None or shutil.which("virsh") is None:
+        pytest.skip("libvirtd or virsh missing; run as root: scripts/setup.sh")
     with LibvirtDaemon() as daemon:
         print(f"\nlibvirtd {daemon.version()} in {daemon.workdir}")
         yield daemon
