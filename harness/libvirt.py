@@ -145,6 +145,15 @@ class LibvirtDaemon:
                 raise SetupError(f"libvirtd did not answer within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.1)
 
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop libvirtd and start it again, its domains left running (as a
+        package upgrade does): the new libvirtd finds their QEMUs again."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout)
+        self.socket.unlink(missing_ok=True)
+        self.start(timeout)
+
     def virsh(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(["virsh", "-q", "-c", self.uri, *args], capture_output=True, text=True,
                               timeout=timeout)
@@ -331,7 +340,7 @@ class LibvirtVm(Vm):
 
     # ------------------------------------------------------------------ Vm's hooks
     @property
-    def qemu_log(self) -> Path:  # type: ignore[override]
+    def qemu_log(self) -> Path:
         return self.libvirt.domain_log(self.domain)
 
     @qemu_log.setter

@@ -75,9 +75,11 @@ LIBVIRT_STAT_NAMES: dict[str, tuple[str, int]] = {
 _STATES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff",
            6: "crashed", 7: "pmsuspended"}
 _RUNNING, _PAUSED = 1, 3
-#: libvirt's VIR_DOMAIN_AFFECT_LIVE and the error code of a domain that does not exist.
+#: libvirt's VIR_DOMAIN_AFFECT_LIVE, the error code of a domain that does not
+#: exist, and of an operation not valid now (a domain that stopped meanwhile).
 _AFFECT_LIVE = 1
 _ERR_NO_DOMAIN = 42
+_ERR_OPERATION_INVALID = 55
 #: virDomainEventID: lifecycle and balloon change.
 _EVENT_LIFECYCLE, _EVENT_BALLOON_CHANGE = 0, 13
 
@@ -389,8 +391,13 @@ class LibvirtBalloonVm:
         if state not in (_RUNNING, _PAUSED) and not dom.isActive():
             return look
         run_id = dom.ID()
+        try:
+            stats = dom.memoryStats()
+        except Exception as exc:
+            if self._stopped_meanwhile(exc):
+                return look  # shut down between two calls: looked at again on its event
+            raise
         look.run_id = run_id if isinstance(run_id, int) and run_id >= 0 else None
-        stats = dom.memoryStats()
         if not isinstance(stats, dict):
             stats = {}
         actual = _count(stats.get("actual"))
@@ -460,12 +467,22 @@ class LibvirtBalloonVm:
         except _DomainRestarted:
             self._wake.set()  # look again: the new run gets everything
             return
+        except Exception as exc:
+            if not self._stopped_meanwhile(exc):
+                raise
+            self._wake.set()  # stopped since the look: the next look says so
+            return
         if period is not None:
             self._period_set = period
         if logical_kib is not None:
             self._sent = target
             self.targets_sent += 1
             self.log.info("target sent to libvirt", target_bytes=target, logical_bytes=logical_kib * KIB)
+
+    def _stopped_meanwhile(self, exc: BaseException) -> bool:
+        """libvirt refused because the domain is no longer running (not a
+        broken connection: no reason to drop it)."""
+        return _error_code(exc) == getattr(self._binding, "VIR_ERR_OPERATION_INVALID", _ERR_OPERATION_INVALID)
 
     def _take_over(self) -> None:
         """No target yet (a daemon that just started): keep the balloon the domain has."""

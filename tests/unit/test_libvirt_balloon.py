@@ -49,6 +49,7 @@ class FakeDomain:
         self.calls: list[tuple[str, Any, ...]] = []
         self.refuse: str | None = None
         self.memory_stats_reply: Any = None  # hostile replies
+        self.stop_before_stats = False
 
     def start(self, run_id: int) -> None:
         self.id, self.state_code, self.logical_kib = run_id, 1, self.current_kib
@@ -73,6 +74,9 @@ class FakeDomain:
         return self.id
 
     def memoryStats(self) -> Any:  # noqa: N802
+        if self.stop_before_stats:  # shuts down between the look's state() and memoryStats()
+            self.stop_before_stats = False
+            self.destroy()
         if self.id < 0:
             raise FakeError("domain is not running", 55)
         if self.memory_stats_reply is not None:
@@ -137,6 +141,7 @@ class FakeConn:
 
 class FakeBinding:
     VIR_ERR_NO_DOMAIN = 42
+    VIR_ERR_OPERATION_INVALID = 55
     VIR_DOMAIN_AFFECT_LIVE = 1
     VIR_DOMAIN_EVENT_ID_LIFECYCLE = 0
     VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE = 13
@@ -426,3 +431,16 @@ def test_events_wake_a_look_at_once():
         await until(lambda: not vm.connected, timeout=1.0)
 
     scenario(body, poll_interval=60, events=True)
+
+
+def test_a_domain_stopping_mid_look_keeps_the_connection():
+    async def body(binding, dom, vm):
+        await until(lambda: vm.connected)
+        dom.stop_before_stats = True
+        await until(lambda: not vm.connected and vm.status().run_state == "shutoff")
+        assert len(binding.conns) == 1 and vm.connects == 1 and vm.last_error is None
+        dom.start(2)
+        await until(lambda: vm.connected)
+        assert len(binding.conns) == 1
+
+    scenario(body)
