@@ -244,11 +244,13 @@ class LibvirtBalloonVm:
             self._task = asyncio.create_task(self.run(), name=f"balloond-libvirt-{self.name}")
         return self._task
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 2.0) -> None:
+        """End the task; a call stuck on a libvirtd that does not answer is
+        left behind on its (daemon) thread after `timeout` seconds."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=timeout)
         if self._calls is not None:
             self._calls.close()
             self._calls = None

@@ -444,3 +444,16 @@ def test_a_domain_stopping_mid_look_keeps_the_connection():
         assert len(binding.conns) == 1
 
     scenario(body)
+
+
+def test_stopping_does_not_wait_for_a_hung_libvirtd():
+    async def body(binding, dom, vm):
+        await until(lambda: vm.connected)
+        binding.hang = threading.Event()
+        await asyncio.sleep(0.1)  # the VM's thread is stuck in a call
+        t0 = time.monotonic()
+        await vm.stop(timeout=0.3)
+        assert time.monotonic() - t0 < 1.0
+        binding.hang.set()
+
+    scenario(body)
