@@ -100,6 +100,11 @@ class Vm:
       log_dir       where logs go (default: BALLOOND_VM_LOG_DIR or
                     $TMPDIR/balloond-vm-logs/<name>-<time>).
       qemu_args     extra QEMU arguments.
+      incoming      start as a migration destination listening on this URI
+                    (``-incoming``, e.g. "unix:/tmp/x.sock"): same arguments
+                    otherwise, so that the source's state fits; do not call
+                    ``wait_boot`` (the guest arrives running, see
+                    ``migrate_to``).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class Vm:
         qemu_args: Sequence[str] = (),
         qemu: QemuInfo | None = None,
         memory_path: str | Path | None = None,
+        incoming: str | None = None,
     ) -> None:
         self.kernel = find_kernel(kernel) if isinstance(kernel, str) else kernel
         self.memory_mib = memory_mib
@@ -133,6 +139,7 @@ class Vm:
         self.accel = accel or os.environ.get("BALLOOND_ACCEL", "tcg")
         self.name = name
         self.extra_qemu_args = list(qemu_args)
+        self.incoming = incoming
         self.qemu = qemu or find_qemu(require_vhost_user=isinstance(balloon, VhostUserBalloon))
         boot = list(boot_modules) + (["virtio_balloon"] if load_balloon else [])
         self.image = GuestImage(
@@ -187,6 +194,8 @@ class Vm:
         ]
         if self.balloon is not None:
             args += self.balloon.qemu_args(self.qemu)
+        if self.incoming is not None:
+            args += ["-incoming", self.incoming]
         return args + self.extra_qemu_args
 
     def start(self) -> Vm:
@@ -350,6 +359,28 @@ class Vm:
 
     async def aqmp(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         return await self.qmp_session.acommand(name, args, **kwargs)
+
+    # -------------------------------------------------------------- migration
+    def migrate_to(self, uri: str, timeout: float = 600.0, *, wait: bool = True) -> dict[str, Any]:
+        """Start a migration to ``uri`` (a destination ``Vm`` started with
+        ``incoming``) and, with ``wait``, return QEMU's final query-migrate
+        (status "completed", "failed" or "cancelled"; "total-time" and
+        "downtime" in ms when completed)."""
+        self.qmp("migrate", uri=uri)
+        if not wait:
+            return dict(self.qmp("query-migrate"))
+        return self.wait_migration(timeout)
+
+    def wait_migration(self, timeout: float = 600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = dict(self.qmp("query-migrate"))
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return info
+            self._check_alive("while migrating")
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"migration not finished within {timeout}s: {info}")
+            time.sleep(0.1)
 
     # ----------------------------------------------------------- host metrics
     @property

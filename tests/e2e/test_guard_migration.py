@@ -1,8 +1,8 @@
 """The discard guard against a real QEMU 10.2 migration.
 
-QEMU cannot migrate a VM that has balloond's vhost-user device (the generic
-vhost-user device is not migratable), so the QEMU here is a plain one: no
-guest, no balloon, 256 MiB of RAM, stopped before it ever ran (-S). Its
+The QEMU here is a plain one (tests/e2e/test_live_migration.py migrates
+real guests with balloond's device): no guest, no balloon, 256 MiB of RAM,
+stopped before it ever ran (-S). Its
 second QMP socket is given to a balloond VM whose vhost-user socket is driven
 by the test frontend: the guard reads the real QEMU's migration state while
 its verdict is applied to a device the test can watch. The guard's poll is

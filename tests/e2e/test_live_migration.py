@@ -1,0 +1,187 @@
+"""Live migration of a VM whose balloon balloond serves (qemu-patches/0003).
+
+One daemon serves both ends, on two sockets ("src" and "dst"), as a host
+would serve a VM migrating between two of its QEMUs; the destination QEMU is
+started with the source's arguments plus -incoming. A 1 GiB 6.12 guest holds
+a data pattern (guesttool hold) and a 384 MiB balloon when it migrates.
+
+What must hold afterwards: the destination's daemon has adopted the balloon
+(the same frames as the source's), the guest did not lose its balloon (its
+target travelled with it), the destination's RAM file has at most
+1 GiB - 0.95 x balloon allocated, the pattern is intact, and the balloon
+still inflates and deflates on the destination.
+
+A cancelled migration and one whose destination dies midway leave the source
+running with its balloon, its pattern and its memory savings (reading RAM
+for the migration allocated every ballooned page again; the daemon discards
+them again when QEMU's dirty logging ends).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import VhostUserBalloon, Vm
+from harness.daemon import DaemonProcess
+from tests.e2e.waiting import MIB, wait_for
+
+pytestmark = [pytest.mark.vm]
+
+GUEST_MIB = 1024
+BALLOON_MIB = 384
+HOLD_MIB = 128
+SEED = 12
+
+
+def balloon_reached(daemon: DaemonProcess, vm: str, mib: int) -> Any:
+    state = daemon.api.vm(vm)
+    return (state["actual_bytes"] == mib * MIB and state["ballooned_bytes"] == mib * MIB
+            and state["pending_discard_bytes"] == 0) and state
+
+
+def allocation_bound(balloon_mib: int) -> int:
+    return GUEST_MIB * MIB - int(0.95 * balloon_mib * MIB)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    proc = DaemonProcess(tmp_path / "daemon", vms=("src", "dst"), log_level="info")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def source(make_vm, daemon: DaemonProcess) -> tuple[Vm, int]:
+    """The 1 GiB guest on "src", with its pattern and its 384 MiB balloon."""
+    vm = make_vm("6.12", name="src", memory_mib=GUEST_MIB, load_balloon=True,
+                 balloon=VhostUserBalloon(daemon.sockets["src"]))
+    wait_for("the source's device to start", lambda: daemon.api.vm("src")["running"])
+    hold = vm.start_hold(HOLD_MIB, SEED)
+    daemon.api.set_target("src", BALLOON_MIB * MIB)
+    wait_for("the source to reach its balloon", lambda: balloon_reached(daemon, "src", BALLOON_MIB), 300)
+    assert vm.memfd_allocated_bytes() <= allocation_bound(BALLOON_MIB)
+    return vm, hold
+
+
+def destination(tmp_path: Path, daemon: DaemonProcess, src: Vm, name: str = "dst") -> tuple[Vm, str]:
+    """A QEMU waiting for the source's state, with the same arguments."""
+    uri = f"unix:{tempfile.mkdtemp(prefix='bd-mig-')}/incoming.sock"
+    vm = Vm(src.kernel, name=name, memory_mib=GUEST_MIB, load_balloon=True, log_dir=tmp_path / name,
+            balloon=VhostUserBalloon(daemon.sockets["dst"]), incoming=uri)
+    vm.start()
+    return vm, uri
+
+
+def test_precopy_moves_the_balloon_and_the_guest_keeps_its_data(make_vm, daemon: DaemonProcess, tmp_path: Path):
+    src, hold = source(make_vm, daemon)
+    frames = daemon.api.pfn_set("src")
+    assert len(frames) == BALLOON_MIB * 256
+    dst, uri = destination(tmp_path, daemon, src)
+    try:
+        # Postcopy is refused: the daemon does not serve page faults for QEMU.
+        with pytest.raises(Exception, match="not capable of postcopy"):
+            dst.qmp("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        info = src.migrate_to(uri)
+        assert info["status"] == "completed", info
+        wait_for("the guest to run on the destination", lambda: dst.qmp("query-status")["status"] == "running", 60)
+        assert src.qmp("query-status")["status"] == "postmigrate"
+
+        # The destination adopted the balloon: the very same frames, and the
+        # guest's driver finds the same target (no deflate after the move).
+        state = wait_for("the destination's device to run with the balloon",
+                         lambda: (s := balloon_reached(daemon, "dst", BALLOON_MIB)) and s["running"] and s, 120)
+        assert daemon.api.pfn_set("dst") == frames
+        assert state["counters"]["migrations_in"] == 1
+        assert daemon.api.vm("src")["counters"]["migrations_out"] == 1
+        assert daemon.api.vm("src")["ballooned_bytes"] == BALLOON_MIB * MIB  # both sides' APIs agree
+
+        # QEMU's loading wrote a zero page for every ballooned frame, which
+        # allocates in the destination's memfd; the daemon discarded them.
+        allocated = dst.memfd_allocated_bytes()
+        assert allocated <= allocation_bound(BALLOON_MIB), \
+            f"destination RAM file holds {allocated / MIB:.0f} MiB with a {BALLOON_MIB} MiB balloon"
+        print(f"migration: total {info['total-time']} ms, downtime {info['downtime']} ms; "
+              f"destination RAM file {allocated / MIB:.0f} MiB with a {BALLOON_MIB} MiB balloon "
+              f"(bound {allocation_bound(BALLOON_MIB) / MIB:.0f} MiB)")
+
+        ok, bad = dst.verify_hold(hold)
+        assert ok, f"{bad} pages of the guest's pattern changed in the migration"
+
+        # The balloon still works on the destination, both ways.
+        daemon.api.set_target("dst", 512 * MIB)
+        wait_for("an inflate on the destination", lambda: balloon_reached(daemon, "dst", 512), 300)
+        assert dst.memfd_allocated_bytes() <= allocation_bound(512)
+        daemon.api.set_target("dst", 128 * MIB)
+        wait_for("a deflate on the destination", lambda: balloon_reached(daemon, "dst", 128), 300)
+        ok, bad = dst.verify_hold(hold)
+        assert ok, f"{bad} pages of the pattern changed after the destination's inflate and deflate"
+    finally:
+        dst.kill()
+        src.kill()  # stopped for good (postmigrate): its guest now runs on the destination
+
+
+def assert_source_still_works(daemon: DaemonProcess, src: Vm, hold: int) -> None:
+    """The VM stayed on the source: it runs, keeps balloon and data, its
+    ballooned pages (read back in for the migration) are discarded again,
+    and its balloon still moves."""
+    assert src.qmp("query-status")["status"] == "running"
+    wait_for("the source to be running with its balloon", lambda: (s := balloon_reached(daemon, "src", BALLOON_MIB))
+             and s["running"] and s, 60)
+    wait_for("the source's ballooned pages to be discarded again",
+             lambda: src.memfd_allocated_bytes() <= allocation_bound(BALLOON_MIB), 60)
+    assert daemon.api.vm("src")["counters"]["rediscards_after_migration"] >= 1
+    ok, bad = src.verify_hold(hold)
+    assert ok, f"{bad} pages of the pattern changed"
+    daemon.api.set_target("src", 448 * MIB)
+    wait_for("an inflate on the source", lambda: balloon_reached(daemon, "src", 448), 300)
+    daemon.api.set_target("src", 320 * MIB)
+    wait_for("a deflate on the source", lambda: balloon_reached(daemon, "src", 320), 300)
+
+
+def pause_before_switchover(src: Vm) -> None:
+    """Hold the migration once RAM is copied and the VM stopped, before the
+    device state goes (QEMU's pause-before-switchover): a migration that ends
+    there went through everything a completed one does on the source, the
+    first pass that reads every ballooned page included."""
+    src.qmp("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
+
+
+def wait_paused(src: Vm) -> None:
+    """Until the switchover; then the source's RAM file is checked: QEMU read
+    every page for the migration, and a read of a hole in a shared memory
+    file allocates a page, so the balloon is back (docs/migration.md)."""
+    wait_for("the migration to reach the switchover", lambda: src.qmp("query-migrate")["status"] == "pre-switchover",
+             300)
+    allocated = src.memfd_allocated_bytes()
+    print(f"source RAM file at the switchover: {allocated / MIB:.0f} MiB with a {BALLOON_MIB} MiB balloon")
+    assert allocated > allocation_bound(BALLOON_MIB), "QEMU no longer reads ballooned pages back in: docs/migration.md"
+
+
+def test_a_cancelled_migration_leaves_the_source_working(make_vm, daemon: DaemonProcess):
+    src, hold = source(make_vm, daemon)
+    pause_before_switchover(src)
+    src.migrate_to("exec:cat > /dev/null", wait=False)
+    wait_paused(src)
+    assert not daemon.api.vm("src")["running"], "the VM stopped for the switchover, and the device with it"
+    src.qmp("migrate_cancel")
+    info = src.wait_migration(60)
+    assert info["status"] == "cancelled", info
+    assert_source_still_works(daemon, src, hold)
+
+
+def test_a_migration_whose_destination_dies_leaves_the_source_working(make_vm, daemon: DaemonProcess,
+                                                                      tmp_path: Path):
+    src, hold = source(make_vm, daemon)
+    dst, uri = destination(tmp_path, daemon, src)
+    pause_before_switchover(src)
+    src.migrate_to(uri, wait=False)
+    wait_paused(src)
+    dst.kill()
+    src.qmp("migrate-continue", state="pre-switchover")
+    info = src.wait_migration(120)
+    assert info["status"] == "failed", info
+    assert_source_still_works(daemon, src, hold)
