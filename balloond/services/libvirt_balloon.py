@@ -131,12 +131,15 @@ class _CallThread:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             loop, future, fn, args = item
+            outcome: tuple[Any, BaseException | None]
             try:
-                result = fn(*args)
+                outcome = (fn(*args), None)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop is closed: a call that outlived the daemon's stop
+                pass
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
