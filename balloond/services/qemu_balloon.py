@@ -110,10 +110,13 @@ class QemuBalloonVm(QmpWatch):
             self._problem(f"QEMU's query-balloon reply has no size: {reply!r}")
             return
         self.logical_bytes = actual
-        self._take_over()  # before any other await: the policy must not see a VM without its target
+        # Before any other await: a reader (the policy, the API) must not see
+        # a connected VM without its target, or with the error of a look that
+        # found no device. Errors of the calls below are raised to the link.
+        self.last_error = None
+        self._take_over()
         await self._sync_stats(client)
         await self._apply(client)
-        self.last_error = None
 
     async def on_event(self, client: QMPClient, event: dict[str, Any]) -> None:
         data = event.get("data") or {}
