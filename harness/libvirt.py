@@ -195,6 +195,7 @@ class LibvirtDaemon:
                 self.proc.wait()
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.workdir / "files", ignore_errors=True)  # the copies for QEMU (~40 MB); logs stay
         _live_daemons.discard(self)
 
     def log_tail(self, lines: int = 30) -> str:
