@@ -90,8 +90,10 @@ class WorkerStatus:
     last_exit: str | None = None
 
 
-#: Sent only by VMs on QEMU's built-in balloon (QemuBalloonVm).
+#: Sent only by VMs on QEMU's built-in balloon (QemuBalloonVm over QMP,
+#: LibvirtBalloonVm through libvirt): the kinds that look at a device.
 _QEMU_ONLY = ("device", "last_error", "updated_at")
+_BUILTIN_KINDS = ("qemu", "libvirt")
 #: Left out of the JSON when None: the VM has no such thing (no device yet, no journal, no worker).
 _OMIT_IF_NONE = ("pending_discard_bytes", "journal_persisting", "worker")
 
@@ -161,7 +163,7 @@ class VmStatus:
         list of many VMs is answered by one process (measured: 160 us a VM
         with asdict; see tests/unit/test_status.py)."""
         out = {name: _plain(value) for name, value in vars(self).items()}
-        for key in _QEMU_ONLY if self.kind != "qemu" else ():
+        for key in _QEMU_ONLY if self.kind not in _BUILTIN_KINDS else ():
             del out[key]
         for key in _OMIT_IF_NONE:
             if out[key] is None:

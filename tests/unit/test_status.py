@@ -13,7 +13,7 @@ from balloond.status import _OMIT_IF_NONE, _QEMU_ONLY, Disconnect, VmStatus, Wor
 
 def reference(status: VmStatus) -> dict:
     out = dataclasses.asdict(status)
-    for key in _QEMU_ONLY if status.kind != "qemu" else ():
+    for key in _QEMU_ONLY if status.kind not in ("qemu", "libvirt") else ():
         del out[key]
     for key in _OMIT_IF_NONE:
         if out[key] is None:
@@ -52,3 +52,14 @@ def test_to_json_shares_no_container_with_the_status():
     out["worker"]["pid"] = 0
     assert status.stats["free"] == 1 and status.features == ["MUST_TELL_HOST", "STATS_VQ"]
     assert status.discard_guard["checks"][0]["found"] == ["/machine/x"] and status.worker.pid == 7
+
+
+def test_the_kinds_that_look_at_a_device_say_what_went_wrong():
+    """A VM on QEMU's balloon, over QMP or through libvirt, shows its last
+    error and device (`balloonctl status` prints why it is not connected);
+    a VM on balloond's own device has neither field."""
+    for kind in ("qemu", "libvirt"):
+        out = VmStatus(name="q", kind=kind, last_error="no domain 'web1'").to_json()
+        assert out["last_error"] == "no domain 'web1'" and "device" in out and "updated_at" in out
+    out = VmStatus(name="v", last_error="ignored").to_json()
+    assert not {"last_error", "device", "updated_at"} & set(out)
