@@ -18,6 +18,9 @@ Modules, one concept each:
   qmp        synchronous QMP session
   devices    balloon device choices
   vm         the Vm class
+  daemon     balloond as a process, and its API client
+  scenarios  workloads shared by tests and benchmarks (compaction)
+  libvirt    a private libvirtd, and guests defined as its domains
 """
 
 from .devices import BuiltinBalloon, VhostUserBalloon
