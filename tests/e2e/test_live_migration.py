@@ -185,3 +185,60 @@ def test_a_migration_whose_destination_dies_leaves_the_source_working(make_vm, d
     info = src.wait_migration(120)
     assert info["status"] == "failed", info
     assert_source_still_works(daemon, src, hold)
+
+
+def test_balloon_page_moves_during_the_migration_are_not_lost(make_vm, daemon: DaemonProcess, tmp_path: Path):
+    """Our guest driver (with the migrate queue) while memory compaction
+    keeps moving balloon pages as the VM migrates: every move the source's
+    daemon acknowledged before the switchover travels in the device state,
+    every used-ring write it made went into QEMU's dirty log (or the guest
+    would wait for ever on the destination), and the moves after it reach
+    the destination's daemon. Afterwards both sides agree frame for frame."""
+    from tests.e2e.test_guest_driver import MODULE, build_module, guest_pfns, guest_stats
+
+    ko = build_module("6.12")
+    src = make_vm("6.12", name="src", memory_mib=GUEST_MIB, modules=[ko],
+                  balloon=VhostUserBalloon(daemon.sockets["src"]))
+    src.sh(f"insmod /lib/modules/{MODULE}.ko migrate_ext=1")
+    wait_for("the driver to start the device", lambda: daemon.api.vm("src")["running"])
+    hold = src.start_hold(64, SEED)
+    # Fragment first, so that balloon pages land where compaction finds them.
+    src.sh("guesttool fragment 200 > /tmp/frag.log 2>&1 & echo $! > /tmp/frag.pid; "
+           "while ! grep -q READY /tmp/frag.log; do sleep 0.2; done", timeout=300)
+    balloon_mib = 256
+    daemon.api.set_target("src", balloon_mib * MIB)
+    wait_for("the source to reach its balloon", lambda: balloon_reached(daemon, "src", balloon_mib), 300)
+    src.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
+    src.sh("(while :; do echo 1 > /proc/sys/vm/compact_memory; sleep 0.05; done) > /dev/null 2>&1 & "
+           "echo $! > /tmp/compact.pid")
+
+    uri = f"unix:{tempfile.mkdtemp(prefix='bd-mig-')}/incoming.sock"
+    dst = Vm(src.kernel, name="dst", memory_mib=GUEST_MIB, modules=[ko], log_dir=tmp_path / "dst",
+             balloon=VhostUserBalloon(daemon.sockets["dst"]), incoming=uri)
+    dst.start()
+    try:
+        # Slow enough that compaction runs through many of QEMU's passes.
+        src.qmp("migrate-set-parameters", {"max-bandwidth": 32 * MIB})
+        moves_before = daemon.api.vm("src")["migrations"]
+        info = src.migrate_to(uri)
+        assert info["status"] == "completed", info
+        moved_while_migrating = daemon.api.vm("src")["migrations"] - moves_before
+        wait_for("the guest to run on the destination", lambda: dst.qmp("query-status")["status"] == "running", 60)
+        dst.sh("kill $(cat /tmp/compact.pid)")
+        pfns = guest_pfns(dst)  # also tells the host of every move not told yet
+        state = wait_for("the destination to settle", lambda: (s := daemon.api.vm("dst"))["running"]
+                         and s["pending_discard_bytes"] == 0 and s, 60)
+        stats = guest_stats(dst)
+        print(f"balloon pages the source's daemon saw move while migrating: {moved_while_migrating}; "
+              f"guest: {stats.get('migrated')} moved in all")
+        assert moved_while_migrating > 0, "compaction moved no balloon page during the migration"
+        assert daemon.api.pfn_set("dst") == pfns, "the destination's daemon lost balloon page moves"
+        assert state["ballooned_bytes"] == balloon_mib * MIB
+        assert state["counters"]["bad_migration"] == 0 and state["counters"]["guest_errors"] == 0
+        assert int(stats["migrate_failures"]) == 0
+        assert dst.memfd_allocated_bytes() <= allocation_bound(balloon_mib)
+        ok, bad = dst.verify_hold(hold)
+        assert ok, f"{bad} pages of the guest's data changed"
+    finally:
+        dst.kill()
+        src.kill()
