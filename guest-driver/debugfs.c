@@ -138,6 +138,7 @@ static int bd_stats_show(struct seq_file *m, void *unused)
 	bd_show_counter(m, "ext_departures", &c->ext_departures);
 	bd_show_counter(m, "ext_arrivals", &c->ext_arrivals);
 	bd_show_counter(m, "ext_returns", &c->ext_returns);
+	bd_show_counter(m, "ext_depart_buffers", &c->ext_depart_buffers);
 	bd_show_counter(m, "fallback_pairs", &c->fallback_pairs);
 #if !BALLOOND_USE_BALLOON_CORE
 	seq_printf(m, "unannounced: %lu\n", READ_ONCE(vb->n_unannounced));

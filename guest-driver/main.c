@@ -125,7 +125,8 @@ void bd_give_back(struct balloond *vb, struct list_head *released)
  * balloon_lock is only tried, never waited for: its holder may be inflating
  * and waiting for a page lock, or this may be direct compaction entered
  * from that very holder; the migration core retries -EAGAIN, then puts the
- * page back.  The host hears of the move before it is made.  Returns 0 with
+ * page back (but for an arrival flush, which is waited for: see
+ * arrivals_in_flight).  The host hears of the move before it is made.  Returns 0 with
  * balloon_lock held and the balloon's reference taken on the new page, or
  * -EAGAIN without the lock.
  */
@@ -135,8 +136,16 @@ int bd_migration_begin(struct balloond *vb, struct page *page,
 	int err;
 
 	if (!mutex_trylock(&vb->balloon_lock)) {
-		atomic_long_inc(&vb->cnt.migrate_busy);
-		return -EAGAIN;
+		/* Taken by an arrival flush (split migrations): waiting for
+		 * it is safe, see arrivals_in_flight. */
+		if (!READ_ONCE(vb->arrivals_in_flight) ||
+		    !wait_event_timeout(vb->drain_wq,
+					!READ_ONCE(vb->arrivals_in_flight),
+					HZ) ||
+		    !mutex_trylock(&vb->balloon_lock)) {
+			atomic_long_inc(&vb->cnt.migrate_busy);
+			return -EAGAIN;
+		}
 	}
 
 	err = bd_report_migration(vb, page, newpage);

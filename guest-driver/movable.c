@@ -246,7 +246,10 @@ int bd_flush_arrivals(struct balloond *vb)
 		spin_unlock(&vb->pages_lock);
 		if (!n)
 			return 0;
+		WRITE_ONCE(vb->arrivals_in_flight, true);
 		err = bd_send_migrations(vb, n);
+		WRITE_ONCE(vb->arrivals_in_flight, false);
+		wake_up(&vb->drain_wq);
 		if (err) {
 			/* A broken queue: the pages stay in the balloon, the
 			 * host does not count them, which frees nothing. */
@@ -325,6 +328,7 @@ int bd_report_departure(struct balloond *vb, struct page *page)
 		return err;
 	departures = nd;
 	bd_count_split(vb, departures, arrivals, returns);
+	atomic_long_inc(&vb->cnt.ext_depart_buffers);
 	return 0;
 }
 

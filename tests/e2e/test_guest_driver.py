@@ -168,3 +168,47 @@ def test_unloading_with_a_full_balloon_returns_every_page(make_vm, daemon, kerne
     wait_for("the daemon's set to empty", lambda: daemon.api.pfns("guest")["count"] == 0, 60)
     assert vm.meminfo()["MemTotal"] >= total
     assert daemon.api.vm("guest")["counters"]["stray_deflate"] == 0
+
+
+@pytest.mark.parametrize(("kernel", "layer"), cases([(layer, layer) for layer in LAYERS], [("balloon-core", "balloon-core")]))
+def test_deflating_and_unloading_while_compaction_moves_balloon_pages(make_vm, daemon, kernel, layer):
+    """Compaction keeps moving balloon pages while the balloon deflates and
+    then while the driver unloads. With split migrations (movable-ops) the
+    moves' destinations are told late and departed pages come back as
+    returns: a deflate must tell them first (never naming a frame the host
+    has not heard of), and an unload, whose drain runs with the delayed
+    telling stopped, must still give every page back. The daemon must have
+    refused nothing and end with an empty balloon, and the guest's data
+    must be intact."""
+    vm = boot_with_driver(make_vm, daemon, kernel, ext=True, layer=layer)
+    wait_for("the driver to start the device", lambda: daemon.api.vm("guest")["running"])
+    pid = vm.start_hold(48)
+    vm.sh("guesttool fragment 200 > /tmp/frag.log 2>&1 & echo $! > /tmp/frag.pid; "
+          "while ! grep -q READY /tmp/frag.log; do sleep 0.2; done", timeout=300)
+    daemon.api.set_target("guest", 96 * MIB)
+    wait_for("the balloon to reach its target",
+             lambda: (v := daemon.api.vm("guest"))["actual_bytes"] == 96 * MIB and v["ballooned_bytes"] == 96 * MIB)
+    before = daemon.api.vm("guest")["migrations"]
+    # holes for compaction to fill, then compaction without pause
+    vm.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
+    vm.sh("(while :; do echo 1 > /proc/sys/vm/compact_memory; done) > /dev/null 2>&1 & echo $! > /tmp/compact.pid")
+    # small steps, so the deflates fall among the compaction's moves
+    for mib in range(92, 63, -4):
+        daemon.api.set_target("guest", mib * MIB)
+        wait_for("the balloon to deflate while compaction runs",
+                 lambda mib=mib: (v := daemon.api.vm("guest"))["actual_bytes"] == mib * MIB
+                 and v["ballooned_bytes"] == mib * MIB, 300)
+    stats = guest_stats(vm)
+    assert int(stats["migrated"]) > 0, f"compaction moved no balloon page while deflating: {stats}"
+    vm.sh(f"rmmod {MODULE}", timeout=300)
+    wait_for("the daemon's set to empty", lambda: daemon.api.pfns("guest")["count"] == 0, 60)
+    vm.sh("kill $(cat /tmp/compact.pid)")
+    state = daemon.api.vm("guest")
+    counters = state["counters"]
+    assert counters["stray_deflate"] == 0, "a deflate named a frame the host did not count"
+    assert counters["bad_migration"] == 0 and counters["guest_errors"] == 0
+    assert state["migrations"] > before, f"compaction moved no balloon page meanwhile: {stats}"
+    ok, bad = vm.verify_hold(pid)
+    assert ok, f"{bad} pages of the guest's data changed"
+    print(f"\n{kernel} {layer}: {state['migrations'] - before} moves counted by the daemon while deflating "
+          f"and unloading; driver stats before unloading {stats}")
