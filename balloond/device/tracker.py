@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -258,13 +259,37 @@ class PfnTracker:
             yield from _iter_bits(r)
 
     def runs(self) -> list[tuple[int, int]]:
-        """The ballooned frames as (first_pfn, count) runs, ascending."""
+        """The ballooned frames as (first_pfn, count) runs, ascending.
+
+        Whole bytes of 0xFF are taken eight frames at a time and empty
+        stretches skipped by the regex engine: a migrating VM's state is
+        built from this while the VM is stopped (docs/migration.md), and a
+        frame-by-frame walk took 26 ms for a 384 MiB balloon."""
         out: list[tuple[int, int]] = []
-        for pfn in self:
-            if out and out[-1][0] + out[-1][1] == pfn:
-                out[-1] = (out[-1][0], out[-1][1] + 1)
+
+        def add(first: int, count: int) -> None:
+            if out and out[-1][0] + out[-1][1] == first:
+                out[-1] = (out[-1][0], out[-1][1] + count)
             else:
-                out.append((pfn, 1))
+                out.append((first, count))
+
+        for r in self._ranges:
+            for index in sorted(r.bits.chunks):
+                chunk = r.bits.chunks[index]
+                base = r.first + index * CHUNK_FRAMES
+                for span in _NONZERO.finditer(chunk):
+                    i, end = span.start(), span.end()
+                    while i < end:
+                        full = _FULL.match(chunk, i, end)
+                        if full is not None:
+                            add(base + 8 * i, 8 * (full.end() - i))
+                            i = full.end()
+                            continue
+                        b = chunk[i]
+                        for k in range(8):
+                            if b & (1 << k):
+                                add(base + 8 * i + k, 1)
+                        i += 1
         return out
 
     def covers(self, first: int, end: int) -> bool:
@@ -488,6 +513,10 @@ class PfnTracker:
         self.count = 0
         self._single_inflate = None
         return held
+
+
+_NONZERO = re.compile(rb"[^\x00]+")
+_FULL = re.compile(rb"\xff+")
 
 
 def _iter_bits(r: _Range) -> Iterator[int]:

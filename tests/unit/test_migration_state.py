@@ -194,3 +194,25 @@ def test_the_source_discards_its_balloon_again_when_logging_ends():
     device.logging_changed(False)
     assert ram.allocated() == (16 << 20) - 256 * PAGE
     assert device.counters.rediscards_after_migration == 1
+
+
+def test_the_runs_a_state_carries_are_exactly_the_tracked_frames():
+    """PfnTracker.runs() scans whole bytes (it runs while a migrating VM is
+    stopped): it must give the very frames iteration gives, coalesced."""
+    import random
+
+    from balloond.device.tracker import PfnTracker
+
+    rng = random.Random(7)
+    for _ in range(40):
+        tracker = PfnTracker([(0, 70000), (1 << 20, 200000)])
+        frames: set[int] = set()
+        for _ in range(rng.randint(0, 40)):
+            first = rng.choice([rng.randrange(70000), (1 << 20) + rng.randrange(200000)])
+            frames.update(p for p in range(first, first + rng.randint(1, 3000)) if tracker.in_ram(p))
+        frames.update(rng.sample(range(70000), rng.randint(0, 2000)))
+        tracker.inflate(sorted(frames))
+        runs = tracker.runs()
+        assert [p for first, count in runs for p in range(first, first + count)] == sorted(frames)
+        assert all(a[0] + a[1] < b[0] for a, b in zip(runs, runs[1:])), "runs not coalesced"
+        assert MigrationState.decode(make_state(runs=tuple(runs)).encode()).runs == tuple(runs)
