@@ -272,7 +272,7 @@ def test_unknown_request_is_refused_without_dropping(daemon, victim, code):
 def test_unsupported_requests_with_fds_leak_nothing(daemon, victim):
     before = daemon.fd_count()
     for _ in range(20):
-        for request in (Request.SET_LOG_BASE, Request.SET_LOG_FD, Request.SET_INFLIGHT_FD, Request.SET_DEVICE_STATE_FD):
+        for request in (Request.SET_LOG_FD, Request.SET_INFLIGHT_FD, Request.GPU_SET_SOCKET):
             fd = _eventfd()
             victim.send(request, struct.pack("<QQ", 0, 0), [fd], need_reply=True)
             os.close(fd)

@@ -184,6 +184,15 @@ def test_a_state_the_destination_refuses_fails_the_check_only(daemon, connect):
         os.close(w)
         os.close(r)
     assert check(fe) == 1  # no transfer under way
+    before = daemon.fd_count()
+    for _ in range(20):  # refused, accepted-then-refused: no pipe end is kept
+        assert load(fe, b"garbage") == 1
+        r, w = os.pipe()
+        fe.send(Request.SET_DEVICE_STATE_FD, wire.pack_u32(LOAD) + wire.pack_u32(1), [r])
+        assert wire.unpack_u64(fe.recv_reply(Request.SET_DEVICE_STATE_FD, 8)) == NOFD | 1
+        os.close(r)
+        os.close(w)
+    assert daemon.fd_count() <= before
     fe.start()  # the connection is still good
     assert daemon.api.vm("vm1")["running"]
     assert daemon.api.vm("vm1")["counters"]["migrations_in"] == 0
