@@ -10,10 +10,15 @@ when the departure comes). Each test runs in both discard modes.
 
 from __future__ import annotations
 
+import signal
+
+import pytest
+
+from harness.daemon import DaemonProcess
 from protocol.balloon import Feature
 from protocol.extension import PFN_NONE, PFN_RETURN
-from tests.daemon.discards import wait_past_deferral
-from tests.frontend import DRIVER_FEATURES, PAGE_SIZE
+from tests.daemon.discards import DISCARD_MODES, wait_past_deferral
+from tests.frontend import DRIVER_FEATURES, PAGE_SIZE, GuestRam, TestFrontend
 
 PAGE = PAGE_SIZE
 SPLIT = DRIVER_FEATURES | (1 << Feature.BALLOOND_MIGRATE_SPLIT)
@@ -122,3 +127,58 @@ def test_split_records_from_a_driver_that_did_not_negotiate_them_are_refused(dae
     # whole records still work for it
     fe.migrate([(first, first + 20)])
     assert daemon.api.pfn_set("vm0") == {first + 20} and daemon.api.vm("vm0")["migrations"] == 1
+
+
+# ------------------------------------------------------------ daemon restart
+
+
+@pytest.fixture
+def stateful(tmp_path, discard_mode):
+    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
+    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_a_restarted_daemon_restores_split_migrations_and_discards_no_departed_frame(stateful):
+    """The journal follows departures, arrivals and returns: a daemon killed
+    after them restores exactly the balloon the guest has, so it discards
+    again the frames that arrived and none that departed (the guest uses
+    those)."""
+    ram = GuestRam(96 << 20)
+    try:
+        fe = TestFrontend(stateful.sockets["vm0"], ram=ram, connect=False)
+        fe.connect()
+        features = fe.choose_features(SPLIT)
+        fe.start(features)
+        first = fe.first_free_pfn
+        old = list(range(first, first + 64))
+        new = list(range(first + 1000, first + 1040))
+        ram.touch(old)
+        fe.inflate(old)
+        fe.migrate([(p, PFN_NONE) for p in old[:50]])
+        ram.fill(old[:40], seed=5)  # migrated away: the guest uses them
+        fe.migrate([(PFN_NONE, p) for p in new] + [(PFN_RETURN, p) for p in old[40:50]])
+        expect = set(old[40:]) | set(new)
+        assert stateful.api.pfn_set("vm0") == expect
+
+        stateful.proc.send_signal(signal.SIGKILL)
+        stateful.proc.wait(10)
+        stateful.start()
+        ram.touch(new)  # as if the arrivals' discards were lost with the daemon
+        fe.close()  # the GuestRam is shared: the rings stay as they are
+        for q in fe.queues.values():
+            q.base = q.read_used_idx()
+        fe.connect()
+        fe.start(features)
+        state = stateful.wait_vm("vm0", lambda s: s["ballooned_bytes"] == len(expect) * PAGE)
+        assert stateful.api.pfn_set("vm0") == expect
+        assert state["counters"]["driver_resets"] == 0
+        stateful.wait_vm("vm0", lambda s: s["pending_discard_bytes"] == 0)
+        wait_past_deferral()
+        assert ram.nonzero(new) == [], "restored arrivals were not discarded again"
+        assert ram.damaged(old[:40], seed=5) == [], "a departed frame was discarded after the restart"
+        fe.close()
+    finally:
+        ram.close()
