@@ -202,6 +202,8 @@ class BalloonDevice:
         self._discard_at_start = False
         #: A migrated-in state whose frames wait for guest RAM to be known (set_memory).
         self._adopting: MigrationState | None = None
+        #: ... and the state adopted, until the first start has journalled it.
+        self._migrated_in: MigrationState | None = None
         #: Told the target and stats interval a migrated-in state brought
         #: (the VM's own settings follow the VM; see VirtualMachine).
         self.on_adopted: Any = None
@@ -408,8 +410,11 @@ class BalloonDevice:
         self.running = True
         if self._journal_pending:
             self._settle_journal()
+            if self._migrated_in is not None:
+                self._journal_migrated_in(self._migrated_in)
         elif self.journal is not None:
             self.journal.started(self._identity(), self._ring_positions())
+        self._migrated_in = None
         if self._discard_at_start and self.discard_inhibit is None:
             self._discard_at_start = False
             self._discard_balloon()
@@ -474,6 +479,7 @@ class BalloonDevice:
         self.tracker.clear()
         self._pending = set()
         self._adopting = state
+        self._migrated_in = state
         if self.memory is not None:
             self._adopt_frames(state)
             self._adopting = None
@@ -499,6 +505,20 @@ class BalloonDevice:
         self.tracker.inflate(frames)
         self.tracker.counters.inflated = 0
         self._discard_at_start = True
+
+    def _journal_migrated_in(self, state: MigrationState) -> None:
+        """With --state-dir: the journal, just started afresh for this QEMU
+        (a migration's destination is a new driver instance to it), gets the
+        adopted balloon as one batch at the inflate ring's current index, so
+        a daemon restarted from here on restores it like any other."""
+        assert self.journal is not None
+        self._poison_known = state.poison_known  # settling judged a driver it never saw probe
+        rings = self._ring_positions()
+        if "inflate" in rings and len(self.tracker):
+            self.journal.inflated(list(self.tracker), rings["inflate"])
+        if self._poison_known:
+            self.journal.poison(self.config.poison_val)
+        self.journal.target(self.config.num_pages)
 
     def logging_changed(self, on: bool) -> None:
         """The frontend's dirty logging ended: its migration is over. Reading

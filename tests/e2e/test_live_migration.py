@@ -67,11 +67,12 @@ def source(make_vm, daemon: DaemonProcess) -> tuple[Vm, int]:
     return vm, hold
 
 
-def destination(tmp_path: Path, daemon: DaemonProcess, src: Vm, name: str = "dst") -> tuple[Vm, str]:
+def destination(tmp_path: Path, daemon: DaemonProcess, src: Vm, name: str = "dst",
+                chardev_options: str = "") -> tuple[Vm, str]:
     """A QEMU waiting for the source's state, with the same arguments."""
     uri = f"unix:{tempfile.mkdtemp(prefix='bd-mig-')}/incoming.sock"
     vm = Vm(src.kernel, name=name, memory_mib=GUEST_MIB, load_balloon=True, log_dir=tmp_path / name,
-            balloon=VhostUserBalloon(daemon.sockets["dst"]), incoming=uri)
+            balloon=VhostUserBalloon(daemon.sockets["dst"], chardev_options=chardev_options), incoming=uri)
     vm.start()
     return vm, uri
 
@@ -242,3 +243,43 @@ def test_balloon_page_moves_during_the_migration_are_not_lost(make_vm, daemon: D
     finally:
         dst.kill()
         src.kill()
+
+
+def test_a_daemon_restarted_after_the_migration_restores_the_migrated_balloon(make_vm, tmp_path: Path):
+    """With --state-dir the destination's journal holds the adopted balloon
+    from the first start on: a daemon killed right after the migration comes
+    back with the same frames for the same QEMU (which reconnects), and the
+    balloon goes on working."""
+    daemon = DaemonProcess(tmp_path / "daemon", vms=("src", "dst"), log_level="info",
+                           extra_args=["--state-dir", str(tmp_path / "state")])
+    daemon.start()
+    try:
+        src, hold = source(make_vm, daemon)
+        frames = daemon.api.pfn_set("src")
+        dst, uri = destination(tmp_path, daemon, src, chardev_options="reconnect-ms=200")
+        try:
+            info = src.migrate_to(uri)
+            assert info["status"] == "completed", info
+            wait_for("the destination's device to run with the balloon",
+                     lambda: (s := balloon_reached(daemon, "dst", BALLOON_MIB)) and s["running"], 120)
+            src.kill()
+            daemon.kill()
+            daemon.start()
+            wait_for("QEMU to reconnect and the device to start again",
+                     lambda: (s := daemon.api.vm("dst"))["connected"] and s["running"], 60)
+            assert dst.running, "the destination QEMU died when the daemon restarted"
+            assert daemon.api.pfn_set("dst") == frames, "the restarted daemon lost the migrated balloon"
+            wait_for("the restored balloon", lambda: balloon_reached(daemon, "dst", BALLOON_MIB), 60)
+            assert dst.memfd_allocated_bytes() <= allocation_bound(BALLOON_MIB)
+            daemon.api.set_target("dst", 448 * MIB)
+            wait_for("an inflate after the restart", lambda: balloon_reached(daemon, "dst", 448), 300)
+            daemon.api.set_target("dst", 320 * MIB)
+            wait_for("a deflate after the restart", lambda: balloon_reached(daemon, "dst", 320), 300)
+            assert daemon.api.vm("dst")["counters"]["stray_deflate"] == 0
+            ok, bad = dst.verify_hold(hold)
+            assert ok, f"{bad} pages of the pattern changed"
+        finally:
+            dst.kill()
+            src.kill()
+    finally:
+        daemon.stop()
