@@ -20,6 +20,7 @@ them again when QEMU's dirty logging ends).
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,15 +226,31 @@ def test_balloon_page_moves_during_the_migration_are_not_lost(make_vm, daemon: D
         assert info["status"] == "completed", info
         moved_while_migrating = daemon.api.vm("src")["migrations"] - moves_before
         wait_for("the guest to run on the destination", lambda: dst.qmp("query-status")["status"] == "running", 60)
-        dst.sh("kill $(cat /tmp/compact.pid)")
-        pfns = guest_pfns(dst)  # also tells the host of every move not told yet
-        state = wait_for("the destination to settle", lambda: (s := daemon.api.vm("dst"))["running"]
-                         and s["pending_discard_bytes"] == 0 and s, 60)
+        dst.sh("kill $(cat /tmp/compact.pid); sleep 0.5")
+
+        def agree() -> bool:
+            # Reading the guest's list also tells the host of every move not
+            # told yet; a compaction pass cut short by the kill may still be
+            # sending departures, so look until both sides have settled.
+            pfns = guest_pfns(dst)
+            return daemon.api.pfn_set("dst") == pfns and daemon.api.vm("dst")["pending_discard_bytes"] == 0
+
+        settled = False
+        for _ in range(20):
+            if agree():
+                settled = True
+                break
+            time.sleep(0.5)
+        pfns = guest_pfns(dst)
+        state = daemon.api.vm("dst")
         stats = guest_stats(dst)
         print(f"balloon pages the source's daemon saw move while migrating: {moved_while_migrating}; "
               f"guest: {stats.get('migrated')} moved in all")
         assert moved_while_migrating > 0, "compaction moved no balloon page during the migration"
-        assert daemon.api.pfn_set("dst") == pfns, "the destination's daemon lost balloon page moves"
+        ours = daemon.api.pfn_set("dst")
+        assert settled and ours == pfns, (f"the destination's daemon lost balloon page moves: {len(ours - pfns)} frames only "
+                              f"it has, {len(pfns - ours)} only the guest has; guest {stats}; "
+                              f"source {daemon.api.vm('src')['counters']}; destination {state['counters']}")
         assert state["ballooned_bytes"] == balloon_mib * MIB
         assert state["counters"]["bad_migration"] == 0 and state["counters"]["guest_errors"] == 0
         assert int(stats["migrate_failures"]) == 0
