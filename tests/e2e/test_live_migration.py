@@ -300,3 +300,43 @@ def test_a_daemon_restarted_after_the_migration_restores_the_migrated_balloon(ma
             src.kill()
     finally:
         daemon.stop()
+
+
+class DaemonWithoutDeviceState(DaemonProcess):
+    """balloond (all VMs in one process) that does not offer
+    VHOST_USER_PROTOCOL_F_DEVICE_STATE: a backend that cannot hand its
+    state over, as every backend of the generic device was before."""
+
+    CODE = (
+        "import sys\n"
+        "from balloond.engine import connection\n"
+        "from protocol.vhost_user import ProtocolFeature\n"
+        "connection.VhostUserConnection.__init__.__kwdefaults__['protocol_features'] &= "
+        "~(1 << ProtocolFeature.DEVICE_STATE)\n"
+        "from balloond.services.daemon import main\n"
+        "sys.exit(main())\n"
+    )
+
+    @property
+    def argv(self) -> list[str]:
+        python, _, _, *rest = super().argv
+        return [python, "-c", self.CODE, *rest, "--vm-isolation", "none"]
+
+
+def test_a_backend_without_device_state_keeps_the_vm_from_migrating(vm_environment, tmp_path: Path):
+    """The QEMU patch changes nothing for such a backend: migration is
+    refused, with the reason, and the VM goes on."""
+    daemon = DaemonWithoutDeviceState(tmp_path / "daemon", vms=("vm",), log_level="info")
+    daemon.start()
+    vm = Vm("6.12", name="blocked", memory_mib=256, load_balloon=True, log_dir=tmp_path / "vm",
+            balloon=VhostUserBalloon(daemon.sockets["vm"]), qemu_args=["-S"])
+    try:
+        vm.start()
+        wait_for("QEMU to connect", lambda: daemon.api.vm("vm")["connected"], 60)
+        with pytest.raises(Exception, match="does not support device state transfer"):
+            vm.qmp("migrate", uri="exec:cat > /dev/null")
+        assert vm.qmp("query-status")["status"] == "prelaunch"
+        assert vm.qmp("query-migrate").get("status", "none") == "none"
+    finally:
+        vm.kill()
+        daemon.stop()
