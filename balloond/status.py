@@ -77,6 +77,20 @@ class ServingStatus:
     journal_write_errors: int | None = None
     #: The last connection's engine counters; None before any connection.
     engine: EngineCounters | None = None
+    #: Live migration as the serving side sees it (MIGRATION_STATES), or None.
+    migration: str | None = None
+    #: How many migrated-in VMs this VM took its target and stats interval
+    #: from (each a change the operator did not command: the supervisor
+    #: takes both when this grows), and the stats interval in force.
+    adoptions: int = 0
+    stats_interval: float = 0.0
+
+
+#: What `migration` says: QEMU is migrating the VM out and the daemon marks
+#: its writes to guest memory in QEMU's dirty log; the device's state is
+#: being sent to QEMU (the VM is stopped on the source); it is being
+#: received from QEMU (on the destination, before the VM runs there).
+MIGRATION_STATES = ("logging", "sending state", "receiving state")
 
 
 @dataclass
@@ -147,6 +161,8 @@ class VmStatus:
     journal_persisting: bool | None = None
     updated_at: float | None = None
     worker: WorkerStatus | None = None
+    #: See MIGRATION_STATES; None: not migrating (or not a kind that can tell).
+    migration: str | None = None
 
     def apply_device(self, device: DeviceStatus) -> None:
         """Take the live device's numbers (its own discard verdict included)."""

@@ -70,6 +70,7 @@ def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: An
     status.connections = serving.connections
     status.guest_ram_bytes = serving.guest_ram_bytes
     status.last_disconnect = serving.last_disconnect
+    status.migration = serving.migration
     if serving.device is not None:
         status.apply_device(serving.device)
         if serving.journal_write_errors is not None:
@@ -133,6 +134,8 @@ class VirtualMachine:
         self.device: BalloonDevice | None = None
         self.connections = 0
         self.last_disconnect: Disconnect | None = None
+        #: Migrated-in VMs whose target and stats interval this VM took.
+        self.adoptions = 0
         self.guest_ram_bytes = 0  # remembered from the last connection
         #: The VM's QMP link (services.qmp_link.QmpLink) when configured with qmp=PATH.
         self.qmp: Any = None
@@ -170,6 +173,7 @@ class VirtualMachine:
         """A VM migrated in: the operator's target and stats interval come with it."""
         self.target_pages = target_pages
         self.settings.stats_interval = stats_interval
+        self.adoptions += 1
         if self.journal is not None:
             self.journal.target(target_pages)
         self.log.info("target adopted from the migrated-in VM", target_bytes=target_pages * PAGE_SIZE)
@@ -236,7 +240,20 @@ class VirtualMachine:
             journal_persisting=self.journal.persisting if self.journal is not None else None,
             journal_write_errors=self.journal.write_errors if self.journal is not None else None,
             engine=self._engine_counters(),
+            migration=self._migration_state(),
+            adoptions=self.adoptions,
+            stats_interval=self.settings.stats_interval,
         )
+
+    def _migration_state(self) -> str | None:
+        """What the connection is doing for a live migration (status.MIGRATION_STATES)."""
+        connection = self.connection
+        if connection is None or not connection.open:
+            return None
+        transfer = connection.state_transfer
+        if transfer is not None:
+            return "sending state" if transfer.saving else "receiving state"
+        return "logging" if connection.logging else None
 
     def _engine_counters(self) -> EngineCounters | None:
         connection = self.last_connection

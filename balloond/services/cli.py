@@ -132,6 +132,11 @@ def render_detail(vm: dict[str, Any]) -> str:
         if worker.get("last_exit"):
             line += f", last exit: {worker['last_exit']}"
         lines.append(line)
+    counters = vm.get("counters") or {}
+    if vm.get("migration") or counters.get("migrations_in") or counters.get("migrations_out"):
+        line = f"live migration: {vm.get('migration') or 'none now'}"
+        line += f" ({counters.get('migrations_out', 0)} out, {counters.get('migrations_in', 0)} in)"
+        lines.append(line)
     if vm.get("last_error"):
         lines.append(f"problem: {vm['last_error']}")
     if vm.get("features"):

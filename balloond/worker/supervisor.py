@@ -123,6 +123,8 @@ class WorkerVm:
         #: The last report's bytes, and the API's JSON with what it was made from (status_body).
         self._last_report = b""
         self._body: tuple[tuple[Any, ...], bytes] | None = None
+        #: The current worker's ServingStatus.adoptions last seen.
+        self._adoptions = 0
 
     # ------------------------------------------------------------ the worker's life
 
@@ -229,6 +231,7 @@ class WorkerVm:
     async def _read(self, reader: asyncio.StreamReader) -> str | None:
         """Take the worker's messages; return why it must be killed, or None at its end of stream."""
         self._last_report = b""  # a new worker: its first report is taken whatever it says
+        self._adoptions = 0
         try:
             async with asyncio.timeout(None) as deadline:  # one timer moved per message, not a task made
                 return await self._take(reader, deadline)
@@ -265,12 +268,27 @@ class WorkerVm:
                 self.applied = max(self.applied, message.applied)
                 if self.target_pages is None:
                     self.target_pages = message.serving.target_pages  # the journal's, at a first start
+                if message.serving.adoptions > self._adoptions:
+                    self._adopt(message)
                 self.reported.set()
                 if message.id == 0:
                     self._last_report = body
                 self._answer(message.id, message)
             elif isinstance(message, Pfns):
                 self._answer(message.id, message)
+
+    def _adopt(self, message: Status) -> None:
+        """The worker took a migrated-in VM's target and stats interval (the
+        operator's, on the source): they are this VM's now, also for the
+        next worker's spec. A command sent since is newer than the
+        migration, and the worker applies it after: it stays."""
+        self._adoptions = message.serving.adoptions
+        if message.applied < self.sent:
+            return
+        self.target_pages = message.serving.target_pages
+        self.stats_interval = message.serving.stats_interval
+        self.log.info("target taken from the migrated-in VM", target_bytes=self.target_pages * PAGE_SIZE,
+                      stats_interval=self.stats_interval)
 
     def _answer(self, request_id: int, message: Any) -> None:
         future = self._replies.pop(request_id, None)

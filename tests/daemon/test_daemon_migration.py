@@ -18,6 +18,7 @@ import os
 
 import pytest
 
+from balloond.services.cli import render_detail
 from tests import wire
 from tests.frontend import FRONTEND_PROTOCOL_FEATURES, PAGE_SIZE, GuestRam, TestFrontend
 from tests.wire import ProtocolFeature, Request
@@ -108,6 +109,7 @@ def test_a_balloon_migrates_between_two_sockets(daemon, ram, settled):
         fe.set_actual(2048)
 
         log_fd, log = start_logging(fe)
+        assert daemon.api.vm("vm0")["migration"] == "logging"
         inflate_q = next(q for i, q in fe.queues.items() if fe.roles[i].value == "inflate")
         deflate_q = next(q for i, q in fe.queues.items() if fe.roles[i].value == "deflate")
         log[:] = bytes(LOG_BYTES)
@@ -142,6 +144,11 @@ def test_a_balloon_migrates_between_two_sockets(daemon, ram, settled):
         assert dst["counters"]["migrations_in"] == 1
         assert dst["counters"]["driver_resets"] == 0
         assert fe.num_pages() == 3000  # the target travelled
+        # ... and is the destination VM's target for the API, the policy and
+        # a restarted worker, though no one set it on vm1.
+        assert dst["target_bytes"] == 3000 * PAGE_SIZE and dst["stats_interval"] == src["stats_interval"]
+        assert dst["migration"] is None
+        assert "live migration: none now (0 out, 1 in)" in render_detail(dst)
         assert before - ram.allocated_bytes() == len(frames) * PAGE_SIZE  # discarded again, once
         # The destination knows the source's frames: a deflate of one is taken.
         fe.deflate(range(first[-1] - 255, first[-1] + 1))

@@ -229,3 +229,33 @@ def test_a_report_repeated_is_a_heartbeat_not_decoded_again(monkeypatch):
         reason = await asyncio.wait_for(reading, 2)
         assert reason == "no heartbeat for 0.3 s"
     run(go())
+
+
+def test_a_migrated_in_vm_brings_its_target_to_the_supervisor():
+    """A worker whose VM migrated in took the source's target and stats
+    interval (ServingStatus.adoptions grew): the supervisor's values become
+    those, so the API shows them and a restarted worker gets them in its
+    spec; a command sent after the migration is newer and stays."""
+    async def go():
+        vm, worker, reading = await running_vm()
+        vm.set_target_bytes(8 * MIB)
+        assert await worker.next() == SetTarget(2048, 1)
+        worker.report(1, target_pages=2048)
+        await asyncio.sleep(0.05)
+        worker.report(1, target_pages=98304, adoptions=1, stats_interval=5.0)  # 384 MiB, from the source
+        await asyncio.sleep(0.05)
+        assert vm.target_pages == 98304 and vm.stats_interval == 5.0
+        assert vm.status().target_bytes == 384 * MIB and vm.status().stats_interval == 5.0
+        # The operator sets a target; a second migration's report made before
+        # the worker applied it does not undo the command.
+        vm.set_target_bytes(16 * MIB)
+        assert await worker.next() == SetTarget(4096, 2)
+        worker.report(1, target_pages=1024, adoptions=2, stats_interval=1.0)
+        await asyncio.sleep(0.05)
+        assert vm.target_pages == 4096 and vm.stats_interval == 5.0
+        # Reports without a new adoption change nothing either.
+        worker.report(2, target_pages=4096, adoptions=2, stats_interval=5.0)
+        await asyncio.sleep(0.05)
+        assert vm.target_pages == 4096
+        reading.cancel()
+    run(go())
