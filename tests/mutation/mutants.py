@@ -40,6 +40,7 @@ DAEMON_BALLOON = "tests/daemon/test_daemon_balloon.py"
 DAEMON_QUEUES = "tests/daemon/test_daemon_queues.py"
 DAEMON_RESTART = "tests/daemon/test_daemon_restart.py"
 GOLDEN = "tests/unit/test_wire_golden.py"
+SPLIT_MIGRATION = "tests/daemon/test_daemon_split_migration.py"
 FUZZ_RINGS = "tests/unit/test_fuzz_rings.py"
 # Selections name files, never a folder that holds one of them: pytest merges
 # overlapping arguments and runs the folder in its own order, so the test
@@ -118,6 +119,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "            pass  # mutant: a deflate does not cancel the pending discard\n",
         ("tests/unit/test_discard_inhibit.py", DAEMON_BALLOON),
         "a deflated page the guest writes at once is discarded afterwards",
+    ),
+    Mutant(
+        "departure-keeps-pending-discard",
+        "balloond/device/balloon.py",
+        '                left = record.old_pfn if kind in ("move", "depart") else ext.PFN_NONE\n',
+        '                left = record.old_pfn if kind == "move" else ext.PFN_NONE  # mutant: departures not forgotten\n',
+        (SPLIT_MIGRATION, "tests/unit/test_split_migration.py"),
+        "a page that departed in a split migration, freed and reused by the guest, is discarded afterwards",
+    ),
+    Mutant(
+        "departures-not-replayed",
+        "balloond/device/journal.py",
+        "                    if pfns[i] != NO_FRAME:\n",
+        "                    if pfns[i] != NO_FRAME and kind == MIGRATE:  # mutant: split departures not replayed\n",
+        ("tests/unit/test_split_migration.py", SPLIT_MIGRATION),
+        "a restarted daemon restores, and discards again, frames that departed before it was killed",
     ),
     # ---- ring layouts (protocol/virtqueue.py)
     Mutant(
