@@ -70,6 +70,7 @@
  * lock, and the core holds that lock around every callback it makes, so no
  * callback into this module can be running or start afterwards.
  */
+#include <linux/delay.h>
 #include <linux/mm.h>
 #include <linux/migrate.h>
 #include <linux/pagemap.h>
@@ -576,17 +577,33 @@ static int bd_cmp_ulong(const void *a, const void *b)
  * array is allocated outside the lock and the copy retried if the list grew
  * in between.
  */
+/* How long a pfns read waits for balloon_lock to flush arrivals: 100 x 10 ms. */
+#define BD_SNAPSHOT_LOCK_TRIES 100
+
 int bd_pfns_snapshot(struct balloond *vb, unsigned long **pfns, size_t *n)
 {
 	unsigned long *arr;
 	struct page *page;
 	size_t cap, cnt;
+	int tries;
 
-	/* Pending arrivals are told first, so the list below is what the
-	 * host counts (but for pages isolated right now). */
-	mutex_lock(&vb->balloon_lock);
-	bd_flush_arrivals(vb);
-	mutex_unlock(&vb->balloon_lock);
+	/*
+	 * Pending arrivals are told first, so that the list below is all the
+	 * host counts (but for pages isolated right now); it lists only pages
+	 * the host knows either way.  The read must not wait for the host:
+	 * with the host away (a daemon restarting) a batch in flight holds
+	 * balloon_lock until it is back, so the lock is tried for a while
+	 * and, if still held, the unannounced pages are simply not flushed
+	 * (stats shows how many there are).
+	 */
+	for (tries = 0; tries < BD_SNAPSHOT_LOCK_TRIES; tries++) {
+		if (mutex_trylock(&vb->balloon_lock)) {
+			bd_flush_arrivals(vb);
+			mutex_unlock(&vb->balloon_lock);
+			break;
+		}
+		msleep(10);
+	}
 
 	for (;;) {
 		spin_lock(&vb->pages_lock);
