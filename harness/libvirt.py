@@ -312,21 +312,9 @@ class LibvirtVm(Vm):
         self._t0 = time.monotonic()
         self.libvirt.virsh("start", self.domain)
         self.starts += 1
-        assert self._listener is not None
-        self._listener.settimeout(0.2)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-                break
-            except TimeoutError:
-                self._check_alive("while starting")
-                if time.monotonic() > deadline:
-                    raise GuestError(f"QEMU did not connect its serial port; see {self.qemu_log}") from None
-        conn.settimeout(None)
         from .channel import CommandChannel
 
-        self._channel = CommandChannel(conn, self.commands_log)
+        self._channel = CommandChannel(self._accept_serial(), self.commands_log)
         return self.wait_boot() if wait else None
 
     def destroy(self) -> None:

@@ -215,9 +215,19 @@ class Vm:
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
         _live_vms.add(self)
-        # QEMU connects to our command socket while it starts up.
+        self._channel = CommandChannel(self._accept_serial(), self.commands_log)
+        self._qmp = QmpSession()
+        self._qmp.connect(
+            str(self.qmp_socket), timeout=60, check=lambda: self._check_alive("before QMP was up")
+        )
+        return self
+
+    def _accept_serial(self, seconds: float = 30.0) -> socket.socket:
+        """The connection QEMU makes to our command socket while it starts
+        (its serial port); GuestError if QEMU dies or does not connect."""
+        assert self._listener is not None
         self._listener.settimeout(0.2)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 conn, _ = self._listener.accept()
@@ -225,16 +235,9 @@ class Vm:
             except TimeoutError:
                 self._check_alive("while starting")
                 if time.monotonic() > deadline:
-                    raise GuestError(
-                        f"QEMU did not connect its serial port; see {self.qemu_log}"
-                    ) from None
+                    raise GuestError(f"QEMU did not connect its serial port; see {self.qemu_log}") from None
         conn.settimeout(None)
-        self._channel = CommandChannel(conn, self.commands_log)
-        self._qmp = QmpSession()
-        self._qmp.connect(
-            str(self.qmp_socket), timeout=60, check=lambda: self._check_alive("before QMP was up")
-        )
-        return self
+        return conn
 
     def wait_boot(self, timeout: float = 300.0) -> float:
         """Wait until the guest's command agent is up; returns boot seconds."""

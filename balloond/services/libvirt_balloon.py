@@ -48,7 +48,7 @@ import structlog
 from protocol.balloon import PAGE_SIZE
 
 from ..status import VmStatus, encode_status
-from ..vm import NotSupported, TargetError, stats_interval, target_pages
+from .builtin_balloon import BuiltinBalloonControl
 
 T = TypeVar("T")
 
@@ -202,7 +202,7 @@ def _register_events(loop: asyncio.AbstractEventLoop) -> bool:
     return _events_loop is loop
 
 
-class LibvirtBalloonVm:
+class LibvirtBalloonVm(BuiltinBalloonControl):
     kind = "libvirt"
     #: No QMP link: libvirt owns the monitor.
     qmp: Any = None
@@ -514,23 +514,6 @@ class LibvirtBalloonVm:
     @property
     def connected(self) -> bool:
         return self.libvirt_connected and self.look.run_id is not None and self.look.logical_bytes is not None
-
-    def set_target_bytes(self, value: Any) -> int:
-        ram = self.guest_ram_bytes
-        pages = target_pages(value, ram)
-        if ram and pages * PAGE_SIZE >= ram:
-            raise TargetError("QEMU's balloon cannot take all of the guest's RAM")
-        self.target_bytes = pages * PAGE_SIZE
-        self.log.info("target set", target_bytes=self.target_bytes)
-        self._schedule_push()
-        return pages
-
-    def set_stats_interval(self, seconds: Any) -> None:
-        self.stats_interval = stats_interval(seconds)
-        self._schedule_push()
-
-    def pfn_ranges(self) -> dict[str, Any]:
-        raise NotSupported("QEMU's built-in balloon does not tell which guest frames it holds")
 
     # ------------------------------------------------------------- reading
 

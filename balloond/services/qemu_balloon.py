@@ -41,7 +41,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from protocol.balloon import PAGE_SIZE, decode_qemu_guest_stats
 
 from ..status import VmStatus, encode_status
-from ..vm import NotSupported, TargetError, stats_interval, target_pages
+from .builtin_balloon import BuiltinBalloonControl
 from .discard_guard import list_devices
 from .qmp_link import QmpLink, QmpUnavailable, QmpWatch
 
@@ -62,7 +62,7 @@ def qemu_resident_bytes(pid: int | None) -> int | None:
         return None
 
 
-class QemuBalloonVm(QmpWatch):
+class QemuBalloonVm(BuiltinBalloonControl, QmpWatch):
     kind = "qemu"
     events = ("BALLOON_CHANGE", "DEVICE_DELETED")
 
@@ -202,22 +202,6 @@ class QemuBalloonVm(QmpWatch):
     @property
     def connected(self) -> bool:
         return self.qmp.connected and self.logical_bytes is not None
-
-    def set_target_bytes(self, value: Any) -> int:
-        pages = target_pages(value, self.guest_ram_bytes)
-        if self.guest_ram_bytes and pages * PAGE_SIZE >= self.guest_ram_bytes:
-            raise TargetError("QEMU's balloon cannot take all of the guest's RAM")
-        self.target_bytes = pages * PAGE_SIZE
-        self.log.info("target set", target_bytes=self.target_bytes)
-        self._schedule_push()
-        return pages
-
-    def set_stats_interval(self, seconds: Any) -> None:
-        self.stats_interval = stats_interval(seconds)
-        self._schedule_push()
-
-    def pfn_ranges(self) -> dict[str, Any]:
-        raise NotSupported("QEMU's built-in balloon does not tell which guest frames it holds")
 
     # ------------------------------------------------------------- reading
 
