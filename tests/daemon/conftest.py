@@ -83,6 +83,16 @@ def daemon(
     assert code == 0, f"balloond exited with {code} on SIGTERM:\n{proc.log_tail()}"
 
 
+@pytest.fixture
+def stateful(tmp_path: Any, discard_mode: str) -> Iterator[DaemonProcess]:
+    """A daemon of the test's own with --state-dir (one VM), for tests that kill it."""
+    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
+    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
+    d.start()
+    yield d
+    d.stop()
+
+
 def bug_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if "exception" in r or r.get("event") in BUG_EVENTS or "Traceback" in r.get("raw", "")]
 

@@ -5,7 +5,31 @@ from __future__ import annotations
 import re
 import warnings
 
+import signal
+from typing import TYPE_CHECKING
+
 from harness.daemon import REPO, ApiClient, ApiError, DaemonProcess  # noqa: F401  (re-exported for the tests)
+
+if TYPE_CHECKING:
+    from tests.frontend import TestFrontend
+
+
+def crash_and_restart(daemon: DaemonProcess) -> None:
+    """SIGKILL the daemon (no chance to flush anything) and start it again."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    daemon.start()
+
+
+def reconnect(fe: "TestFrontend", features: int | None = None) -> None:
+    """What a reconnecting QEMU does after its backend died: the rings stay
+    as they are in the shared GuestRam and resume from the used indices."""
+    fe.close()
+    for q in fe.queues.values():
+        q.base = q.read_used_idx()
+    fe.connect()
+    fe.start(features)
 
 
 #: What the daemon logs when it reads an avail index more than a queue ahead

@@ -8,7 +8,7 @@ and the copy is what QEMU echoes back in every SET_CONFIG."""
 
 from __future__ import annotations
 
-from tests.daemon.test_daemon_restart import crash_and_restart, reconnect, stateful  # noqa: F401
+from tests.daemon.harness import crash_and_restart, reconnect
 from tests.frontend import GuestRam, TestFrontend
 
 

@@ -14,33 +14,10 @@ import pytest
 from harness.daemon import DaemonProcess
 from protocol.balloon import Feature
 from tests.daemon.discards import DISCARD_MODES
+from tests.daemon.harness import crash_and_restart, reconnect
 from tests.frontend import DRIVER_FEATURES, GuestRam, TestFrontend
 
 PAGE = 4096
-
-
-@pytest.fixture
-def stateful(tmp_path, discard_mode):
-    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
-    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
-    d.start()
-    yield d
-    d.stop()
-
-
-def crash_and_restart(daemon: DaemonProcess) -> None:
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait(10)
-    daemon.start()
-
-
-def reconnect(fe: TestFrontend) -> None:
-    """What a reconnecting QEMU does after its backend died."""
-    fe.close()  # our GuestRam is shared, so the rings stay as they are
-    for q in fe.queues.values():
-        q.base = q.read_used_idx()
-    fe.connect()
-    fe.start()
 
 
 def test_balloon_and_target_survive_sigkill(stateful, tmp_path):

@@ -21,7 +21,8 @@ import pytest
 from harness.daemon import DaemonProcess
 from protocol.balloon import QueueRole
 from tests.daemon.discards import DISCARD_MODES, PAST_DEFERRAL
-from tests.daemon.test_daemon_restart import crash_and_restart, dropped_lines, log_size, stateful  # noqa: F401
+from tests.daemon.harness import crash_and_restart
+from tests.daemon.test_daemon_restart import dropped_lines, log_size
 from tests.frontend import GuestRam, TestFrontend
 
 PAGE = 4096

@@ -10,14 +10,10 @@ when the departure comes). Each test runs in both discard modes.
 
 from __future__ import annotations
 
-import signal
-
-import pytest
-
-from harness.daemon import DaemonProcess
 from protocol.balloon import Feature
 from protocol.extension import PFN_NONE, PFN_RETURN
-from tests.daemon.discards import DISCARD_MODES, wait_past_deferral
+from tests.daemon.discards import wait_past_deferral
+from tests.daemon.harness import crash_and_restart, reconnect
 from tests.frontend import DRIVER_FEATURES, PAGE_SIZE, GuestRam, TestFrontend
 
 PAGE = PAGE_SIZE
@@ -132,15 +128,6 @@ def test_split_records_from_a_driver_that_did_not_negotiate_them_are_refused(dae
 # ------------------------------------------------------------ daemon restart
 
 
-@pytest.fixture
-def stateful(tmp_path, discard_mode):
-    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
-    d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
-    d.start()
-    yield d
-    d.stop()
-
-
 def test_a_restarted_daemon_restores_split_migrations_and_discards_no_departed_frame(stateful):
     """The journal follows departures, arrivals and returns: a daemon killed
     after them restores exactly the balloon the guest has, so it discards
@@ -163,15 +150,9 @@ def test_a_restarted_daemon_restores_split_migrations_and_discards_no_departed_f
         expect = set(old[40:]) | set(new)
         assert stateful.api.pfn_set("vm0") == expect
 
-        stateful.proc.send_signal(signal.SIGKILL)
-        stateful.proc.wait(10)
-        stateful.start()
+        crash_and_restart(stateful)
         ram.touch(new)  # as if the arrivals' discards were lost with the daemon
-        fe.close()  # the GuestRam is shared: the rings stay as they are
-        for q in fe.queues.values():
-            q.base = q.read_used_idx()
-        fe.connect()
-        fe.start(features)
+        reconnect(fe, features)
         state = stateful.wait_vm("vm0", lambda s: s["ballooned_bytes"] == len(expect) * PAGE)
         assert stateful.api.pfn_set("vm0") == expect
         assert state["counters"]["driver_resets"] == 0
