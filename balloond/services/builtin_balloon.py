@@ -14,14 +14,16 @@ from typing import Any
 
 from protocol.balloon import PAGE_SIZE
 
+from ..status import VmStatus, encode_status
 from ..vm import NotSupported, TargetError, stats_interval, target_pages
 
 
 class BuiltinBalloonControl:
-    """The settings part of ManagedVm for QEMU's built-in balloon. The class
-    using it has `guest_ram_bytes` (0: not known yet), `target_bytes`,
-    `stats_interval`, `log`, and `_schedule_push()`, which sends the
-    settings to QEMU soon, from the event loop."""
+    """The settings part of ManagedVm for QEMU's built-in balloon, and its
+    status as the API's JSON. The class using it has `status()`,
+    `guest_ram_bytes` (0: not known yet), `target_bytes`, `stats_interval`,
+    `log`, and `_schedule_push()`, which sends the settings to QEMU soon,
+    from the event loop."""
 
     guest_ram_bytes: int
     target_bytes: int | None
@@ -30,6 +32,16 @@ class BuiltinBalloonControl:
 
     def _schedule_push(self) -> None:
         raise NotImplementedError
+
+    def status(self) -> VmStatus:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """The API's JSON for this VM."""
+        return self.status().to_json()
+
+    def status_body(self) -> bytes:
+        return encode_status(self.status())
 
     def set_target_bytes(self, value: Any) -> int:
         ram = self.guest_ram_bytes

@@ -47,7 +47,7 @@ import structlog
 
 from protocol.balloon import PAGE_SIZE
 
-from ..status import VmStatus, encode_status
+from ..status import VmStatus
 from .builtin_balloon import BuiltinBalloonControl
 
 T = TypeVar("T")
@@ -556,13 +556,6 @@ class LibvirtBalloonVm(BuiltinBalloonControl):
             counters={"targets_sent": self.targets_sent},
             updated_at=time.time(),
         )
-
-    def summary(self) -> dict[str, Any]:
-        """The API's JSON for this VM."""
-        return self.status().to_json()
-
-    def status_body(self) -> bytes:
-        return encode_status(self.status())
 
 
 class _DomainRestarted(Exception):

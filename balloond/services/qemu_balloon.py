@@ -40,7 +40,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from protocol.balloon import PAGE_SIZE, decode_qemu_guest_stats
 
-from ..status import VmStatus, encode_status
+from ..status import VmStatus
 from .builtin_balloon import BuiltinBalloonControl
 from .discard_guard import list_devices
 from .qmp_link import QmpLink, QmpUnavailable, QmpWatch
@@ -242,10 +242,3 @@ class QemuBalloonVm(BuiltinBalloonControl, QmpWatch):
             counters={"targets_sent": self.targets_sent},
             updated_at=time.time(),
         )
-
-    def summary(self) -> dict[str, Any]:
-        """The API's JSON for this VM."""
-        return self.status().to_json()
-
-    def status_body(self) -> bytes:
-        return encode_status(self.status())
