@@ -22,25 +22,16 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm  # noqa: E402
+from benchmarks.polling import poll  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 
 MIB = 1 << 20
-
-
-def poll(predicate: Callable[[], object], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 def migrate(src: Vm, dst: Vm, uri: str, settle: Callable[[], object]) -> dict[str, float]:
