@@ -3,6 +3,7 @@
 # end-to-end tests, demo and benchmarks:
 #   1. Debian packages needed at run and test time,
 #   2. the QEMU build with the generic vhost-user device (scripts/build-qemu.sh),
+#      and libvhost-user.so from its source (scripts/lib/libvhost-user.sh),
 #   3. the guest kernels, headers and busybox, and the trixie root in which
 #      modules for the 7.x guest kernel are built (scripts/build-guest-kit.sh),
 #   4. the Python package the harness uses for QMP (qemu.qmp),
@@ -32,6 +33,8 @@ apt_install busybox-static qemu-system-data seabios gcc libc6-dev make kmod \
 
 step "2/6 QEMU with vhost-user balloon support"
 bash "$REPO_ROOT/scripts/build-qemu.sh"
+# libvhost-user.so from the same QEMU source, for --engine libvhost-user.
+bash "$REPO_ROOT/scripts/lib/libvhost-user.sh"
 
 step "3/6 guest kernels, headers, build root, busybox"
 bash "$REPO_ROOT/scripts/build-guest-kit.sh"
