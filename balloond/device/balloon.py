@@ -45,16 +45,14 @@ from protocol import balloon as vb
 from protocol import extension as ext
 from protocol.balloon import BalloonConfig, Feature, QueueRole
 from protocol.errors import GuestError, ProtocolError
-from protocol.virtqueue import BudgetExhausted, Chain, descriptor_budget, walk_chain
+from protocol.virtqueue import Chain
 
-from ..engine.device_api import DeviceHost
-from ..engine.memory import GuestMemory
-from ..engine.vring import Vring
+from ..engine.device_api import DeviceHost, GuestRam, Ring
 from ..logs import RateLimited
 from ..status import DeviceStatus
 from .journal import BalloonJournal, GuestIdentity, PeerProcess
 from .migration_state import MigrationState
-from .releaser import MemoryReleaser, ReleasableRegion
+from .releaser import MemoryReleaser, releasable_region
 from .tracker import PfnTracker
 
 #: Largest inflate/deflate/stats/migrate buffer accepted (Linux uses 1 KiB
@@ -171,7 +169,7 @@ class BalloonDevice:
         self.config = BalloonConfig(num_pages=target_pages)
         self.acked = 0
         self.roles: dict[int, QueueRole] = {}
-        self.memory: GuestMemory | None = None
+        self.memory: GuestRam | None = None
         self.tracker = PfnTracker()
         self.releaser = MemoryReleaser([])
         self.counters = DeviceCounters()
@@ -179,7 +177,7 @@ class BalloonDevice:
         self.host: DeviceHost | None = None
         self.running = False
         self._config_dirty = False
-        self._stats_held: tuple[Vring, int] | None = None
+        self._stats_held: tuple[Ring, int] | None = None
         self._inflate_stop_base: int | None = None  # inflate ring index reported at the last stop
         self._stats_timer: asyncio.TimerHandle | None = None
         # Frames in the balloon whose memory is not discarded yet (see _release).
@@ -193,7 +191,7 @@ class BalloonDevice:
         self.journal = journal
         self.peer = peer
         self._journal_pending = journal is not None
-        self._vrings: dict[int, Vring] = {}  # every ring that went live, by index
+        self._vrings: dict[int, Ring] = {}  # every ring that went live, by index
         #: Whether config.poison_val is the driver's (see _settle_journal).
         self._poison_known = True
         self._poison_written: int | None = None
@@ -204,9 +202,11 @@ class BalloonDevice:
         self._adopting: MigrationState | None = None
         #: ... and the state adopted, until the first start has journalled it.
         self._migrated_in: MigrationState | None = None
-        #: Told the target and stats interval a migrated-in state brought
-        #: (the VM's own settings follow the VM; see VirtualMachine).
+        #: Told the target, stats interval and origin a migrated-in state
+        #: brought (the VM's own settings follow the VM; see VirtualMachine).
         self.on_adopted: Any = None
+        #: Asked for the origin (MigrationOrigin) of a state being saved; None: the state has none.
+        self.on_saving: Any = None
         self.connected_at = time.time()
         # What each queue role's buffers mean; built once, looked up per kick.
         self._handlers = {
@@ -254,18 +254,13 @@ class BalloonDevice:
         self.flush_discards()
         self.releaser = MemoryReleaser([])
 
-    def set_memory(self, memory: GuestMemory) -> None:
+    def set_memory(self, memory: GuestRam) -> None:
         self.flush_discards()
         self.memory = memory
         dropped = self.tracker.resize(memory.ram_ranges())
         if dropped:
             self.log.warning("ballooned frames left guest RAM with a memory change", frames=len(dropped))
-        self.releaser = MemoryReleaser(
-            [
-                ReleasableRegion(r.gpa, r.size, r.fd, r.file_offset, r.mapping, r.file_offset)
-                for r in memory.regions
-            ]
-        )
+        self.releaser = MemoryReleaser([releasable_region(r) for r in memory.regions])
         if self._adopting is not None:
             self._adopt_frames(self._adopting)
             self._adopting = None
@@ -294,8 +289,8 @@ class BalloonDevice:
         out = {}
         for index, vring in self._vrings.items():
             role = self.roles.get(index)
-            if role in _BALLOON_ROLES and vring.queue is not None:
-                out[role.value] = vring.queue.last_avail
+            if role in _BALLOON_ROLES and vring.live:
+                out[role.value] = vring.last_avail
         return out
 
     def _settle_journal(self) -> None:
@@ -351,7 +346,7 @@ class BalloonDevice:
             if vring.live:
                 self.queue_started(vring)
 
-    def queue_started(self, vring: Vring) -> None:
+    def queue_started(self, vring: Ring) -> None:
         self._vrings[vring.index] = vring
         if self._journal_pending:
             return  # looked at once the journal is settled (started)
@@ -366,16 +361,16 @@ class BalloonDevice:
             self.log.info("driver restarted its inflate queue: balloon emptied", frames=held)
         self.queue_kicked(vring)
 
-    def queue_kicked(self, vring: Vring) -> None:
+    def queue_kicked(self, vring: Ring) -> None:
         role = self.roles.get(vring.index)
-        if role is None or vring.queue is None or self.memory is None or self._journal_pending:
+        if role is None or not vring.live or self.memory is None or self._journal_pending:
             return
         handler = self._handlers.get(role, self._drain_unused)
-        consumed_from = vring.queue.last_avail
+        consumed_from = vring.last_avail
         chains = self._pop_all(vring)
         if chains:
             handler(vring, chains)
-        if vring.queue.last_avail != consumed_from:
+        if vring.last_avail != consumed_from:
             # Also when every chain was bad and returned empty: the driver
             # must be told, or it waits for ever. (Asking for the next kick
             # is the engine's part: it knows whether it will poll.)
@@ -398,9 +393,9 @@ class BalloonDevice:
             return base == 0
         return base != self._inflate_stop_base
 
-    def queue_stopped(self, vring: Vring) -> int:
-        if self.roles.get(vring.index) is QueueRole.INFLATE and vring.queue is not None:
-            self._inflate_stop_base = vring.queue.last_avail
+    def queue_stopped(self, vring: Ring) -> int:
+        if self.roles.get(vring.index) is QueueRole.INFLATE and vring.live:
+            self._inflate_stop_base = vring.last_avail
         if self._stats_held is not None and self._stats_held[0] is vring:
             self._stats_held = None
             return 1
@@ -452,9 +447,11 @@ class BalloonDevice:
             poison_known=self._poison_known,
             guest_ram_bytes=self.memory.total_bytes if self.memory is not None else 0,
             runs=tuple(self.tracker.runs()),
+            origin=self.on_saving() if self.on_saving is not None else None,
         )
         self.counters.migrations_out += 1
-        self.log.info("device state saved for migration", frames=state.frames, runs=len(state.runs))
+        self.log.info("device state saved for migration", frames=state.frames, runs=len(state.runs),
+                      migration_id=state.origin.id if state.origin is not None else None)
         return state.encode()
 
     def load_state(self, data: bytes) -> None:
@@ -484,10 +481,12 @@ class BalloonDevice:
             self._adopt_frames(state)
             self._adopting = None
         self.counters.migrations_in += 1
+        origin = state.origin
         self.log.info("device state adopted from a migration", frames=state.frames, runs=len(state.runs),
-                      target_pages=state.config.num_pages)
+                      target_pages=state.config.num_pages, migration_id=origin.id if origin else None,
+                      source_vm=origin.vm if origin else None, source_host=origin.host if origin else None)
         if self.on_adopted is not None:
-            self.on_adopted(state.config.num_pages, state.stats_interval)
+            self.on_adopted(state.config.num_pages, state.stats_interval, origin)
 
     def _adopt_frames(self, state: MigrationState) -> None:
         """Track the frames ballooned on the source. They reached this side
@@ -610,56 +609,19 @@ class BalloonDevice:
 
     # =========================================================== the queues
 
-    def _pop_all(self, vring: Vring) -> list[Chain]:
-        """The chains available now, within one pass's budget: at most a
-        queue's worth of chains and `descriptor_budget` descriptors, so one
-        kick costs the event loop (every VM) a bounded time whatever the
-        guest wrote. What is left stays pending; the engine sees it and comes
-        back after the other callbacks (its `_continue_later`)."""
-        q, memory = vring.queue, self.memory
-        assert q is not None and memory is not None
-        chains = []
-        budget = descriptor_budget(q.num)
-        # At most one queue's worth per pass: a guest whose used ring overlaps
-        # its avail index makes every returned chain look like a new one, and
-        # an unbounded loop here would hang the daemon (found by fuzzing).
-        for _ in range(q.num):
-            try:
-                head = q.pop_head()
-            except GuestError as exc:
-                # The avail index itself is nonsense: nothing on this ring can
-                # be trusted until the driver resets it.
-                self._guest_error(vring, exc)
-                break
-            if head is None:
-                break
-            if head in q.in_flight:
-                # Not returned either: the device still owns that chain.
-                self._guest_error(vring, GuestError(f"chain head {head} made available again while the device still holds it"))
-                continue
-            try:
-                chain = walk_chain(q.desc, q.num, head, memory, q.indirect, budget=budget)
-            except BudgetExhausted:
-                q.unpop()  # walked whole by the next pass
-                break
-            except GuestError as exc:
-                self._guest_error(vring, exc)
-                if head < q.num:
-                    q.push(head, 0)  # returned empty, so the driver does not leak it
-                continue
-            budget -= chain.descriptors
-            q.in_flight.add(head)
-            chains.append(chain)
-            vring.counters.chains += 1
-        return chains
+    def _pop_all(self, vring: Ring) -> list[Chain]:
+        """The chains available now, within one pass's budget (the ring's
+        `pop_chains`); a bad chain is counted and comes back empty."""
+        assert self.memory is not None
+        return vring.pop_chains(self.memory, lambda exc: self._guest_error(vring, exc))
 
-    def _guest_error(self, vring: Vring, exc: ProtocolError) -> None:
+    def _guest_error(self, vring: Ring, exc: ProtocolError) -> None:
         self.counters.guest_errors += 1
         vring.counters.guest_errors += 1
         role = self.roles.get(vring.index)
         self.limited.warning("bad buffer from guest", queue=role.value if role else vring.index, reason=str(exc))
 
-    def _read(self, vring: Vring, chain: Chain) -> bytes | None:
+    def _read(self, vring: Ring, chain: Chain) -> bytes | None:
         assert self.memory is not None
         size = sum(seg.length for seg in chain.segments if not seg.writable)
         if size > MAX_BUFFER_BYTES:
@@ -672,7 +634,7 @@ class BalloonDevice:
             self._guest_error(vring, exc)
             return None
 
-    def _pfns_of(self, vring: Vring, chains: list[Chain]) -> list[int]:
+    def _pfns_of(self, vring: Ring, chains: list[Chain]) -> list[int]:
         pfns: list[int] = []
         for chain in chains:
             data = self._read(vring, chain)
@@ -684,32 +646,32 @@ class BalloonDevice:
                 self._guest_error(vring, exc)
         return pfns
 
-    def _return(self, vring: Vring, chains: list[Chain]) -> None:
-        assert vring.queue is not None
+    def _return(self, vring: Ring, chains: list[Chain]) -> None:
+        assert vring.live
         for chain in chains:
-            vring.queue.push(chain.head, 0)
+            vring.push(chain.head, 0)
 
-    def _inflate(self, vring: Vring, chains: list[Chain]) -> None:
+    def _inflate(self, vring: Ring, chains: list[Chain]) -> None:
         self.counters.inflate_buffers += len(chains)
         pfns = self._pfns_of(vring, chains)
         before = self.tracker.counters.invalid_pfn, self.tracker.counters.double_inflate
         added = self.tracker.inflate(pfns)
         self._report_refusals(before, "inflate")
         if self.journal is not None:
-            assert vring.queue is not None
-            self.journal.inflated(added, vring.queue.last_avail)
+            assert vring.live
+            self.journal.inflated(added, vring.last_avail)
         self._release(added)
         self._return(vring, chains)
 
-    def _deflate(self, vring: Vring, chains: list[Chain]) -> None:
+    def _deflate(self, vring: Ring, chains: list[Chain]) -> None:
         self.counters.deflate_buffers += len(chains)
         pfns = self._pfns_of(vring, chains)
         before = self.tracker.counters.invalid_pfn, self.tracker.counters.stray_deflate
         removed = self.tracker.deflate(pfns)
         self._report_refusals(before, "deflate")
         if self.journal is not None:
-            assert vring.queue is not None
-            self.journal.deflated(removed, vring.queue.last_avail)
+            assert vring.live
+            self.journal.deflated(removed, vring.last_avail)
         self._forget(removed)
         self._return(vring, chains)
 
@@ -789,7 +751,7 @@ class BalloonDevice:
             self.counters.discard_errors += result.errors
             self.limited.warning("discard failed", error=self.releaser.last_error)
 
-    def _migrate(self, vring: Vring, chains: list[Chain]) -> None:
+    def _migrate(self, vring: Ring, chains: list[Chain]) -> None:
         """Migration records, whole or (with BALLOOND_F_MIGRATE_SPLIT) split.
 
         A departure takes its frame out of the balloon and, like a deflate,
@@ -835,8 +797,8 @@ class BalloonDevice:
                 if entered != ext.PFN_NONE:
                     was.setdefault(entered, False)
         if self.journal is not None:
-            assert vring.queue is not None
-            self.journal.migrated(moves, vring.queue.last_avail)
+            assert vring.live
+            self.journal.migrated(moves, vring.last_avail)
         # Only the batch's net effect: a frame that came in and went out again
         # (a->b, then b->c) is the guest's once more and must not be
         # discarded, nor counted as returned (found by fuzzing).
@@ -844,7 +806,7 @@ class BalloonDevice:
         self._release([pfn for pfn, before in was.items() if not before and pfn in self.tracker])
         self._return(vring, chains)
 
-    def _report(self, vring: Vring, chains: list[Chain]) -> None:
+    def _report(self, vring: Ring, chains: list[Chain]) -> None:
         self.counters.report_buffers += len(chains)
         # A poison value not known (lost with a restart) may be non-zero.
         poisoned = vb.has(self.acked, Feature.PAGE_POISON) and (self.config.poison_val != 0 or not self._poison_known)
@@ -868,8 +830,8 @@ class BalloonDevice:
                 self.counters.discard_errors += result.errors
         self._return(vring, chains)
 
-    def _stats(self, vring: Vring, chains: list[Chain]) -> None:
-        assert vring.queue is not None
+    def _stats(self, vring: Ring, chains: list[Chain]) -> None:
+        assert vring.live
         for chain in chains:
             self.counters.stats_buffers += 1
             data = self._read(vring, chain)
@@ -882,7 +844,7 @@ class BalloonDevice:
                     self.stats = StatsSample(values, time.time())
             if self._stats_held is not None:
                 # The driver keeps one buffer in flight; hand back an older one.
-                vring.queue.push(self._stats_held[1], 0)
+                vring.push(self._stats_held[1], 0)
             self._stats_held = (vring, chain.head)
 
     def _request_stats(self) -> None:
@@ -890,9 +852,9 @@ class BalloonDevice:
         held = self._stats_held
         if held is not None and self.running:
             vring, head = held
-            if vring.queue is not None:
+            if vring.live:
                 self._stats_held = None
-                vring.queue.push(head, 0)
+                vring.push(head, 0)
                 vring.notify()
         self._arm_stats_timer()
 
@@ -908,7 +870,7 @@ class BalloonDevice:
             return
         self._stats_timer = loop.call_later(self.settings.stats_interval, self._request_stats)
 
-    def _drain_unused(self, vring: Vring, chains: list[Chain]) -> None:
+    def _drain_unused(self, vring: Ring, chains: list[Chain]) -> None:
         """Buffers on a queue we do not implement (free page hints) go back unused."""
         self._return(vring, chains)
 

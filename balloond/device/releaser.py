@@ -14,6 +14,14 @@ a reported range covers it whole).
 What was freed is measured, not computed: the allocated size of the files
 (st_blocks) is read before and after each batch.
 
+Two ways to discard, one set of rules: the pure engine holds each region's
+fd and punches holes in it; libvhost-user closes the region fds once it has
+mapped them, so for memory it mapped (a region with an `address`) the same
+coalesced, huge-page-aware spans are discarded with MADV_REMOVE on its
+mapping, which frees the file's pages for every mapper just the same. The
+engine keeps a duplicate of each fd only to measure (fstat) and to identify
+the file.
+
 Data safety: each call here is synchronous: when it returns, the holes are
 punched. *When* it is called is the device's business (BalloonDevice._release):
 with MUST_TELL_HOST the device may hold inflated frames back for a short while
@@ -31,8 +39,12 @@ import mmap
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from protocol.balloon import PAGE_SIZE, PFN_SHIFT
+
+if TYPE_CHECKING:
+    from ..engine.device_api import RamRegion
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -44,6 +56,19 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
+
+
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
+
+
+def remove_mapped(address: int, length: int) -> None:
+    """MADV_REMOVE [address, address+length) of a shared file mapping: frees
+    the file's pages behind it (a hole, as punch_hole makes)."""
+    if _madvise(address, length, mmap.MADV_REMOVE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -74,9 +99,15 @@ def coalesce(pfns: Iterable[int]) -> list[tuple[int, int]]:
 
 
 class ReleasableRegion:
-    """What the releaser needs to know about one guest RAM region."""
+    """What the releaser needs to know about one guest RAM region.
 
-    def __init__(self, gpa: int, size: int, fd: int, file_offset: int, mapping: mmap.mmap | None, map_offset: int):
+    With `address` (where `gpa` is mapped in this process, by a library that
+    closed its fd) spans are discarded by MADV_REMOVE there, and `fd` (a
+    duplicate kept by the engine) only measures."""
+
+    def __init__(self, gpa: int, size: int, fd: int, file_offset: int, mapping: mmap.mmap | None, map_offset: int,
+                 *, address: int | None = None):
+        self.address = address
         self.gpa = gpa
         self.size = size
         self.fd = fd
@@ -94,7 +125,7 @@ class ReleasableRegion:
         self.huge_fill: list[int] | None = None
         if self.frames_per_page > 1:
             self.huge_fill = [0] * ((size + self.page_size - 1) // self.page_size)
-        self.punch_supported = True
+        self.punch_supported = address is None
 
     @property
     def hugetlb(self) -> bool:
@@ -102,6 +133,17 @@ class ReleasableRegion:
 
     def contains_pfn(self, pfn: int) -> bool:
         return self.first_pfn <= pfn < self.first_pfn + self.pages
+
+
+def releasable_region(region: RamRegion) -> ReleasableRegion:
+    """The releaser's view of an engine's region: punched through its fd
+    (the pure engine's `MappedRegion`, with its mmap as the fallback), or
+    discarded on the library's mapping (a region with an `address`)."""
+    address: int | None = getattr(region, "address", None)
+    if address is not None:
+        return ReleasableRegion(region.gpa, region.size, region.fd, region.file_offset, None, 0, address=address)
+    mapping: mmap.mmap | None = getattr(region, "mapping", None)
+    return ReleasableRegion(region.gpa, region.size, region.fd, region.file_offset, mapping, region.file_offset)
 
 
 @dataclass
@@ -282,6 +324,9 @@ class MemoryReleaser:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 r.punch_supported = False
+        if r.address is not None:
+            remove_mapped(r.address + off, length)
+            return
         if r.mapping is None:
             raise OSError(errno.EOPNOTSUPP, "no punch-hole support and no mapping for MADV_REMOVE")
         r.mapping.madvise(mmap.MADV_REMOVE, r.map_offset + off, length)

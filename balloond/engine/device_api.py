@@ -8,12 +8,83 @@ tested without a balloon.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from protocol.errors import GuestError
+from protocol.virtqueue import Chain, GuestMemoryAccess
+
 if TYPE_CHECKING:
-    from .memory import GuestMemory
-    from .vring import Vring
+    from .vring import VringCounters
+
+
+class RamRegion(Protocol):
+    """One region of guest RAM as an engine mapped it."""
+
+    @property
+    def gpa(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def fd(self) -> int:
+        """An fd of the file behind the region (for its identity and allocated size)."""
+        ...
+
+    @property
+    def file_offset(self) -> int:
+        """Offset of `gpa` in that file."""
+        ...
+
+
+class GuestRam(GuestMemoryAccess, Protocol):
+    """What a device needs of guest RAM: the pure engine's `GuestMemory`,
+    or the regions libvhost-user mapped (`libvhost_user.memory`)."""
+
+    @property
+    def regions(self) -> Sequence[RamRegion]: ...
+
+    def ram_ranges(self, page_shift: int = 12) -> list[tuple[int, int]]:
+        """Guest RAM as (first_pfn, page_count) ranges."""
+        ...
+
+    @property
+    def total_bytes(self) -> int: ...
+
+
+class Ring(Protocol):
+    """One live virtqueue as a device uses it: the pure engine's `Vring`
+    (over `protocol.virtqueue.SplitQueue`), or libvhost-user's queue
+    (`libvhost_user.ring.LibRing`: vu_queue_pop / vu_queue_push / vu_queue_notify)."""
+
+    index: int
+    counters: VringCounters
+
+    @property
+    def base(self) -> int:
+        """The avail index the ring (re)started from."""
+        ...
+
+    @property
+    def live(self) -> bool: ...
+
+    @property
+    def last_avail(self) -> int:
+        """The next avail slot the device will consume."""
+        ...
+
+    def pop_chains(self, memory: GuestMemoryAccess, on_error: Callable[[GuestError], None]) -> list[Chain]:
+        """The chains available now, bounded per pass, in guest-physical
+        segments; a bad chain goes to `on_error` (how the ring recovers is the
+        engine's: returned empty, or the connection is broken)."""
+        ...
+
+    def push(self, head: int, written: int) -> None:
+        """Hand the chain `head` (one `pop_chains` returned) back to the guest."""
+
+    def notify(self) -> None:
+        """Interrupt the guest if it wants one for what was pushed."""
 
 
 class DeviceHost(Protocol):
@@ -41,13 +112,13 @@ class VirtioDevice(Protocol):
     def memory_unmapping(self) -> None:
         """Guest RAM's mappings and fds are about to be closed or replaced."""
 
-    def set_memory(self, memory: GuestMemory) -> None:
+    def set_memory(self, memory: GuestRam) -> None:
         """Guest RAM was (re)mapped; ring views into the old mapping are gone."""
 
-    def queue_started(self, vring: Vring) -> None:
+    def queue_started(self, vring: Ring) -> None:
         """A ring is live: look at it now (the driver may have primed it)."""
 
-    def queue_kicked(self, vring: Vring) -> None:
+    def queue_kicked(self, vring: Ring) -> None:
         """The driver added buffers to a live ring."""
 
     def poll_partners(self, index: int) -> Iterable[int]:
@@ -57,7 +128,7 @@ class VirtioDevice(Protocol):
         polls every live ring."""
         ...
 
-    def queue_stopped(self, vring: Vring) -> int:
+    def queue_stopped(self, vring: Ring) -> int:
         """The ring stops; return how many popped chains the device still holds
         (they are handed back to the frontend as not consumed)."""
         ...

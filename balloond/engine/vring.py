@@ -14,7 +14,20 @@ import os
 import select
 from dataclasses import dataclass
 
-from protocol.virtqueue import SplitQueue, avail_ring_size, desc_table_size, used_ring_size
+from collections.abc import Callable
+
+from protocol.errors import GuestError
+from protocol.virtqueue import (
+    BudgetExhausted,
+    Chain,
+    GuestMemoryAccess,
+    SplitQueue,
+    avail_ring_size,
+    desc_table_size,
+    descriptor_budget,
+    used_ring_size,
+    walk_chain,
+)
 from protocol.vhost_user import VRING_ADDR_F_LOG, VringAddr
 
 from .dirty_log import DirtyLog
@@ -141,6 +154,64 @@ class Vring:
                 view.release()
             self.queue = None
         return self.base
+
+    # ------------------------------------------------ the device's Ring seam
+
+    @property
+    def last_avail(self) -> int:
+        """The next avail slot the device will consume (the journal's ring position)."""
+        assert self.queue is not None
+        return self.queue.last_avail
+
+    def pop_chains(self, memory: GuestMemoryAccess, on_error: Callable[[GuestError], None]) -> list[Chain]:
+        """The chains available now, within one pass's budget: at most a
+        queue's worth of chains and `descriptor_budget` descriptors, so one
+        kick costs the event loop (every VM) a bounded time whatever the
+        guest wrote. What is left stays pending; the engine sees it and comes
+        back after the other callbacks (its `_continue_later`). A bad chain
+        is reported to `on_error` and returned empty; a nonsensical avail
+        index ends the pass."""
+        q = self.queue
+        assert q is not None
+        chains = []
+        budget = descriptor_budget(q.num)
+        # At most one queue's worth per pass: a guest whose used ring overlaps
+        # its avail index makes every returned chain look like a new one, and
+        # an unbounded loop here would hang the daemon (found by fuzzing).
+        for _ in range(q.num):
+            try:
+                head = q.pop_head()
+            except GuestError as exc:
+                # The avail index itself is nonsense: nothing on this ring can
+                # be trusted until the driver resets it.
+                on_error(exc)
+                break
+            if head is None:
+                break
+            if head in q.in_flight:
+                # Not returned either: the device still owns that chain.
+                on_error(GuestError(f"chain head {head} made available again while the device still holds it"))
+                continue
+            try:
+                chain = walk_chain(q.desc, q.num, head, memory, q.indirect, budget=budget)
+            except BudgetExhausted:
+                q.unpop()  # walked whole by the next pass
+                break
+            except GuestError as exc:
+                on_error(exc)
+                if head < q.num:
+                    q.push(head, 0)  # returned empty, so the driver does not leak it
+                continue
+            budget -= chain.descriptors
+            q.in_flight.add(head)
+            chains.append(chain)
+            self.counters.chains += 1
+        return chains
+
+    def push(self, head: int, written: int) -> None:
+        """Hand a chain back on the used ring (`notify` interrupts the guest)."""
+        assert self.queue is not None
+        self.queue.push(head, written)
 
     def notify(self) -> None:
         """Interrupt the guest if it wants one for what was just used."""
