@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -24,6 +24,12 @@ from .engine.connection import VhostUserConnection
 from .engine.memory import DEFAULT_MAX_GUEST_RAM
 from .engine.listener import VhostUserListener
 from .status import Disconnect, EngineCounters, ServingStatus, VmStatus, encode_status
+
+if TYPE_CHECKING:
+    from .engine.libvhost_user.connection import LibvhostUserConnection
+
+    #: The engine serving a connection: the pure one or libvhost-user.
+    AnyConnection = VhostUserConnection | LibvhostUserConnection
 
 
 class TargetError(ValueError):
@@ -117,8 +123,11 @@ class VirtualMachine:
         log: Any = None,
         journal: BalloonJournal | None = None,
         max_guest_ram: int = DEFAULT_MAX_GUEST_RAM,
+        engine: str = "pure",
     ) -> None:
         self.name = name
+        #: Which vhost-user engine serves the socket: "pure" or "libvhost-user".
+        self.engine = engine
         #: --max-guest-ram: a larger memory table closes the connection (one log line with the cap).
         self.max_guest_ram = max_guest_ram
         self.journal = journal
@@ -128,9 +137,9 @@ class VirtualMachine:
         self.log = (log or structlog.get_logger()).bind(vm=name)
         self.target_pages = journal.state.target_pages if journal is not None else 0
         self.listener: VhostUserListener | None = None
-        self.connection: VhostUserConnection | None = None
+        self.connection: AnyConnection | None = None
         #: The current or last connection, kept for its engine counters (like `device`).
-        self.last_connection: VhostUserConnection | None = None
+        self.last_connection: AnyConnection | None = None
         self.device: BalloonDevice | None = None
         self.connections = 0
         self.last_disconnect: Disconnect | None = None
@@ -157,8 +166,23 @@ class VirtualMachine:
         )
         device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
         device.on_adopted = self._adopted_from_migration
-        connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds,
-                                         max_guest_ram=self.max_guest_ram)
+        connection: AnyConnection
+        if self.engine == "libvhost-user":
+            from .engine.libvhost_user import abi
+            from .engine.libvhost_user.connection import LibvhostUserConnection
+
+            try:
+                connection = LibvhostUserConnection(sock, device, library=abi.load(), log=self.log,
+                                                    max_guest_ram=self.max_guest_ram)
+            except abi.LibraryError as exc:
+                # Checked at start (config): only a library changed since gets here.
+                self.log.error("cannot serve the VM with libvhost-user", error=str(exc))
+                sock.close()
+                self.last_disconnect = Disconnect(at=time.time(), reason=str(exc))
+                return
+        else:
+            connection = VhostUserConnection(sock, device, log=self.log, poll_seconds=self.poll_seconds,
+                                             max_guest_ram=self.max_guest_ram)
         self.device, self.connection = device, connection
         self.last_connection = connection
         try:

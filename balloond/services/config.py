@@ -56,6 +56,8 @@ class VmConfig:
     #: libvirt:URI/DOMAIN: QEMU's built-in balloon of a libvirt domain, through libvirt's API.
     libvirt: str | None = None
     domain: str | None = None
+    #: The vhost-user engine serving this VM (ENGINES); None: the daemon's --engine.
+    engine: str | None = None
 
     @property
     def uses_qemu_balloon(self) -> bool:
@@ -94,6 +96,16 @@ class Settings:
     #: daemon's per-VM bookkeeping grows with guest RAM, so a hostile frontend
     #: must not be able to ask for terabytes of sparse memfd.
     max_guest_ram: int = 1 << 40
+    #: The vhost-user engine of VMs that name none (ENGINES; per VM: engine = ... in [[vm]]).
+    engine: str = "pure"
+
+    def engine_of(self, vm: VmConfig) -> str:
+        return vm.engine or self.engine
+
+
+#: "pure": the daemon's own vhost-user engine; "libvhost-user": QEMU's
+#: library through ctypes (balloond/engine/libvhost_user), built by setup.
+ENGINES = ("pure", "libvhost-user")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("json", "console"))
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--socket-group", metavar="GROUP", help="make VM sockets 0660 and owned by GROUP")
+    p.add_argument("--engine", choices=ENGINES,
+                   help="vhost-user engine for VMs that name none: pure (default) or libvhost-user (QEMU's "
+                        "library, built by scripts/setup.sh; no live migration)")
     p.add_argument("--poll-us", type=float, metavar="MICROSECONDS",
                    help="after a kick, keep polling the ring this long (default 200; 0 = off)")
     p.add_argument("--discard-delay-ms", type=float, metavar="MS",
@@ -181,10 +196,12 @@ def parse_vm_spec(spec: str) -> VmConfig:
             if vm.qmp is not None:
                 raise ConfigError(f"--vm {spec!r}: the QMP socket is given twice")
             vm.qmp = value
+        elif key == "engine" and sep and value:
+            vm.engine = value
         elif key in VmPolicySettings.FILE_KEYS and sep and value:
             policy[key] = value
         else:
-            known = ", ".join(["qmp=PATH", *(f"{k}=..." for k in VmPolicySettings.FILE_KEYS)])
+            known = ", ".join(["qmp=PATH", "engine=ENGINE", *(f"{k}=..." for k in VmPolicySettings.FILE_KEYS)])
             raise ConfigError(f"--vm {spec!r}: unknown option {option!r} (known: {known})")
     try:
         vm.policy = VmPolicySettings.from_mapping(policy, where=f"--vm {name}")
@@ -264,6 +281,7 @@ _FILE_KEYS = {
     "api_allow_gids": list,
     "vm_isolation": str,
     "worker_timeout": (int, float),
+    "engine": str,
 }
 
 
@@ -279,7 +297,7 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
                 for entry in value:
                     if not isinstance(entry, dict) or "name" not in entry:
                         raise ConfigError(f"{args.config}: each [[vm]] needs a name")
-                    unknown = set(entry) - {"name", "socket", "fd", "qmp", "libvirt", "domain",
+                    unknown = set(entry) - {"name", "socket", "fd", "qmp", "libvirt", "domain", "engine",
                                             *VmPolicySettings.FILE_KEYS}
                     if unknown:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: unknown keys {sorted(unknown)}")
@@ -302,6 +320,10 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
                         raise ConfigError(f"{args.config}: [[vm]] {entry['name']}: qmp must be a socket path")
                     vm = _vm(str(entry["name"]), where)
                     vm.qmp = qmp
+                    engine = entry.get("engine")
+                    if engine is not None and not isinstance(engine, str):
+                        raise ConfigError(f"{args.config}: [[vm]] {vm.name}: engine must be one of {', '.join(ENGINES)}")
+                    vm.engine = engine
                     try:
                         vm.policy = VmPolicySettings.from_mapping(entry, where=f"{args.config}: [[vm]] {vm.name}")
                     except PolicyError as exc:
@@ -329,7 +351,7 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     if args.fd is not None:
         settings.vms.append(VmConfig("default", fd=args.fd))
     for key in ("api", "state_dir", "stats_interval", "log_format", "log_level", "socket_group", "poll_us",
-                "discard_delay_ms", "vm_isolation", "worker_timeout"):
+                "discard_delay_ms", "vm_isolation", "worker_timeout", "engine"):
         value = getattr(args, key)
         if value is not None:
             setattr(settings, key, value)
@@ -358,6 +380,29 @@ def load(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.max_guest_ram = args.max_guest_ram
     validate(settings, args)
     return settings, args
+
+
+def validate_engines(settings: Settings) -> None:
+    """Engines are known, and libvhost-user, if any VM uses it, is built and
+    laid out as the binding expects: a missing library or a layout mismatch
+    is a one-line error at start (exit code 2), not a VM that never serves."""
+    if settings.engine not in ENGINES:
+        raise ConfigError(f"engine / --engine must be one of {', '.join(ENGINES)}, not {settings.engine!r}")
+    users = []
+    for vm in settings.vms:
+        if vm.engine is not None and vm.engine not in ENGINES:
+            raise ConfigError(f"VM {vm.name}: engine must be one of {', '.join(ENGINES)}, not {vm.engine!r}")
+        if vm.engine is not None and (vm.libvirt is not None or vm.uses_qemu_balloon):
+            raise ConfigError(f"VM {vm.name}: engine applies to a vhost-user socket, not QEMU's built-in balloon")
+        if settings.engine_of(vm) == "libvhost-user" and not (vm.libvirt is not None or vm.uses_qemu_balloon):
+            users.append(vm.name)
+    if users:
+        from ..engine.libvhost_user import abi  # only a libvhost-user VM needs the binding
+
+        try:
+            abi.check()
+        except abi.LibraryError as exc:
+            raise ConfigError(f"VM {users[0]}: {exc}") from None
 
 
 def validate(settings: Settings, args: argparse.Namespace) -> None:
@@ -394,6 +439,7 @@ def validate(settings: Settings, args: argparse.Namespace) -> None:
         raise ConfigError("--poll-us must be between 0 and 100000")
     if not 0 <= settings.discard_delay_ms <= 10_000:
         raise ConfigError("--discard-delay-ms must be between 0 and 10000")
+    validate_engines(settings)
     for what, ids in (("uid", settings.api_allow_uids), ("gid", settings.api_allow_gids)):
         for value in ids:
             # bool is an int to Python but `true` is no uid; 2^32-1 is the kernel's "no id"

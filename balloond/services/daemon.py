@@ -118,14 +118,14 @@ class Daemon:
             return None
         return value / 2e6
 
-    def _worker_vm(self, name: str, where: str, sock: socket.socket) -> WorkerVm:
+    def _worker_vm(self, name: str, where: str, sock: socket.socket, engine: str = "pure") -> WorkerVm:
         s = self.settings
         if s.state_dir:
             check_state_dir(s.state_dir)  # a one-line error at start, as with --vm-isolation none
         spec = WorkerSpec(name=name, socket=where, settings=self._device_settings(), poll_seconds=s.poll_us / 1e6,
                           state_dir=s.state_dir, target_pages=None, discard_inhibit=None,
                           log_format=s.log_format, log_level=s.log_level, max_guest_ram=s.max_guest_ram,
-                          timeout=s.worker_timeout)
+                          timeout=s.worker_timeout, engine=engine)
         return WorkerVm(spec, sock, context=self.worker_context(), timeout=s.worker_timeout, log=self.log)
 
     def worker_context(self) -> BaseContext:
@@ -156,14 +156,14 @@ class Daemon:
                 path = vmc.socket
             vm: VirtualMachine | WorkerVm
             if self.settings.vm_isolation == "process":
-                vm = self._worker_vm(vmc.name, path or f"fd:{vmc.fd}", sock)
+                vm = self._worker_vm(vmc.name, path or f"fd:{vmc.fd}", sock, self.settings.engine_of(vmc))
                 listener = VhostUserListener(sock, path=path, log=vm.log)  # the workers accept; we remove the path
             else:
                 journal = BalloonJournal(self.settings.state_dir, vmc.name) if self.settings.state_dir else None
                 vm = VirtualMachine(
                     vmc.name, path or f"fd:{vmc.fd}", self._device_settings(),
                     poll_seconds=self.settings.poll_us / 1e6, log=self.log, journal=journal,
-                    max_guest_ram=self.settings.max_guest_ram,
+                    max_guest_ram=self.settings.max_guest_ram, engine=self.settings.engine_of(vmc),
                 )
                 if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
                     vm.log.info("state found", target_pages=journal.state.target_pages,

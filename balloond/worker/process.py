@@ -117,6 +117,8 @@ class WorkerSpec:
     max_guest_ram: int = DEFAULT_MAX_GUEST_RAM
     #: The supervisor's --worker-timeout: silence longer than this is a hang.
     timeout: float = 5.0
+    #: The vhost-user engine: "pure" or "libvhost-user" (balloond/engine/libvhost_user).
+    engine: str = "pure"
     #: The highest command seq whose effect the fields above already hold.
     applied: int = 0
 
@@ -193,7 +195,7 @@ class Worker:
                 log.error("balloon not persisted: journal unavailable", error=str(exc))
                 lock.release()
         vm = VirtualMachine(spec.name, spec.socket, spec.settings, poll_seconds=spec.poll_seconds,
-                            log=log, journal=journal, max_guest_ram=spec.max_guest_ram)
+                            log=log, journal=journal, max_guest_ram=spec.max_guest_ram, engine=spec.engine)
         vm.log = log  # already bound with vm= and worker=
         if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
             log.info("state found", target_pages=journal.state.target_pages,

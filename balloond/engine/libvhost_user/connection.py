@@ -1,0 +1,539 @@
+"""LibvhostUserConnection: one frontend served by libvhost-user.
+
+The library owns the protocol: it reads each message (vu_dispatch), keeps
+the rings and the memory table, and calls back. This class is the glue:
+
+- the library's watches (the kick eventfds) become the event loop's
+  readers, and the frontend's socket is a reader that calls vu_dispatch;
+- its device callbacks (features, config space) go to the `VirtioDevice`;
+- after every message the engine compares the library's rings and memory
+  with what it last told the device, and tells the device what changed
+  (set_memory, queue_started, started, stopped), as the pure engine does
+  from its own handlers;
+- a few messages are looked at before the library sees them
+  (`_process_msg`): the memory table (fds duplicated for measuring and
+  identity, files sealed and sized, the guest-RAM cap), GET_VRING_BASE (the
+  device stops the ring first, and chains it still holds are handed back
+  with vu_queue_rewind so the reported base does not count them),
+  GET_FEATURES (answered without VHOST_F_LOG_ALL: QEMU then blocks
+  migration, which this engine does not support), ring indices the
+  library would not check, and requests it would answer with exit().
+
+A protocol error makes the library "panic" (`_panic`): the connection
+closes and QEMU reconnects. An assertion inside the library aborts the
+process: with one worker process per VM that ends this VM's worker, which
+the supervisor restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import os
+import select
+import socket
+from typing import Any, Callable
+
+import structlog
+
+from protocol import vhost_user as vu
+from protocol.vhost_user import ProtocolFeature
+
+from ...logs import RateLimited
+from ..device_api import VirtioDevice
+from ..memory import DEFAULT_MAX_GUEST_RAM, seal_against_shrinking
+from . import abi
+from .memory import LibraryMemory
+from .ring import LibRing
+
+#: Queues the library is set up for (as many as the pure engine serves).
+MAX_QUEUES = 16
+#: Seconds before a config change that found the backend channel full is sent again.
+BACKEND_RETRY_SECONDS = 0.1
+
+# Request numbers (libvhost-user.h, the vhost-user spec).
+NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
+SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+SET_VRING_ENABLE = 18
+SET_CONFIG = 25
+POSTCOPY_ADVISE, POSTCOPY_LISTEN, POSTCOPY_END = 28, 29, 30
+GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
+ADD_MEM_REG, REM_MEM_REG = 37, 38
+_RING_INDEXED = (SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE, SET_VRING_ENABLE)
+#: Refused: migration (dirty log, postcopy) and inflight tracking are not supported by this engine.
+_REFUSED = {
+    SET_LOG_BASE: "dirty logging (migration) is not supported by the libvhost-user engine",
+    SET_LOG_FD: "dirty logging (migration) is not supported by the libvhost-user engine",
+    POSTCOPY_ADVISE: "postcopy migration is not supported by the libvhost-user engine",
+    POSTCOPY_LISTEN: "postcopy migration is not supported by the libvhost-user engine",
+    POSTCOPY_END: "postcopy migration is not supported by the libvhost-user engine",
+}
+
+F_PROTOCOL_FEATURES = 1 << vu.F_PROTOCOL_FEATURES
+F_LOG_ALL = 1 << vu.F_LOG_ALL
+
+_connection_ids = itertools.count(1)
+
+
+class LibvhostUserConnection:
+    """Serves one frontend with libvhost-user; the interface `VirtualMachine`
+    uses of `VhostUserConnection` (run, open, vrings, counters)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        device: VirtioDevice,
+        *,
+        library: abi.Library,
+        log: Any = None,
+        max_guest_ram: int = DEFAULT_MAX_GUEST_RAM,
+    ) -> None:
+        self.id = next(_connection_ids)
+        self.lib = library
+        self.device = device
+        self.log = (log or structlog.get_logger()).bind(conn=self.id, engine="libvhost-user")
+        self.limited = RateLimited(self.log)
+        self.max_guest_ram = max_guest_ram
+        self._loop = asyncio.get_running_loop()
+        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self.close_reason: str | None = None
+        #: Set by the library's panic callback: the connection is broken.
+        self.broken_reason: str | None = None
+        self._refused: str | None = None
+        self._hung_up = False
+        # The library reads whole messages with blocking calls: the socket is
+        # handed over blocking, and closed by vu_deinit.
+        sock.setblocking(True)
+        self._sock_fd = sock.detach()
+        self.dev = abi.VuDev()
+        self.dev_ref = ctypes.pointer(self.dev)
+        # ctypes callbacks must outlive every call the library makes.
+        self._iface = abi.VuDevIface(
+            get_features=abi.GET_FEATURES(self._guard(self._get_features, 0)),
+            set_features=abi.SET_FEATURES(self._guard(self._set_features, None)),
+            get_protocol_features=abi.GET_FEATURES(),
+            set_protocol_features=abi.SET_FEATURES(),
+            process_msg=abi.PROCESS_MSG(self._guard(self._process_msg, 0)),
+            queue_set_started=abi.QUEUE_SET_STARTED(),
+            queue_is_processed_in_order=abi.QUEUE_IN_ORDER(),
+            get_config=abi.GET_CONFIG(self._guard(self._get_config, -1)),
+            set_config=abi.SET_CONFIG(self._guard(self._set_config, -1)),
+            get_shared_object=abi.GET_SHARED_OBJECT(),
+        )
+        self._panic_cb = abi.PANIC(self._guard(self._panic, None))
+        self._set_watch_cb = abi.SET_WATCH(self._guard(self._set_watch, None))
+        self._remove_watch_cb = abi.REMOVE_WATCH(self._guard(self._remove_watch, None))
+        self._handler_cb = abi.QUEUE_HANDLER(self._guard(self._queue_handler, None))
+        self._watches: dict[int, tuple[Any, int, int]] = {}
+        if not library.vu_init(self.dev_ref, MAX_QUEUES, self._sock_fd, self._panic_cb, None,
+                               self._set_watch_cb, self._remove_watch_cb, ctypes.byref(self._iface)):
+            os.close(self._sock_fd)
+            raise abi.LibraryError("vu_init failed (out of memory)")
+        self._initialised = True
+        self.vrings: dict[int, LibRing] = {}
+        for index in range(MAX_QUEUES):
+            ring = LibRing(index, self)
+            self.vrings[index] = ring
+            library.vu_set_queue_handler(self.dev_ref, ring._vq, self._handler_cb)
+        self.memory: LibraryMemory | None = None
+        #: The engine's duplicates of the region fds, by (gpa, size, frontend address).
+        self._region_fds: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self._memory_dirty = False
+        self.started = False
+        self.messages = 0
+        self.acked_features: int | None = None
+        #: CONFIG_CHANGE_MSGs that found the backend channel full (sent again later).
+        self.backend_full = 0
+        self._backend_retry: asyncio.TimerHandle | None = None
+        self._resume: set[int] = set()
+        # What VirtualMachine reads of any engine (migration is not supported here).
+        self.state_transfer = None
+        self.logging = False
+        device.attach(self)
+
+    # ================================================================ running
+
+    async def run(self) -> str:
+        """Serve until the frontend goes away; return why the connection closed."""
+        self._loop.add_reader(self._sock_fd, self._readable)
+        self.log.info("frontend connected")
+        try:
+            return await self._closed
+        finally:
+            if self.close_reason is None:  # cancelled (daemon shutdown)
+                self.close("daemon shutting down")
+
+    @property
+    def open(self) -> bool:
+        return self.close_reason is None
+
+    def close(self, reason: str, *, error: bool = False) -> None:
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        (self.log.error if error else self.log.info)("frontend connection closed", reason=reason)
+        try:
+            self._teardown()
+        except Exception:
+            self.log.exception("error while closing the connection")
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(reason)
+
+    def _teardown(self) -> None:
+        if self._backend_retry is not None:
+            self._backend_retry.cancel()
+            self._backend_retry = None
+        self._loop.remove_reader(self._sock_fd)
+        if self.started:
+            self.started = False
+            self._safe_device_call(self.device.stopped)
+        # The device flushes its discards while the library's mappings exist.
+        self._safe_device_call(self.device.disconnected)
+        for ring in self.vrings.values():
+            ring.free_all()
+        if self.memory is not None:
+            self.memory.release()
+            self.memory = None
+        if self._initialised:
+            self._initialised = False
+            self.lib.vu_deinit(self.dev_ref)  # unmaps, closes the socket and the ring fds
+        for fd in list(self._watches):
+            self._loop.remove_reader(fd)
+        self._watches.clear()
+        for fd, _ in self._region_fds.values():
+            _close(fd)
+        self._region_fds.clear()
+
+    def _guard(self, fn: Callable[..., Any], on_error: Any) -> Callable[..., Any]:
+        """A callback the library calls: an exception must not cross into C."""
+
+        def call(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception as exc:
+                self.log.exception("error in a libvhost-user callback", call=fn.__name__)
+                self.broken_reason = self.broken_reason or f"internal error in {fn.__name__}: {exc}"
+                return on_error
+
+        return call
+
+    def _safe_device_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:
+            self.log.exception("device error", call=getattr(fn, "__name__", "?"))
+            return None
+
+    # ================================================================ input
+
+    def _readable(self) -> None:
+        if self.close_reason is not None:
+            return
+        ok = self.lib.vu_dispatch(self.dev_ref)
+        self.messages += 1
+        if self._refused is not None:
+            self.close(self._refused, error=not self._hung_up)
+            return
+        if not ok or self.dev.broken or self.broken_reason is not None:
+            reason = self.broken_reason or "frontend closed the connection"
+            self.close(reason, error=self.broken_reason is not None)
+            return
+        self._reconcile()
+
+    def _panic(self, dev: Any, err: bytes | None) -> None:
+        message = (err or b"").decode("utf-8", "replace").strip() or "libvhost-user error"
+        if self.broken_reason is None:
+            self.broken_reason = message
+        self.limited.warning("libvhost-user refused the frontend's input", error=message)
+
+    def _refuse(self, reason: str, vmsg: Any) -> int:
+        """Handle the message by refusing it: its fds are closed and the
+        connection closes once vu_dispatch returns."""
+        for i in range(min(max(vmsg.fd_num, 0), abi.MAX_FDS)):
+            _close(vmsg.fds[i])
+        vmsg.fd_num = 0
+        self._refused = self._refused or reason
+        return 1
+
+    def _hang_up(self, vmsg: Any) -> int:
+        self._refuse("frontend closed the connection", vmsg)
+        self._hung_up = True
+        return 1
+
+    def _process_msg(self, dev: Any, msg_ptr: Any, do_reply: Any) -> int:
+        """Called by the library for each message before it handles it;
+        non-zero: handled here (do_reply says whether a reply is to go)."""
+        vmsg = msg_ptr.contents
+        request = vmsg.request
+        if request in _RING_INDEXED and vmsg.payload.state.index >= MAX_QUEUES:
+            return self._refuse(f"request {request} for queue {vmsg.payload.state.index}, beyond {MAX_QUEUES}", vmsg)
+        if request == NONE:
+            # The library's reader returns an empty message (request 0) at
+            # end of file, and would exit() the process for it.
+            return self._hang_up(vmsg)
+        if request in _REFUSED:
+            return self._refuse(_REFUSED[request], vmsg)
+        if request == GET_FEATURES:
+            vmsg.payload.u64 = self._offered_features()
+            vmsg.size = 8
+            vmsg.fd_num = 0
+            do_reply[0] = 1
+            return 1
+        if request == SET_FEATURES:
+            value = vmsg.payload.u64
+            if value & ~self._offered_features():
+                return self._refuse(f"SET_FEATURES acks features never offered: {value & ~self._offered_features():#x}",
+                                    vmsg)
+            return 0
+        if request in (GET_INFLIGHT_FD, SET_INFLIGHT_FD):
+            return self._refuse("inflight tracking is not offered", vmsg)
+        if request == SET_MEM_TABLE:
+            return self._before_mem_table(vmsg)
+        if request == ADD_MEM_REG:
+            return self._before_add_region(vmsg)
+        if request == REM_MEM_REG:
+            self._before_memory_change()
+            return 0
+        if request == GET_VRING_BASE:
+            self._before_ring_stop(vmsg.payload.state.index)
+            return 0
+        if request == SET_VRING_ENABLE and not vmsg.payload.state.num:
+            self._stop_all()
+        return 0
+
+    # ============================================================ features
+
+    def _offered_features(self) -> int:
+        # No VHOST_F_LOG_ALL: QEMU then refuses to migrate the VM (the
+        # library's dirty log is not wired to the device here).
+        return self.device.features | F_PROTOCOL_FEATURES
+
+    def _get_features(self, dev: Any) -> int:
+        return self.device.features
+
+    def _set_features(self, dev: Any, features: int) -> None:
+        self.acked_features = features & ~F_PROTOCOL_FEATURES & ~F_LOG_ALL
+        self.log.info("features negotiated", features=self.acked_features)
+        self.device.set_features(self.acked_features)
+
+    def _has_protocol(self, feature: ProtocolFeature) -> bool:
+        return bool(self.dev.protocol_features & (1 << feature))
+
+    # ======================================================== config space
+
+    def _get_config(self, dev: Any, config: Any, length: int) -> int:
+        # The library passes no offset: QEMU's generic device reads from 0.
+        data = self.device.read_config(0, length)
+        ctypes.memmove(config, data, min(len(data), length))
+        return 0
+
+    def _set_config(self, dev: Any, data: Any, offset: int, size: int, flags: int) -> int:
+        if size > 256:
+            return -1
+        self.device.write_config(offset, ctypes.string_at(data, size))
+        return 0
+
+    # ============================================================== memory
+
+    def _before_memory_change(self) -> None:
+        """The library is about to unmap: discards pending on the old
+        mappings are done now (as the pure engine does)."""
+        self._safe_device_call(self.device.memory_unmapping)
+        if self.memory is not None:
+            self.memory.release()
+            self.memory = None
+        self._memory_dirty = True
+
+    def _check_region(self, region: Any, fd: int) -> str | None:
+        """Why the region must not be mapped (None: it may): the library maps
+        whatever it is sent, and an access beyond the file's end is SIGBUS."""
+        try:
+            seal_against_shrinking(fd)
+            file_size = os.fstat(fd).st_size
+        except OSError as exc:
+            return f"memory region fd unusable: {exc}"
+        end = region.mmap_offset + region.memory_size
+        if file_size and end > file_size:
+            return f"memory region [{region.mmap_offset:#x}, {end:#x}) lies beyond its fd's size {file_size:#x}"
+        return None
+
+    def _before_mem_table(self, vmsg: Any) -> int:
+        table = vmsg.payload.memory
+        count = table.nregions
+        if count > abi.MAX_FDS or count > vmsg.fd_num:
+            return self._refuse(f"SET_MEM_TABLE with {count} regions and {vmsg.fd_num} fds", vmsg)
+        total = sum(table.regions[i].memory_size for i in range(count))
+        if total > self.max_guest_ram:
+            return self._refuse(
+                f"guest RAM of {total:#x} bytes exceeds the cap of {self.max_guest_ram:#x} (--max-guest-ram)", vmsg)
+        for i in range(count):
+            problem = self._check_region(table.regions[i], vmsg.fds[i])
+            if problem is not None:
+                return self._refuse(problem, vmsg)
+        self._before_memory_change()
+        for fd, _ in self._region_fds.values():
+            _close(fd)
+        self._region_fds.clear()
+        for i in range(count):
+            r = table.regions[i]
+            self._region_fds[(r.guest_phys_addr, r.memory_size, r.userspace_addr)] = (
+                os.dup(vmsg.fds[i]), r.mmap_offset)
+        return 0
+
+    def _before_add_region(self, vmsg: Any) -> int:
+        if vmsg.fd_num != 1:
+            return 0  # the library refuses it
+        r = vmsg.payload.memreg.region
+        total = sum(size for (_, size, _) in self._region_fds) + r.memory_size
+        if total > self.max_guest_ram:
+            return self._refuse(
+                f"guest RAM of {total:#x} bytes exceeds the cap of {self.max_guest_ram:#x} (--max-guest-ram)", vmsg)
+        problem = self._check_region(r, vmsg.fds[0])
+        if problem is not None:
+            return self._refuse(problem, vmsg)
+        self._before_memory_change()
+        self._region_fds[(r.guest_phys_addr, r.memory_size, r.userspace_addr)] = (os.dup(vmsg.fds[0]), r.mmap_offset)
+        return 0
+
+    def _rebuild_memory(self) -> None:
+        regions = []
+        kept: dict[tuple[int, int, int], tuple[int, int]] = {}
+        dev = self.dev
+        for i in range(dev.nregions):
+            r = dev.regions[i]
+            key = (r.gpa, r.size, r.qva)
+            if key not in self._region_fds:
+                continue
+            fd, file_offset = self._region_fds[key]
+            kept[key] = (fd, file_offset)
+            regions.append(LibraryMemory.region(r.gpa, r.size, fd, file_offset, r.mmap_addr + r.mmap_offset))
+        for key, (fd, _) in self._region_fds.items():
+            if key not in kept:
+                _close(fd)  # a removed region
+        self._region_fds = kept
+        self.memory = LibraryMemory(regions) if regions else None
+        if self.memory is not None:
+            self.device.set_memory(self.memory)
+
+    # =============================================================== rings
+
+    def _before_ring_stop(self, index: int) -> None:
+        """GET_VRING_BASE: stop the device and the ring before the library
+        reads the base, and give back the chains the device holds."""
+        self._stop_all()
+        ring = self.vrings[index]
+        if ring.reported_live:
+            self._safe_device_call(self.device.queue_stopped, ring)
+            ring.drop_held()
+            ring.reported_live = False
+
+    def _stop_all(self) -> None:
+        if self.started:
+            self.started = False
+            self.log.info("device stopped")
+            self._safe_device_call(self.device.stopped)
+
+    def _reconcile(self) -> None:
+        """Tell the device what the message just handled changed."""
+        if self._memory_dirty:
+            self._memory_dirty = False
+            self._rebuild_memory()
+        for ring in self.vrings.values():
+            if ring.reported_live and not ring.live:
+                ring.reported_live = False  # the library dropped it (e.g. a new kick fd)
+            if ring.live and ring.enabled and not ring.reported_live:
+                ring.mark_started()
+                self.log.debug("ring live", queue=ring.index, base=ring.base)
+                self._safe_device_call(self.device.queue_started, ring)
+        configured = [r for r in self.vrings.values() if r.configured]
+        if not self.started and configured and all(r.reported_live and r.enabled for r in configured):
+            self.started = True
+            self.log.info("device started", queues=sorted(r.index for r in configured))
+            self._safe_device_call(self.device.started)
+
+    def _queue_handler(self, dev: Any, index: int) -> None:
+        ring = self.vrings[index]
+        ring.counters.kicks += 1
+        self._service(ring)
+
+    def _service(self, ring: LibRing) -> None:
+        if not (ring.reported_live and ring.enabled) or self.close_reason is not None:
+            return
+        self._safe_device_call(self.device.queue_kicked, ring)
+        if self.dev.broken or self.broken_reason is not None:
+            # A bad chain: the library gave up on the connection.
+            self._loop.call_soon(self._close_broken)
+            return
+        if ring.pending() and ring.index not in self._resume:
+            # The pass stopped at its bound: the rest after the loop's other callbacks.
+            self._resume.add(ring.index)
+            self._loop.call_soon(self._continue, ring)
+
+    def _continue(self, ring: LibRing) -> None:
+        self._resume.discard(ring.index)
+        self._service(ring)
+
+    def _close_broken(self) -> None:
+        self.close(self.broken_reason or "libvhost-user broke the connection", error=True)
+
+    # ============================================================= watches
+
+    def _set_watch(self, dev: Any, fd: int, condition: int, cb: Any, data: Any) -> None:
+        self._watches[fd] = (cb, condition, data or 0)
+        try:
+            self._loop.add_reader(fd, self._watch_fired, fd)
+        except (OSError, ValueError) as exc:
+            self._watches.pop(fd, None)
+            self.broken_reason = self.broken_reason or f"fd {fd} cannot be polled ({exc})"
+
+    def _remove_watch(self, dev: Any, fd: int) -> None:
+        if self._watches.pop(fd, None) is not None:
+            self._loop.remove_reader(fd)
+
+    def _watch_fired(self, fd: int) -> None:
+        watch = self._watches.get(fd)
+        if watch is None or self.close_reason is not None:
+            return
+        cb, condition, data = watch
+        cb(self.dev_ref, condition, data)
+        if self.dev.broken or self.broken_reason is not None:
+            self._close_broken()
+
+    # ====================================================== backend channel
+
+    def config_changed(self) -> bool:
+        """DeviceHost: CONFIG_CHANGE_MSG on the backend channel, if the device
+        runs. The library writes it with a blocking call: it is made only
+        when the channel has room (poll), else retried like the pure engine."""
+        if not (self.open and self.started and self.dev.backend_fd >= 0):
+            return False
+        if not self._has_protocol(ProtocolFeature.BACKEND_REQ):
+            return False
+        poller = select.poll()
+        poller.register(self.dev.backend_fd, select.POLLOUT)
+        if not any(ev & select.POLLOUT for _, ev in poller.poll(0)):
+            self.backend_full += 1
+            self.limited.warning("backend channel full; config change will be sent again",
+                                 retry_seconds=BACKEND_RETRY_SECONDS, times=self.backend_full)
+            if self._backend_retry is None:
+                self._backend_retry = self._loop.call_later(BACKEND_RETRY_SECONDS, self._retry_config_change)
+            return False
+        self.lib.vu_config_change_msg(self.dev_ref)
+        if self.dev.broken:
+            self._loop.call_soon(self._close_broken)
+            return False
+        return True
+
+    def _retry_config_change(self) -> None:
+        self._backend_retry = None
+        self.config_changed()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,148 @@
+"""LibRing: one of libvhost-user's queues, as the device's `Ring`.
+
+The library walks the descriptors (vu_queue_pop: bounds, loops and indirect
+tables are its checks) and hands back an element whose iovecs point into
+its own mappings; they are turned back into guest-physical segments so the
+device reads them as it reads the pure engine's chains. Each popped element
+is kept, by head, until the device pushes that head back (vu_queue_push,
+then free); vu_queue_notify decides, per EVENT_IDX or NO_INTERRUPT, whether
+the guest is interrupted.
+
+A chain the library finds bad makes it panic: the connection is broken and
+closed (QEMU reconnects), where the pure engine returns the chain empty and
+goes on. The panic's message reaches the device as the GuestError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from protocol.errors import GuestError, ProtocolError
+from protocol.virtqueue import Chain, GuestMemoryAccess, Segment
+
+from ..vring import VringCounters
+from .abi import IoVec, Library, VuVirtqElement
+
+if TYPE_CHECKING:
+    from .connection import LibvhostUserConnection
+
+_ELEMENT_SIZE = ctypes.sizeof(VuVirtqElement)
+
+
+class LibRing:
+    def __init__(self, index: int, connection: LibvhostUserConnection) -> None:
+        self.index = index
+        self.counters = VringCounters()
+        self._conn = connection
+        self._lib: Library = connection.lib
+        self._vq: Any = connection.lib.vu_get_queue(connection.dev_ref, index)
+        #: Popped elements the device has not pushed back, by head.
+        self._elements: dict[int, int] = {}
+        #: Whether the device was told this ring is live (queue_started).
+        self.reported_live = False
+        self._base = 0
+
+    @property
+    def vq(self) -> Any:
+        return self._vq.contents
+
+    @property
+    def base(self) -> int:
+        return self._base
+
+    def mark_started(self) -> None:
+        self._base = self.vq.last_avail_idx
+        self.reported_live = True
+
+    @property
+    def live(self) -> bool:
+        vq = self.vq
+        return bool(vq.started and vq.vring.avail and self._conn.memory is not None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.vq.enable)
+
+    @property
+    def configured(self) -> bool:
+        """Addresses and a kick fd given (the library started it)."""
+        vq = self.vq
+        return bool(vq.vring.desc and vq.started)
+
+    @property
+    def last_avail(self) -> int:
+        return int(self.vq.last_avail_idx)
+
+    @property
+    def held(self) -> int:
+        return len(self._elements)
+
+    def pop_chains(self, memory: GuestMemoryAccess, on_error: Callable[[GuestError], None]) -> list[Chain]:
+        conn, lib = self._conn, self._lib
+        library_memory = conn.memory
+        chains: list[Chain] = []
+        if library_memory is None:
+            return chains
+        for _ in range(max(1, self.vq.vring.num)):
+            ptr = lib.vu_queue_pop(conn.dev_ref, self._vq, _ELEMENT_SIZE)
+            if not ptr:
+                break
+            elem = VuVirtqElement.from_address(ptr)
+            head = int(elem.index)
+            try:
+                segments = []
+                for sg, count, writable in ((elem.out_sg, elem.out_num, False), (elem.in_sg, elem.in_num, True)):
+                    if count:
+                        for iov in (IoVec * count).from_address(sg):
+                            length = int(iov.iov_len)
+                            segments.append(Segment(library_memory.gpa_of(iov.iov_base or 0, length), length, writable))
+            except ProtocolError as exc:
+                on_error(GuestError(str(exc)))
+                lib.vu_queue_push(conn.dev_ref, self._vq, ptr, 0)  # returned empty
+                lib.free(ptr)
+                continue
+            self._elements[head] = ptr
+            chains.append(Chain(head, tuple(segments), int(elem.out_num + elem.in_num)))
+            self.counters.chains += 1
+        if conn.broken_reason is not None:
+            on_error(GuestError(conn.broken_reason))
+        return chains
+
+    def pending(self) -> bool:
+        """More chains wait (the pass stopped at its bound)."""
+        return bool(self.live and not self._conn.broken_reason and not self._lib.vu_queue_empty(
+            self._conn.dev_ref, self._vq))
+
+    def push(self, head: int, written: int) -> None:
+        ptr = self._elements.pop(head, None)
+        if ptr is None:
+            return
+        self._lib.vu_queue_push(self._conn.dev_ref, self._vq, ptr, written)
+        self._lib.free(ptr)
+
+    def notify(self) -> None:
+        # The library writes the call eventfd itself and panics when it
+        # cannot: without one (or after a stale one was closed) the guest is
+        # not interrupted, as the pure engine does.
+        if self.vq.call_fd < 0:
+            self.counters.calls_skipped += 1
+            return
+        self._lib.vu_queue_notify(self._conn.dev_ref, self._vq)
+
+    def drop_held(self) -> int:
+        """The ring stops: give every element the device still holds back to
+        the frontend as not consumed (vu_queue_rewind); how many."""
+        held = len(self._elements)
+        for ptr in self._elements.values():
+            self._lib.free(ptr)
+        self._elements.clear()
+        if held:
+            self._lib.vu_queue_rewind(self._conn.dev_ref, self._vq, held)
+        return held
+
+    def free_all(self) -> None:
+        for ptr in self._elements.values():
+            self._lib.free(ptr)
+        self._elements.clear()
