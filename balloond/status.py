@@ -61,6 +61,22 @@ class Disconnect:
 
 
 @dataclass
+class MigrationPeer:
+    """The other end of a live migration this VM took part in (see
+    docs/migration.md, "Who migrated where")."""
+
+    #: The migration's id: 32 hex digits, made by the source's daemon.
+    id: str
+    #: The other VM's name as its daemon knows it; None: not known here (the
+    #: destination is served by another daemon, or has not adopted the state yet).
+    vm: str | None = None
+    #: The other end's host name; None: not known.
+    host: str | None = None
+    #: When this daemon saved (source) or adopted (destination) the state (Unix time).
+    at: float = 0.0
+
+
+@dataclass
 class ServingStatus:
     """What the code serving a VM's socket knows: its connections, device and
     journal. In process isolation this is all a worker can tell the
@@ -84,6 +100,10 @@ class ServingStatus:
     #: takes both when this grows), and the stats interval in force.
     adoptions: int = 0
     stats_interval: float = 0.0
+    #: The last live migration that brought this VM here, and the last that
+    #: took its state away (cleared when the VM runs here again after it).
+    migrated_from: MigrationPeer | None = None
+    migrated_to: MigrationPeer | None = None
 
 
 #: What `migration` says: QEMU is migrating the VM out and the daemon marks
@@ -163,6 +183,9 @@ class VmStatus:
     worker: WorkerStatus | None = None
     #: See MIGRATION_STATES; None: not migrating (or not a kind that can tell).
     migration: str | None = None
+    #: See ServingStatus; migrated_to.vm is filled in when one daemon serves both ends.
+    migrated_from: MigrationPeer | None = None
+    migrated_to: MigrationPeer | None = None
 
     def apply_device(self, device: DeviceStatus) -> None:
         """Take the live device's numbers (its own discard verdict included)."""

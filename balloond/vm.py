@@ -9,6 +9,8 @@ new QEMU means a new guest whose balloon starts empty.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 import time
 from collections.abc import Awaitable
@@ -20,10 +22,11 @@ from protocol.balloon import PAGE_SIZE
 
 from .device.balloon import BalloonDevice, DeviceSettings
 from .device.journal import BalloonJournal, PeerProcess
+from .device.migration_state import HOST_NAME, ORIGIN_ID_BYTES, VM_NAME, MigrationOrigin
 from .engine.connection import VhostUserConnection
 from .engine.memory import DEFAULT_MAX_GUEST_RAM
 from .engine.listener import VhostUserListener
-from .status import Disconnect, EngineCounters, ServingStatus, VmStatus, encode_status
+from .status import Disconnect, EngineCounters, MigrationPeer, ServingStatus, VmStatus, encode_status
 
 if TYPE_CHECKING:
     from .engine.libvhost_user.connection import LibvhostUserConnection
@@ -77,6 +80,8 @@ def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: An
     status.guest_ram_bytes = serving.guest_ram_bytes
     status.last_disconnect = serving.last_disconnect
     status.migration = serving.migration
+    status.migrated_from = serving.migrated_from
+    status.migrated_to = serving.migrated_to
     if serving.device is not None:
         status.apply_device(serving.device)
         if serving.journal_write_errors is not None:
@@ -87,6 +92,52 @@ def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: An
         status.counters["calls_skipped"] = serving.engine.calls_skipped
         status.counters["backend_full"] = serving.engine.backend_full
     return status
+
+
+def host_name() -> str:
+    """This host's name as a migration's origin carries it ("" if it is not a plain host name)."""
+    name = socket.gethostname()
+    return name if HOST_NAME.fullmatch(name) else ""
+
+
+def valid_peer(peer: MigrationPeer | None) -> bool:
+    """Whether a migration peer reported by a worker (which may be compromised) is one a daemon makes."""
+    if peer is None:
+        return True
+    try:
+        ident = bytes.fromhex(peer.id)
+    except ValueError:
+        return False
+    return (len(ident) == ORIGIN_ID_BYTES and peer.id == ident.hex()
+            and (peer.vm is None or VM_NAME.fullmatch(peer.vm) is not None)
+            and (peer.host is None or HOST_NAME.fullmatch(peer.host) is not None))
+
+
+class MigrationPairs:
+    """A daemon serving both ends of a migration pairs them: each destination
+    VM's migration id (the source's daemon made it, and the source VM
+    remembers it), so that the source can name the VM it went to. Keyed by
+    the destination's name: at most one entry per configured VM."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}  # destination VM -> id
+        self._vms: dict[str, str] = {}  # id -> destination VM
+
+    def arrived(self, vm: str, migration_id: str) -> None:
+        old = self._ids.pop(vm, None)
+        if old is not None:
+            self._vms.pop(old, None)
+        self._ids[vm] = migration_id
+        self._vms[migration_id] = vm
+
+    def pair(self, peer: MigrationPeer | None) -> MigrationPeer | None:
+        """A source's migrated_to, with the destination's name and this host if it came here."""
+        if peer is None or peer.vm is not None:
+            return peer
+        vm = self._vms.get(peer.id)
+        if vm is None:
+            return peer
+        return dataclasses.replace(peer, vm=vm, host=host_name() or None)
 
 
 def target_pages(value: Any, ram_bytes: int) -> int:
@@ -145,6 +196,10 @@ class VirtualMachine:
         self.last_disconnect: Disconnect | None = None
         #: Migrated-in VMs whose target and stats interval this VM took.
         self.adoptions = 0
+        #: The last migrations in and out (ServingStatus), and the daemon's pairing of both ends (or None).
+        self.migrated_from: MigrationPeer | None = None
+        self.migrated_to: MigrationPeer | None = None
+        self.migration_pairs: MigrationPairs | None = None
         self.guest_ram_bytes = 0  # remembered from the last connection
         #: The VM's QMP link (services.qmp_link.QmpLink) when configured with qmp=PATH.
         self.qmp: Any = None
@@ -166,6 +221,7 @@ class VirtualMachine:
         )
         device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
         device.on_adopted = self._adopted_from_migration
+        device.on_saving = self._saving_for_migration
         connection: AnyConnection
         if self.engine == "libvhost-user":
             from .engine.libvhost_user import abi
@@ -193,14 +249,27 @@ class VirtualMachine:
                 self.connection = None
         self.last_disconnect = Disconnect(at=time.time(), reason=str(reason))
 
-    def _adopted_from_migration(self, target_pages: int, stats_interval: float) -> None:
+    def _adopted_from_migration(self, target_pages: int, stats_interval: float,
+                                origin: MigrationOrigin | None) -> None:
         """A VM migrated in: the operator's target and stats interval come with it."""
+        if origin is not None:
+            self.migrated_from = MigrationPeer(id=origin.id, vm=origin.vm, host=origin.host or None, at=time.time())
+            if self.migration_pairs is not None:
+                self.migration_pairs.arrived(self.name, origin.id)
         self.target_pages = target_pages
         self.settings.stats_interval = stats_interval
         self.adoptions += 1
         if self.journal is not None:
             self.journal.target(target_pages)
         self.log.info("target adopted from the migrated-in VM", target_bytes=target_pages * PAGE_SIZE)
+
+    def _saving_for_migration(self) -> MigrationOrigin | None:
+        """The device's state is leaving with a migrating VM: its origin, a new id remembered here."""
+        if not VM_NAME.fullmatch(self.name):
+            return None
+        origin = MigrationOrigin(id=os.urandom(ORIGIN_ID_BYTES).hex(), vm=self.name, host=host_name())
+        self.migrated_to = MigrationPeer(id=origin.id, at=time.time())
+        return origin
 
     @property
     def connected(self) -> bool:
@@ -254,6 +323,8 @@ class VirtualMachine:
         device = self.device.snapshot() if self.device is not None else None
         if device is not None and not self.connected:
             device.running = False
+        if device is not None and device.running:
+            self.migrated_to = None  # the VM runs here again: that migration did not take it away
         return ServingStatus(
             connected=self.connected,
             connections=self.connections,
@@ -267,6 +338,8 @@ class VirtualMachine:
             migration=self._migration_state(),
             adoptions=self.adoptions,
             stats_interval=self.settings.stats_interval,
+            migrated_from=self.migrated_from,
+            migrated_to=self.migrated_to,
         )
 
     def _migration_state(self) -> str | None:
@@ -289,7 +362,7 @@ class VirtualMachine:
         )
 
     def status(self) -> VmStatus:
-        return compose_status(
+        status = compose_status(
             VmStatus(
                 name=self.name,
                 socket=self.socket_path,
@@ -299,6 +372,9 @@ class VirtualMachine:
             ),
             self.serving_status(), self.qmp, self.discard_guard,
         )
+        if self.migration_pairs is not None:
+            status.migrated_to = self.migration_pairs.pair(status.migrated_to)
+        return status
 
     def summary(self) -> dict[str, Any]:
         """The API's JSON for this VM."""

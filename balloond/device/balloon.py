@@ -202,9 +202,11 @@ class BalloonDevice:
         self._adopting: MigrationState | None = None
         #: ... and the state adopted, until the first start has journalled it.
         self._migrated_in: MigrationState | None = None
-        #: Told the target and stats interval a migrated-in state brought
-        #: (the VM's own settings follow the VM; see VirtualMachine).
+        #: Told the target, stats interval and origin a migrated-in state
+        #: brought (the VM's own settings follow the VM; see VirtualMachine).
         self.on_adopted: Any = None
+        #: Asked for the origin (MigrationOrigin) of a state being saved; None: the state has none.
+        self.on_saving: Any = None
         self.connected_at = time.time()
         # What each queue role's buffers mean; built once, looked up per kick.
         self._handlers = {
@@ -445,9 +447,11 @@ class BalloonDevice:
             poison_known=self._poison_known,
             guest_ram_bytes=self.memory.total_bytes if self.memory is not None else 0,
             runs=tuple(self.tracker.runs()),
+            origin=self.on_saving() if self.on_saving is not None else None,
         )
         self.counters.migrations_out += 1
-        self.log.info("device state saved for migration", frames=state.frames, runs=len(state.runs))
+        self.log.info("device state saved for migration", frames=state.frames, runs=len(state.runs),
+                      migration_id=state.origin.id if state.origin is not None else None)
         return state.encode()
 
     def load_state(self, data: bytes) -> None:
@@ -477,10 +481,12 @@ class BalloonDevice:
             self._adopt_frames(state)
             self._adopting = None
         self.counters.migrations_in += 1
+        origin = state.origin
         self.log.info("device state adopted from a migration", frames=state.frames, runs=len(state.runs),
-                      target_pages=state.config.num_pages)
+                      target_pages=state.config.num_pages, migration_id=origin.id if origin else None,
+                      source_vm=origin.vm if origin else None, source_host=origin.host if origin else None)
         if self.on_adopted is not None:
-            self.on_adopted(state.config.num_pages, state.stats_interval)
+            self.on_adopted(state.config.num_pages, state.stats_interval, origin)
 
     def _adopt_frames(self, state: MigrationState) -> None:
         """Track the frames ballooned on the source. They reached this side

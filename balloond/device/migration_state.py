@@ -17,19 +17,32 @@ Layout (little-endian), version 1:
              u32 compressed length, u32 CRC-32 of all that precedes it
              and of the compressed bytes
     ranges   zlib of nranges × (u64 gap from the previous run's end, u64 count)
+    origin   only with flag ORIGIN_KNOWN: 16 bytes of migration id, then
+             u8 length + the source VM's name, u8 length + the source's
+             host name (ASCII; an empty host name: unknown)
 
-Runs as gaps and counts compress to a few bytes per run of a fragmented
-balloon and to nothing for a contiguous one.
+The CRC covers the origin too. Runs as gaps and counts compress to a few
+bytes per run of a fragmented balloon and to nothing for a contiguous one.
+
+The origin names where the VM came from: the id is random, made by the
+source's daemon for this one state, which it remembers, so that a daemon
+serving both ends can pair the source VM with the destination VM; the name
+is the source VM's as its daemon knows it. A state without it (from a
+daemon before the origin) is adopted as before; a daemon before the origin
+refuses a state with it (unknown flag): the migration fails and the source
+goes on.
 
 The bytes pass through the frontend, which is not trusted: everything is
 checked on decode (magic, version, CRC, sizes, run order, the inflated size
-bounded before decompression), and the destination checks the frames
+bounded before decompression, the origin's names against the rules for a VM
+name and a host name: they end up in logs, terminals and the API), and the destination checks the frames
 against its own guest RAM before adopting them (`BalloonDevice.load_state`).
 A state that fails is refused and the migration fails; the source goes on.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -41,7 +54,8 @@ MAGIC = b"BLNDMIG1"
 #: flags
 POISON_KNOWN = 1 << 0
 INFLATE_BASE_KNOWN = 1 << 1
-_ALL_FLAGS = POISON_KNOWN | INFLATE_BASE_KNOWN
+ORIGIN_KNOWN = 1 << 2
+_ALL_FLAGS = POISON_KNOWN | INFLATE_BASE_KNOWN | ORIGIN_KNOWN
 
 HEADER = struct.Struct("<8sIIQ16sdIQI")
 CRC = struct.Struct("<I")
@@ -50,6 +64,52 @@ RUN = struct.Struct("<QQ")
 #: At most this many runs (every other frame of 1 TiB of guest RAM would be
 #: 2^27): bounds the memory a decode may take to 256 MiB.
 MAX_RUNS = 1 << 24
+
+ORIGIN_ID_BYTES = 16
+#: A VM's name as the daemon's configuration allows it (balloond/services/config.py).
+VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A host name: letters, digits, '.', '_', '-' (no spaces or control characters).
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
+
+
+@dataclass(frozen=True)
+class MigrationOrigin:
+    """Where a migrated state comes from (see the module's docstring)."""
+
+    #: 32 hex digits, random per saved state.
+    id: str
+    #: The source VM's name, as the source's daemon knows it.
+    vm: str
+    #: The source's host name; "" if it was not one that fits HOST_NAME.
+    host: str
+
+    def encode(self) -> bytes:
+        ident = bytes.fromhex(self.id)
+        if len(ident) != ORIGIN_ID_BYTES or not VM_NAME.fullmatch(self.vm) \
+                or not (self.host == "" or HOST_NAME.fullmatch(self.host)):
+            raise ValueError(f"not a valid origin: {self!r}")
+        vm, host = self.vm.encode(), self.host.encode()
+        return ident + bytes([len(vm)]) + vm + bytes([len(host)]) + host
+
+    @classmethod
+    def decode(cls, data: bytes) -> MigrationOrigin:
+        if len(data) < ORIGIN_ID_BYTES + 2:
+            raise ValueError(f"origin of {len(data)} bytes is too short")
+        ident, rest = data[:ORIGIN_ID_BYTES], data[ORIGIN_ID_BYTES:]
+        vm_len = rest[0]
+        vm, rest = rest[1 : 1 + vm_len], rest[1 + vm_len :]
+        if len(vm) != vm_len or not rest:
+            raise ValueError("origin's VM name runs past the state's end")
+        host_len = rest[0]
+        host = rest[1:]
+        if len(host) != host_len:
+            raise ValueError(f"origin's host name is {len(host)} bytes where its length says {host_len}")
+        # Matched as bytes: a non-ASCII byte is refused here, before any decoding.
+        if not re.fullmatch(VM_NAME.pattern.encode(), vm):
+            raise ValueError("origin's VM name is not a valid VM name")
+        if host and not re.fullmatch(HOST_NAME.pattern.encode(), host):
+            raise ValueError("origin's host name is not a valid host name")
+        return cls(id=ident.hex(), vm=vm.decode(), host=host.decode())
 
 
 @dataclass(frozen=True)
@@ -64,6 +124,8 @@ class MigrationState:
     guest_ram_bytes: int
     #: The ballooned frames: (first_pfn, count) runs, ascending, disjoint.
     runs: tuple[tuple[int, int], ...]
+    #: Where the state was saved; None from a daemon before the origin.
+    origin: MigrationOrigin | None = None
 
     @property
     def frames(self) -> int:
@@ -77,11 +139,15 @@ class MigrationState:
             end = first + count
         packed = zlib.compress(bytes(raw), 6)
         flags = (POISON_KNOWN if self.poison_known else 0) | (INFLATE_BASE_KNOWN if self.inflate_base is not None else 0)
+        origin = b""
+        if self.origin is not None:
+            flags |= ORIGIN_KNOWN
+            origin = self.origin.encode()
         head = HEADER.pack(
             MAGIC, flags, len(self.runs), self.features, self.config.encode(), self.stats_interval,
             (self.inflate_base or 0) & 0xFFFF, self.guest_ram_bytes, len(packed),
         )
-        return head + CRC.pack(zlib.crc32(packed, zlib.crc32(head))) + packed
+        return head + CRC.pack(zlib.crc32(packed + origin, zlib.crc32(head))) + packed + origin
 
     @classmethod
     def decode(cls, data: bytes) -> MigrationState:
@@ -92,13 +158,16 @@ class MigrationState:
         if magic != MAGIC:
             raise ValueError("not a balloond device state (or another version)")
         (crc,) = CRC.unpack_from(data, HEADER.size)
-        packed = data[HEADER.size + CRC.size :]
+        body = data[HEADER.size + CRC.size :]
+        # The runs, then (with ORIGIN_KNOWN) the origin to the end.
+        packed = body[:packed_len] if flags & ORIGIN_KNOWN else body
         if len(packed) != packed_len:
             raise ValueError(f"{len(packed)} bytes of runs where the header says {packed_len}")
-        if zlib.crc32(packed, zlib.crc32(data[: HEADER.size])) != crc:
+        if zlib.crc32(body, zlib.crc32(data[: HEADER.size])) != crc:
             raise ValueError("state checksum mismatch")
         if flags & ~_ALL_FLAGS:
             raise ValueError(f"unknown flags {flags:#x}")
+        origin = MigrationOrigin.decode(body[packed_len:]) if flags & ORIGIN_KNOWN else None
         if nruns > MAX_RUNS:
             raise ValueError(f"{nruns} runs (at most {MAX_RUNS})")
         if not 0 <= interval < 1e9:  # NaN fails too
@@ -129,4 +198,5 @@ class MigrationState:
             poison_known=bool(flags & POISON_KNOWN),
             guest_ram_bytes=ram,
             runs=tuple(runs),
+            origin=origin,
         )

@@ -133,10 +133,12 @@ def render_detail(vm: dict[str, Any]) -> str:
             line += f", last exit: {worker['last_exit']}"
         lines.append(line)
     counters = vm.get("counters") or {}
-    if vm.get("migration") or counters.get("migrations_in") or counters.get("migrations_out"):
+    if (vm.get("migration") or counters.get("migrations_in") or counters.get("migrations_out")
+            or vm.get("migrated_from") or vm.get("migrated_to")):
         line = f"live migration: {vm.get('migration') or 'none now'}"
         line += f" ({counters.get('migrations_out', 0)} out, {counters.get('migrations_in', 0)} in)"
         lines.append(line)
+    lines += _migration_peers(vm)
     if vm.get("last_error"):
         lines.append(f"problem: {vm['last_error']}")
     if vm.get("features"):
@@ -150,6 +152,22 @@ def render_detail(vm: dict[str, Any]) -> str:
             shown = format_size(value) if key.endswith("memory") or key == "disk_caches" else str(value)
             lines.append(f"  {key:<22} {shown}")
     return "\n".join(lines)
+
+
+def _migration_peers(vm: dict[str, Any]) -> list[str]:
+    """Where the VM came from and where its state went (docs/migration.md)."""
+    lines = []
+    came = vm.get("migrated_from")
+    if came:
+        lines.append(f"  migrated in from VM {came['vm']} on "
+                     + (f"host {came['host']}" if came.get("host") else "an unknown host")
+                     + f" (migration {came['id'][:8]})")
+    went = vm.get("migrated_to")
+    if went:
+        where = (f"VM {went['vm']}" + (f" on host {went['host']}" if went.get("host") else "")
+                 if went.get("vm") else "another daemon (VM and host not known here)")
+        lines.append(f"  migrated out to {where} (migration {went['id'][:8]})")
+    return lines
 
 
 def render_pfns(data: dict[str, Any], limit: int = 50) -> str:

@@ -18,7 +18,7 @@ from .. import __version__, logs
 from ..device.balloon import DeviceSettings
 from ..device.journal import BalloonJournal, JournalError, check_state_dir
 from ..engine.listener import ListenerError, VhostUserListener, adopt_listening_socket, open_listening_socket
-from ..vm import ManagedVm, VirtualMachine
+from ..vm import ManagedVm, MigrationPairs, VirtualMachine
 from ..worker.forkserver import start_forkserver
 from ..worker.process import WorkerSpec
 from ..worker.supervisor import WorkerVm
@@ -79,6 +79,8 @@ class Daemon:
         )
         self._stop = asyncio.Event()
         self._context: BaseContext | None = None
+        #: Both ends of a live migration between two of this daemon's VMs, paired.
+        self.migration_pairs = MigrationPairs()
 
     def _device_settings(self) -> DeviceSettings:
         s = self.settings
@@ -174,6 +176,7 @@ class Daemon:
                 vm.discard_guard = DiscardGuard(vm.set_discard_inhibit, log=vm.log,
                                                 poll_interval=self.settings.guard_poll_interval)
                 vm.qmp.add(vm.discard_guard)  # closed until QEMU answers
+            vm.migration_pairs = self.migration_pairs
             self.vms[vmc.name] = vm
             self.listeners.append(listener)
 

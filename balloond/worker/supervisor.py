@@ -35,8 +35,8 @@ import structlog
 
 from protocol.balloon import PAGE_SIZE
 
-from ..status import ServingStatus, VmStatus, WorkerStatus, encode_status
-from ..vm import VmUnavailable, compose_status, stats_interval, target_pages
+from ..status import MigrationPeer, ServingStatus, VmStatus, WorkerStatus, encode_status
+from ..vm import MigrationPairs, VmUnavailable, compose_status, stats_interval, target_pages, valid_peer
 from .channel import (
     TO_SUPERVISOR,
     ChannelError,
@@ -125,6 +125,10 @@ class WorkerVm:
         self._body: tuple[tuple[Any, ...], bytes] | None = None
         #: The current worker's ServingStatus.adoptions last seen.
         self._adoptions = 0
+        #: The last migrations in and out, kept across workers, and the daemon's pairing of both ends (or None).
+        self.migrated_from: MigrationPeer | None = None
+        self.migrated_to: MigrationPeer | None = None
+        self.migration_pairs: MigrationPairs | None = None
 
     # ------------------------------------------------------------ the worker's life
 
@@ -264,7 +268,10 @@ class WorkerVm:
             if isinstance(message, Status):
                 if message.applied > self.sent:
                     return f"malformed message: applied command {message.applied}, only {self.sent} sent"
+                if not (valid_peer(message.serving.migrated_from) and valid_peer(message.serving.migrated_to)):
+                    return "malformed message: a migration peer no daemon makes"
                 self.serving = message.serving
+                self._take_migrations(message.serving)
                 self.applied = max(self.applied, message.applied)
                 if self.target_pages is None:
                     self.target_pages = message.serving.target_pages  # the journal's, at a first start
@@ -276,6 +283,19 @@ class WorkerVm:
                 self._answer(message.id, message)
             elif isinstance(message, Pfns):
                 self._answer(message.id, message)
+
+    def _take_migrations(self, serving: ServingStatus) -> None:
+        """Keep the worker's migrations in and out beyond its life (a new
+        worker knows of neither); a source that runs again has none out."""
+        came = serving.migrated_from
+        if came is not None and came != self.migrated_from:
+            self.migrated_from = came
+            if self.migration_pairs is not None:
+                self.migration_pairs.arrived(self.name, came.id)
+        if serving.migrated_to is not None:
+            self.migrated_to = serving.migrated_to
+        elif serving.device is not None and serving.device.running:
+            self.migrated_to = None
 
     def _adopt(self, message: Status) -> None:
         """The worker took a migrated-in VM's target and stats interval (the
@@ -388,6 +408,7 @@ class WorkerVm:
         if serving.device is not None and not serving.connected and serving.device.running:
             serving = dataclasses.replace(serving, device=dataclasses.replace(serving.device, running=False))
         target = self.target_pages if self.target_pages is not None else 0
+        serving = dataclasses.replace(serving, migrated_from=self.migrated_from, migrated_to=self._migrated_to())
         status = compose_status(
             VmStatus(name=self.name, socket=self.spec.socket, target_bytes=target * PAGE_SIZE,
                      stats_interval=self.stats_interval, discard_inhibited=self.discard_inhibit),
@@ -396,6 +417,12 @@ class WorkerVm:
         status.guest_ram_bytes = self.ram_bytes()
         status.worker = WorkerStatus(state=self.state, pid=self.pid, restarts=self.restarts, last_exit=self.last_exit)
         return status
+
+    def _migrated_to(self) -> MigrationPeer | None:
+        """The last migration out, with the destination VM if this daemon serves it too."""
+        if self.migration_pairs is None:
+            return self.migrated_to
+        return self.migration_pairs.pair(self.migrated_to)
 
     def summary(self) -> dict[str, Any]:
         """The API's JSON for this VM."""
@@ -408,7 +435,7 @@ class WorkerVm:
         reports. The key holds everything status() reads."""
         qmp, guard = self.qmp, self.discard_guard
         key = (self.serving, self.state, self.pid, self.restarts, self.last_exit, self.target_pages,
-               self.stats_interval, self.discard_inhibit, self.ram_bytes(),
+               self.stats_interval, self.discard_inhibit, self.ram_bytes(), self.migrated_from, self._migrated_to(),
                None if qmp is None else (qmp.path, qmp.connected, qmp.status),
                None if guard is None else guard.summary())
         if self._body is None or self._body[0] != key:

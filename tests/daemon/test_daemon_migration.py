@@ -15,10 +15,16 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import socket
+import struct
+import zlib
 
 import pytest
 
+from balloond.device.migration_state import HEADER, MigrationOrigin, MigrationState
 from balloond.services.cli import render_detail
+from harness.daemon import DaemonProcess
+from protocol.balloon import BalloonConfig
 from tests import wire
 from tests.frontend import FRONTEND_PROTOCOL_FEATURES, PAGE_SIZE, GuestRam, TestFrontend
 from tests.wire import ProtocolFeature, Request
@@ -130,6 +136,10 @@ def test_a_balloon_migrates_between_two_sockets(daemon, ram, settled):
         os.close(log_fd)
         src = daemon.api.vm("vm0")
         assert src["counters"]["migrations_out"] == 1
+        origin = MigrationState.decode(state).origin
+        assert origin is not None and origin.vm == "vm0" and origin.host == socket.gethostname()
+        # Where it went is not known until a VM of this daemon adopts that state.
+        assert src["migrated_to"] == {"id": origin.id, "vm": None, "host": None, "at": src["migrated_to"]["at"]}
         fe.close()  # the source QEMU, done (the guest's RAM lives on in `ram`)
 
         ram.touch(frames, value=0)  # QEMU's loading: a zero page for each, allocated
@@ -149,6 +159,13 @@ def test_a_balloon_migrates_between_two_sockets(daemon, ram, settled):
         assert dst["target_bytes"] == 3000 * PAGE_SIZE and dst["stats_interval"] == src["stats_interval"]
         assert dst["migration"] is None
         assert "live migration: none now (0 out, 1 in)" in render_detail(dst)
+        # Both ends named, paired by the migration's id.
+        host = socket.gethostname()
+        assert {k: dst["migrated_from"][k] for k in ("id", "vm", "host")} == {"id": origin.id, "vm": "vm0", "host": host}
+        src = daemon.api.vm("vm0")
+        assert {k: src["migrated_to"][k] for k in ("id", "vm", "host")} == {"id": origin.id, "vm": "vm1", "host": host}
+        assert f"migrated in from VM vm0 on host {host}" in render_detail(dst)
+        assert f"migrated out to VM vm1 on host {host}" in render_detail(src)
         assert before - ram.allocated_bytes() == len(frames) * PAGE_SIZE  # discarded again, once
         # The destination knows the source's frames: a deflate of one is taken.
         fe.deflate(range(first[-1] - 255, first[-1] + 1))
@@ -222,3 +239,64 @@ def test_an_unsealable_log_closes_the_connection(daemon, connect):
     fe.send(Request.SET_LOG_BASE, wire.pack_u64(LOG_BYTES) + wire.pack_u64(0), [fd])
     os.close(fd)
     assert fe.hung_up()
+
+
+def migrate_once(d: DaemonProcess, ram: GuestRam, frames: range) -> tuple[bytes, TestFrontend]:
+    """vm0's balloon of `frames` saved and loaded on vm1; returns the state and vm1's frontend."""
+    fe = TestFrontend(d.sockets["vm0"], ram=ram, protocol_features=MIGRATING)
+    fe.start()
+    ram.touch(frames)
+    fe.inflate(frames)
+    fe.stop()
+    state = save(fe)
+    fe.close()
+    fe.socket_path = d.sockets["vm1"]
+    fe.connect()
+    assert load(fe, state) == 0
+    fe.start()
+    return state, fe
+
+
+def test_without_workers_both_ends_are_named_and_a_source_that_runs_again_has_none_out(tmp_path, ram):
+    """--vm-isolation none: the same pairing in one process. A VM whose state
+    was saved but that runs again on the source (the migration failed after
+    the save) did not go anywhere."""
+    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"), extra_args=["--vm-isolation", "none"])
+    d.start()
+    try:
+        state, fe = migrate_once(d, ram, range(4096, 4096 + 64))
+        origin = MigrationState.decode(state).origin
+        assert origin is not None
+        src, dst = d.api.vm("vm0"), d.api.vm("vm1")
+        assert (src["migrated_to"]["id"], src["migrated_to"]["vm"]) == (origin.id, "vm1")
+        assert (dst["migrated_from"]["id"], dst["migrated_from"]["vm"]) == (origin.id, "vm0")
+        assert "migrated out to VM vm1" in render_detail(src)
+        assert "migrated in from VM vm0" in render_detail(dst)
+        fe.close()
+
+        # Saved, then running again on vm0: no migration out any more.
+        again = TestFrontend(d.sockets["vm0"], ram=ram, protocol_features=MIGRATING)
+        again.start()
+        again.stop()
+        save(again)
+        assert d.api.vm("vm0")["migrated_to"]["vm"] is None  # no VM here adopted this one
+        again.start()
+        assert d.api.vm("vm0")["migrated_to"] is None
+        assert "migrated out" not in render_detail(d.api.vm("vm0"))
+        again.close()
+    finally:
+        d.stop()
+
+
+def test_a_state_with_a_hostile_origin_is_refused(daemon, connect):
+    """The origin's names end up in logs, terminals and the API: one that is
+    not a VM name fails the check like any malformed state."""
+    origin = MigrationOrigin(id="ab" * 16, vm="vm0", host="h1")
+    good = MigrationState(features=0, config=BalloonConfig(), stats_interval=0.0, inflate_base=None,
+                          poison_known=False, guest_ram_bytes=0, runs=(), origin=origin).encode()
+    bad = good.replace(b"\x03vm0", b"\x03\x1b[2")  # an escape sequence for a name
+    body = bad[HEADER.size + 4:]
+    bad = bad[:HEADER.size] + struct.pack("<I", zlib.crc32(body, zlib.crc32(bad[:HEADER.size]))) + body
+    fe = connect("vm1", start=False, protocol_features=MIGRATING)
+    assert load(fe, bad) == 1
+    assert load(fe, good) == 0  # the same state with a VM's name is taken

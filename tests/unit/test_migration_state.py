@@ -11,7 +11,10 @@ import zlib
 import pytest
 
 from balloond.device.balloon import BalloonDevice, DeviceSettings
-from balloond.device.migration_state import HEADER, MAGIC, MAX_RUNS, MigrationState
+from balloond.device.migration_state import HEADER, MAGIC, MAX_RUNS, MigrationOrigin, MigrationState
+from balloond.services.cli import render_detail
+from balloond.status import MigrationPeer, VmStatus
+from balloond.vm import MigrationPairs, valid_peer
 from balloond.engine.memory import GuestMemory
 from protocol.balloon import BalloonConfig
 from protocol.vhost_user import MemoryRegion
@@ -99,6 +102,88 @@ def test_a_decompression_bomb_is_cut_short():
         MigrationState.decode(data)
 
 
+# ------------------------------------------------------------------ origin
+
+ORIGIN = MigrationOrigin(id="0123456789abcdef" * 2, vm="web-1.a_b", host="host7.example.org")
+
+
+def test_the_origin_round_trips_and_a_state_without_one_is_the_first_format():
+    state = make_state(origin=ORIGIN)
+    assert MigrationState.decode(state.encode()) == state
+    assert MigrationState.decode(make_state(origin=MigrationOrigin(ORIGIN.id, "v", "")).encode()).origin.host == ""
+    plain = make_state().encode()
+    assert struct.unpack_from("<I", plain, 8)[0] & 4 == 0  # no ORIGIN_KNOWN flag: what an older daemon reads
+    assert MigrationState.decode(plain).origin is None
+
+
+def with_origin(raw: bytes) -> bytes:
+    """A valid state whose origin bytes are `raw` (CRC fixed)."""
+    return resign(make_state(origin=ORIGIN).encode()[: -len(ORIGIN.encode())] + raw)
+
+
+def origin_bytes(ident: bytes = bytes(range(16)), vm: bytes = b"vm0", host: bytes = b"h") -> bytes:
+    return ident + bytes([len(vm)]) + vm + bytes([len(host)]) + host
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b"", "too short"),
+        (bytes(16), "too short"),
+        (origin_bytes()[:-1], "host name is 0 bytes"),
+        (origin_bytes() + b"x", "host name is 2 bytes"),
+        (bytes(16) + b"\x09vm0", "runs past"),
+        (origin_bytes(vm=b""), "not a valid VM name"),
+        (origin_bytes(vm=b"\x1b[2Jx"), "not a valid VM name"),
+        (origin_bytes(vm=b"a" * 65), "not a valid VM name"),
+        (origin_bytes(vm=b"-x"), "not a valid VM name"),
+        (origin_bytes(vm="vé".encode()), "not a valid VM name"),
+        (origin_bytes(vm=b"vm0\n"), "not a valid VM name"),
+        (origin_bytes(host=b"a host"), "not a valid host name"),
+        (origin_bytes(host=b"h\x00"), "not a valid host name"),
+        (origin_bytes(host=b"\xff\xfe"), "not a valid host name"),
+    ],
+)
+def test_hostile_origins_are_refused(raw, match):
+    with pytest.raises(ValueError, match=match):
+        MigrationState.decode(with_origin(raw))
+    assert MigrationState.decode(with_origin(origin_bytes())).origin.vm == "vm0"
+
+
+def test_an_origin_the_source_cannot_send_is_an_error_not_a_bad_state():
+    with pytest.raises(ValueError):
+        make_state(origin=MigrationOrigin("ab", "vm0", "h")).encode()
+    with pytest.raises(ValueError):
+        make_state(origin=MigrationOrigin(ORIGIN.id, "vm 0", "h")).encode()
+
+
+def test_one_daemon_pairs_the_source_with_the_destination():
+    pairs = MigrationPairs()
+    out = MigrationPeer(id="aa" * 16, at=1.0)
+    assert pairs.pair(out) is out  # not adopted here (yet): another daemon, as far as this one knows
+    pairs.arrived("dst", "bb" * 16)
+    pairs.arrived("dst", "aa" * 16)  # dst's latest migration in replaces its previous one
+    paired = pairs.pair(out)
+    assert paired is not None and paired.vm == "dst" and paired.id == out.id and out.vm is None
+    assert pairs.pair(MigrationPeer(id="bb" * 16)).vm is None
+    assert "migrated out to another daemon" in render_detail(VmStatus(name="src", migrated_to=out).to_json())
+    assert "migrated in from VM src on an unknown host" in render_detail(
+        VmStatus(name="dst", migrated_from=MigrationPeer(id="aa" * 16, vm="src")).to_json())
+
+
+@pytest.mark.parametrize("peer,ok", [
+    (None, True),
+    (MigrationPeer(id="aa" * 16, vm="vm0", host="h"), True),
+    (MigrationPeer(id="AA" * 16), False),  # not how a daemon writes it
+    (MigrationPeer(id="aa" * 15), False),
+    (MigrationPeer(id="zz" * 16), False),
+    (MigrationPeer(id="aa" * 16, vm="\x1b]0;x"), False),
+    (MigrationPeer(id="aa" * 16, host="a b"), False),
+])
+def test_a_worker_reports_only_peers_a_daemon_makes(peer, ok):
+    assert valid_peer(peer) is ok
+
+
 # ------------------------------------------------------------------ adoption
 
 
@@ -129,7 +214,7 @@ def test_the_destination_tracks_the_frames_and_discards_them_at_the_start():
     state = make_state(runs=((256, 1024), (4096, 512)), features=1 << 32 | 1, inflate_base=7)
     device = BalloonDevice(DeviceSettings(stats_interval=5.0))
     adopted = []
-    device.on_adopted = lambda pages, interval: adopted.append((pages, interval))
+    device.on_adopted = lambda pages, interval, origin: adopted.append((pages, interval))
     device.load_state(state.encode())
     assert adopted == [(5000, 2.5)]
     assert device.config.num_pages == 5000 and device.config.actual == 4000 and device.config.poison_val == 0xAA
