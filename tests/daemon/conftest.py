@@ -15,6 +15,11 @@ discards wait to be coalesced and a deflate cancels them). A test that
 looks at host memory right after an inflate waits for the deferred discards
 first (`settled`). A test that only makes sense in one mode says so with
 `@pytest.mark.only_discard_mode("immediate", reason="...")`.
+
+A module whose tests are about the device's behaviour, not one engine's,
+sets `DAEMON_ENGINES = ENGINES`: its daemon then runs once per vhost-user
+engine (`engine`: the pure one and libvhost-user, --engine), so that every
+difference between the two shows up as a failing test.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import pytest
 from tests.daemon.discards import DISCARD_MODES, SETTLE_TIMEOUT
 from tests.daemon.harness import DaemonProcess
 from tests.frontend import TestFrontend
+
+#: The vhost-user engines (balloond --engine); modules opt in with DAEMON_ENGINES.
+ENGINES = ("pure", "libvhost-user")
 
 #: Log events that mean the daemon hit a bug of its own.
 BUG_EVENTS = {"device error", "internal error handling request", "API handler failed"}
@@ -57,6 +65,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`engine`: the module's DAEMON_ENGINES (default: the pure engine only)."""
+    if "engine" in metafunc.fixturenames:
+        engines = getattr(metafunc.module, "DAEMON_ENGINES", ("pure",))
+        metafunc.parametrize("engine", list(engines), scope="module")
+
+
+def engine_args(engine: str) -> list[str]:
+    return [] if engine == "pure" else ["--engine", engine]
+
+
 @pytest.fixture(scope="module")
 def daemon_options() -> dict[str, Any]:
     return {}
@@ -70,10 +89,10 @@ def discard_mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def daemon(
-    tmp_path_factory: pytest.TempPathFactory, daemon_options: dict[str, Any], discard_mode: str
+    tmp_path_factory: pytest.TempPathFactory, daemon_options: dict[str, Any], discard_mode: str, engine: str
 ) -> Iterator[DaemonProcess]:
     options = {"vms": ("vm0", "vm1"), "stats_interval": 0.2, **daemon_options}
-    options["extra_args"] = [*DISCARD_MODES[discard_mode], *options.get("extra_args", ())]
+    options["extra_args"] = [*DISCARD_MODES[discard_mode], *engine_args(engine), *options.get("extra_args", ())]
     proc = DaemonProcess(tmp_path_factory.mktemp(f"balloond-{discard_mode}"), **options)
     proc.start()
     yield proc
@@ -84,9 +103,9 @@ def daemon(
 
 
 @pytest.fixture
-def stateful(tmp_path: Any, discard_mode: str) -> Iterator[DaemonProcess]:
+def stateful(tmp_path: Any, discard_mode: str, engine: str) -> Iterator[DaemonProcess]:
     """A daemon of the test's own with --state-dir (one VM), for tests that kill it."""
-    args = [*DISCARD_MODES[discard_mode], "--state-dir", str(tmp_path / "state")]
+    args = [*DISCARD_MODES[discard_mode], *engine_args(engine), "--state-dir", str(tmp_path / "state")]
     d = DaemonProcess(tmp_path / "d", vms=("vm0",), extra_args=args)
     d.start()
     yield d

@@ -12,9 +12,12 @@ from protocol.balloon import Feature, QueueRole
 from protocol.vhost_user import ProtocolFeature
 from tests.frontend import PAGE_SIZE, GuestRam, RamRegion, TestFrontend
 from tests.daemon.discards import wait_past_deferral
+from tests.daemon.conftest import ENGINES
 from tests.daemon.harness import assert_no_guest_errors
 
 PAGE = PAGE_SIZE
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 
 def runs(pfns):

@@ -340,7 +340,15 @@ class LibvhostUserConnection:
 
     def _before_memory_change(self) -> None:
         """The library is about to unmap: discards pending on the old
-        mappings are done now (as the pure engine does)."""
+        mappings are done now (as the pure engine does). Stopped rings
+        forget their addresses: the library would map them again under the
+        new table, and fail (breaking the connection) where the old frontend
+        addresses no longer translate; a ring gets SET_VRING_ADDR again before
+        it starts anyway, and the pure engine maps rings only at start."""
+        for ring in self.vrings.values():
+            vq = ring.vq
+            if not vq.started:
+                vq.vring.desc = vq.vring.avail = vq.vring.used = None
         self._safe_device_call(self.device.memory_unmapping)
         if self.memory is not None:
             self.memory.release()
