@@ -66,10 +66,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """`engine`: the module's DAEMON_ENGINES (default: the pure engine only)."""
-    if "engine" in metafunc.fixturenames:
-        engines = getattr(metafunc.module, "DAEMON_ENGINES", ("pure",))
+    """`engine`: each of the module's DAEMON_ENGINES."""
+    engines = getattr(metafunc.module, "DAEMON_ENGINES", None)
+    if engines is not None and "engine" in metafunc.fixturenames:
         metafunc.parametrize("engine", list(engines), scope="module")
+
+
+@pytest.fixture(scope="module")
+def engine() -> str:
+    """The engine of a module that does not set DAEMON_ENGINES."""
+    return "pure"
 
 
 def engine_args(engine: str) -> list[str]:

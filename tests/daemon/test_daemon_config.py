@@ -12,6 +12,10 @@ from tests.daemon.harness import ApiError
 from tests.frontend import PAGE_SIZE
 
 import pytest
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 
 def test_target_change_notifies_a_running_device(daemon, connect):

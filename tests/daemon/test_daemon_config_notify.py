@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from tests.daemon.harness import crash_and_restart, reconnect
 from tests.frontend import GuestRam, TestFrontend
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 
 def test_target_change_is_announced(stateful):

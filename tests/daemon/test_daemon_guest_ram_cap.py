@@ -19,6 +19,10 @@ import socket
 import pytest
 
 from tests.frontend import DaemonHungUp, Nack, Request, TestFrontend
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 CAP = 128 << 20
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 import pytest
 
 from tests.frontend import GuestRam, RamRegion
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 HUGE = 2 << 20
 FRAMES = HUGE >> 12

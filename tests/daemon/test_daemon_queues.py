@@ -9,6 +9,10 @@ from protocol.balloon import Feature, QueueRole, StatTag
 from tests.frontend import PAGE_SIZE
 from tests.daemon.discards import wait_past_deferral
 from tests.daemon.harness import assert_no_guest_errors
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 PAGE = PAGE_SIZE
 MIB = 1 << 20

@@ -24,6 +24,10 @@ from tests.daemon.discards import DISCARD_MODES, PAST_DEFERRAL
 from tests.daemon.harness import crash_and_restart
 from tests.daemon.test_daemon_restart import dropped_lines, log_size
 from tests.frontend import GuestRam, TestFrontend
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 PAGE = 4096
 

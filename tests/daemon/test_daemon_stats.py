@@ -8,6 +8,10 @@ import time
 
 from protocol.balloon import Feature, QueueRole, StatTag
 from tests.daemon.harness import assert_no_guest_errors
+from tests.daemon.conftest import ENGINES
+
+#: Device behaviour: the same tests on both vhost-user engines.
+DAEMON_ENGINES = ENGINES
 
 
 def stats_state(daemon, vm="vm0"):

@@ -376,7 +376,7 @@ class LibvhostUserConnection:
         total = sum(table.regions[i].memory_size for i in range(count))
         if total > self.max_guest_ram:
             return self._refuse(
-                f"guest RAM of {total:#x} bytes exceeds the cap of {self.max_guest_ram:#x} (--max-guest-ram)", vmsg)
+                f"memory table of {total:#x} bytes exceeds the guest RAM cap of {self.max_guest_ram:#x}", vmsg)
         for i in range(count):
             problem = self._check_region(table.regions[i], vmsg.fds[i])
             if problem is not None:

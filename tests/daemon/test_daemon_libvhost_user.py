@@ -1,0 +1,108 @@
+"""The libvhost-user engine in a real daemon, where it differs from the pure
+one: an assertion inside the library aborts the process serving the VM, and
+with one worker per VM that ends only that VM's worker, which the
+supervisor restarts; its neighbour is not disturbed. Also what the binding
+checks before the library sees a message (requests the library would
+answer with exit() or an out-of-bounds write)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from harness.daemon import DaemonProcess
+from tests.frontend import TestFrontend
+
+PAGE = 4096
+TIMEOUT = 1.5  # --worker-timeout
+
+
+@pytest.fixture
+def daemon2(tmp_path):
+    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"),
+                      extra_args=["--engine", "libvhost-user", "--worker-timeout", str(TIMEOUT),
+                                  "--state-dir", str(tmp_path / "state")])
+    d.start()
+    yield d
+    alive = d.alive
+    code = d.stop()
+    assert alive and code == 0, d.log_tail()
+
+
+def worker(d: DaemonProcess, vm: str) -> dict:
+    return d.api.vm(vm)["worker"]
+
+
+def restarted(d: DaemonProcess, vm: str, times: int = 1, timeout: float = 10.0) -> dict:
+    state = d.wait_vm(vm, lambda s: s["worker"]["state"] == "running" and s["worker"]["restarts"] == times,
+                      timeout, f"{vm}'s worker restarted {times} time(s)")
+    return state["worker"]
+
+
+def short_payload(path: str) -> socket.socket:
+    """A message whose header promises 40 bytes of payload, and only 8 come:
+    libvhost-user's reader asserts that one read() returned them all, and
+    aborts the process when it did not."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(struct.pack("<III", 9, 1, 40) + bytes(8))  # SET_VRING_ADDR, cut short
+    return sock
+
+
+def test_an_abort_in_the_library_ends_only_that_vms_worker(daemon2):
+    d = daemon2
+    with TestFrontend(d.sockets["vm1"]) as other:
+        other.start()
+        first = list(range(other.first_free_pfn, other.first_free_pfn + 512))
+        other.ram.touch(first)
+        other.inflate(first)
+        d.wait_vm("vm1", lambda s: s["ballooned_bytes"] == 512 * PAGE)
+        neighbour = worker(d, "vm1")["pid"]
+        victim = worker(d, "vm0")["pid"]
+        hostile = short_payload(d.sockets["vm0"])
+        try:
+            w = restarted(d, "vm0")
+        finally:
+            hostile.close()
+        assert w["last_exit"] == "killed by SIGABRT" and w["pid"] != victim
+        assert any(r.get("event") == "worker ended; starting another" and r.get("vm") == "vm0"
+                   and r.get("reason") == "killed by SIGABRT" for r in d.log_records())
+        # The neighbour's worker and connection never noticed.
+        state = d.api.vm("vm1")
+        assert state["worker"]["pid"] == neighbour and state["worker"]["restarts"] == 0
+        assert state["connected"] and state["connections"] == 1
+        other.deflate(first[:256])
+        more = list(range(first[-1] + 1, first[-1] + 1 + 256))
+        other.inflate(more)
+        d.wait_vm("vm1", lambda s: s["ballooned_bytes"] == 512 * PAGE)
+        assert other.ram.is_zero(more[0]) and other.ram.is_zero(first[300])
+    # The restarted worker serves vm0 again.
+    with TestFrontend(d.sockets["vm0"]) as again:
+        again.start()
+        pfns = list(range(again.first_free_pfn, again.first_free_pfn + 256))
+        again.inflate(pfns)
+        d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 256 * PAGE)
+
+
+@pytest.mark.parametrize("request_code, payload, reason", [
+    # Request 0 is what the library's reader makes of end-of-file; the library exit()s for it.
+    (0, b"", "frontend closed the connection"),
+    # GET_VRING_BASE: the library indexes its queue array without a check.
+    (11, struct.pack("<II", 200, 0), "request 11 for queue 200, beyond 16"),
+])
+def test_requests_the_library_would_exit_or_overrun_on_close_only_the_connection(daemon2, request_code, payload,
+                                                                                   reason):
+    d = daemon2
+    victim = worker(d, "vm0")["pid"]
+    with TestFrontend(d.sockets["vm0"]) as fe:
+        fe.start()
+        fe.send_raw(struct.pack("<III", request_code, 1, len(payload)) + payload)
+        d.wait_vm("vm0", lambda s: not s["connected"], 10, "the connection closed")
+    state = d.api.vm("vm0")
+    assert state["worker"]["pid"] == victim and state["worker"]["restarts"] == 0
+    assert state["last_disconnect"]["reason"] == reason
+    with TestFrontend(d.sockets["vm0"]) as again:
+        again.start()
+        again.inflate([again.first_free_pfn])
