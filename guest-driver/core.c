@@ -200,32 +200,44 @@ void bd_page_counts(struct balloond *vb, unsigned long *on_list,
 	*on_list = all > iso ? all - iso : 0;
 }
 
-/* The frames the host holds, ascending (xarray order), under balloon_lock. */
+/* How often a pfns read starts its walk again when the balloon outgrew its
+ * array during the walk (a balloon that keeps growing is still listed). */
+#define BD_SNAPSHOT_TRIES 8
+
+/*
+ * The frames the host holds, ascending (xarray order).
+ *
+ * Walked without balloon_lock: a read must not wait for the host, and with
+ * the host away (a daemon restarting) a buffer in flight holds balloon_lock
+ * until it is back.  The walk is safe while frames changes (each step is an
+ * RCU lookup; reserved slots are skipped), so a balloon at rest lists exactly
+ * itself and one that changes meanwhile lists frames each of which was in it
+ * during the walk.  A walk that finds more frames than its array holds is
+ * made again with a larger one, BD_SNAPSHOT_TRIES times at most.
+ */
 int bd_pfns_snapshot(struct balloond *vb, unsigned long **pfns, size_t *n)
 {
 	unsigned long *arr, index;
 	size_t cap, cnt;
 	void *entry;
+	int tries;
 
-	for (;;) {
+	for (tries = 0; ; tries++) {
 		cap = READ_ONCE(vb->num_pages) + 64;
 		arr = kvmalloc_array(cap, sizeof(*arr), GFP_KERNEL);
 		if (!arr)
 			return -ENOMEM;
-		mutex_lock(&vb->balloon_lock);
-		if (vb->num_pages <= cap)
+		cnt = 0;
+		xa_for_each(&vb->frames, index, entry) {
+			if (cnt == cap)
+				break;
+			arr[cnt++] = index;
+		}
+		if (cnt < cap || tries + 1 == BD_SNAPSHOT_TRIES)
 			break;
-		/* The balloon grew past the array meanwhile: try again. */
-		mutex_unlock(&vb->balloon_lock);
+		/* Full: the balloon grew during the walk. */
 		kvfree(arr);
 	}
-	cnt = 0;
-	xa_for_each(&vb->frames, index, entry) {
-		if (WARN_ON_ONCE(cnt == cap))
-			break;
-		arr[cnt++] = index;
-	}
-	mutex_unlock(&vb->balloon_lock);
 
 	*pfns = arr;
 	*n = cnt;

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from harness import VhostUserBalloon, find_kernel
+from harness.daemon import DaemonProcess
 from tests.e2e.conftest import KERNEL_SERIES
 from tests.e2e.waiting import MIB, wait_for
 
@@ -219,3 +220,55 @@ def test_deflating_and_unloading_while_compaction_moves_balloon_pages(make_vm, d
     assert ok, f"{bad} pages of the guest's data changed"
     print(f"\n{kernel} {layer}: {state['migrations'] - before} moves counted by the daemon while deflating "
           f"and unloading; driver stats before unloading {stats}")
+
+
+
+#: Each page layer's own way of listing frames: the movable-ops layer tries
+#: balloon_lock for a while, the 7.x balloon core walks its record without it.
+ABSENT_HOST_CASES = [p for p in cases([("movable-ops", "movable-ops")], [("balloon-core", "balloon-core")])
+                     if p.values[0] != "6.1"]
+
+
+@pytest.mark.parametrize(("kernel", "layer"), ABSENT_HOST_CASES)
+def test_reading_the_frames_never_waits_for_an_absent_host(make_vm, tmp_path, kernel, layer):
+    """A read of the driver's frame list while an inflate buffer waits for a
+    host that is away (the daemon killed mid-inflation, QEMU reconnecting)
+    returns: the buffer in flight holds balloon_lock until the host is back,
+    so the read must not wait for that lock. Then the daemon comes back, the
+    balloon reaches its target and the two sets agree."""
+    daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
+                           extra_args=["--state-dir", str(tmp_path / "state")])
+    daemon.start()
+    try:
+        ko = build_module(kernel, layer)
+        vm = make_vm(kernel, memory_mib=512, modules=[ko],
+                     balloon=VhostUserBalloon(daemon.sockets["guest"], chardev_options="reconnect-ms=200"))
+        vm.sh(f"insmod /lib/modules/{MODULE}.ko")
+        assert guest_stats(vm)["page_layer"] == layer
+        wait_for("the device to start", lambda: daemon.api.vm("guest")["running"])
+        target = 0
+        for _ in range(5):
+            start, target = target, target + 128 * MIB
+            daemon.api.set_target("guest", target)
+            mid = wait_for("the balloon to move", lambda: (b := daemon.api.vm("guest")["ballooned_bytes"]) > start
+                           and (b,), 60, 0.01)[0]
+            if mid < target:
+                daemon.kill()
+                break
+            wait_for("the balloon to settle", lambda: int(guest_stats(vm)["pages"]) * 4096 == target)
+        else:
+            pytest.fail("no inflation could be caught midway")
+        held = int(guest_stats(vm)["pages"])
+        assert held * 4096 < target, "the guest reached its target without the daemon"
+        vm.sh("(cat /sys/kernel/debug/balloond/pfns > /tmp/pfns; echo $? > /tmp/pfns.done) </dev/null >/dev/null 2>&1 &")
+        wait_for("the frame list read with the daemon away",
+                 lambda: vm.sh("cat /tmp/pfns.done 2>/dev/null; true").strip() == "0", 30)
+        listed = int(vm.sh("wc -l < /tmp/pfns").strip())
+        # The balloon's frames but, at most, the buffer in flight.
+        assert held - 256 <= listed <= held, f"listed {listed} frames of {held}"
+        assert int(guest_stats(vm)["pages"]) == held, "the guest's balloon moved without the daemon"
+        daemon.start()
+        wait_for("the balloon to fill", lambda: daemon.api.vm("guest")["ballooned_bytes"] == target)
+        assert daemon.api.pfn_set("guest") == guest_pfns(vm)
+    finally:
+        daemon.stop()
