@@ -19,8 +19,10 @@ driver, interleaved A C B A C B, and on each:
      which counts for both devices) per second of compaction, timed on the
      host (the command's round trip to the guest included) and by the
      guest's clock (the compactions alone);
-  3. deflates, then times inflating to --target-mib and deflating back to 0
-     (config `actual`: our API's actual_bytes, QEMU's query-balloon).
+  3. deflates, then times inflating to --target-mib and deflating back to 0,
+     --to-target-repeats times (config `actual`: our API's actual_bytes,
+     QEMU's query-balloon, read every 20 ms); the summary's times are
+     medians over every change timed.
 
 For balloond it also reads the daemon's CPU time over the whole run
 (supervisor + the VM's worker, utime+stime from /proc/PID/stat), and in the
@@ -42,7 +44,7 @@ qemu-patches/0002. For balloond the config reads the daemon answered
 (GET_CONFIG) are printed per run.
 
     python benchmarks/roundtrips.py [--rounds 2] [--kernel 6.1] [--idle-seconds 60] [--no-our-driver]
-                                    [--ab-config-cache] [--ab-split]
+                                    [--to-target-repeats 3] [--ab-config-cache] [--ab-split]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -95,7 +98,7 @@ def balloon_migrate(vm: Vm) -> int:
     return int(m.group(1)) if m else 0
 
 
-def compaction(vm: Vm, set_balloon: Callable[[int], None], reached: Callable[[int], bool]) -> dict[str, float]:
+def compaction(vm: Vm, set_balloon: Callable[[int], None], reached: Callable[[int], bool]) -> dict[str, Any]:
     """Steps 1 and 2: a 128 MiB balloon, fragmented memory, four compactions."""
     set_balloon(BALLOON_MIB * MIB)
     poll(lambda: reached(BALLOON_MIB * MIB), 600, "the 128 MiB balloon")
@@ -118,19 +121,25 @@ def compaction(vm: Vm, set_balloon: Callable[[int], None], reached: Callable[[in
 
 
 def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
-              reached: Callable[[int], bool]) -> dict[str, float]:
-    """Step 3: empty the balloon, then time inflating to the target and back."""
+              reached: Callable[[int], bool]) -> dict[str, Any]:
+    """Step 3: empty the balloon, then time inflating to the target and back,
+    --to-target-repeats times: one change is a few tenths of a second, read
+    every 20 ms, so a single one per boot says little."""
     set_balloon(0)
     poll(lambda: reached(0), 600, "the balloon to empty")
     target = args.target_mib * MIB
-    t0 = time.monotonic()
-    set_balloon(target)
-    poll(lambda: reached(target), 600, "inflation")
-    t_in = time.monotonic() - t0
-    t0 = time.monotonic()
-    set_balloon(0)
-    poll(lambda: reached(0), 600, "deflation")
-    return {"inflate_s": t_in, "deflate_s": time.monotonic() - t0}
+    inflates, deflates = [], []
+    for _ in range(args.to_target_repeats):
+        t0 = time.monotonic()
+        set_balloon(target)
+        poll(lambda: reached(target), 600, "inflation")
+        inflates.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        set_balloon(0)
+        poll(lambda: reached(0), 600, "deflation")
+        deflates.append(time.monotonic() - t0)
+    return {"inflate_s": statistics.median(inflates), "deflate_s": statistics.median(deflates),
+            "inflate_all": inflates, "deflate_all": deflates}
 
 
 DRIVER = "balloond_balloon"
@@ -152,7 +161,7 @@ def driver_stats(vm: Vm) -> dict[str, int]:
 
 
 def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path | None = None,
-             config_cache: bool = True, split: bool = True) -> dict[str, float]:
+             config_cache: bool = True, split: bool = True) -> dict[str, Any]:
     """balloond with the stock driver, or with ours (`driver`: its .ko, loaded
     with the migrate extension on, and split migrations unless `split` is
     false); `config_cache`: QEMU's config-cache property."""
@@ -204,7 +213,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
         daemon.stop()
 
 
-def run_qemu(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, float]:
+def run_qemu(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, Any]:
     with Vm(args.kernel, memory_mib=MEMORY_MIB, balloon=BuiltinBalloon(), load_balloon=True,
             cmdline=["page_poison=1"], log_dir=workdir / "qemu", name="qemu") as vm:
         ram = MEMORY_MIB * MIB
@@ -227,6 +236,8 @@ def main() -> int:
     p.add_argument("--kernel", default="6.1")
     p.add_argument("--target-mib", type=int, default=256)
     p.add_argument("--idle-seconds", type=float, default=60.0)
+    p.add_argument("--to-target-repeats", type=int, default=3,
+                   help="inflate/deflate pairs timed per boot (default 3)")
     p.add_argument("--daemon-arg", dest="daemon_args", action="append", default=[],
                    help="extra balloond argument (repeatable), e.g. --daemon-arg=--poll-us=0")
     p.add_argument("--no-our-driver", dest="our_driver", action="store_false",
@@ -236,14 +247,16 @@ def main() -> int:
     p.add_argument("--ab-config-cache", action="store_true",
                    help="add balloond + stock driver with QEMU's config-cache=off")
     args = p.parse_args()
+    if args.to_target_repeats < 1:
+        p.error("--to-target-repeats must be at least 1")
     if not 0 < args.target_mib < MEMORY_MIB:
         p.error(f"--target-mib must be between 0 and {MEMORY_MIB}")
 
-    results: dict[str, list[dict[str, float]]] = {"balloond": [], "nocache": [], "driver": [], "whole": [],
+    results: dict[str, list[dict[str, Any]]] = {"balloond": [], "nocache": [], "driver": [], "whole": [],
                                                   "qemu": []}
     with tempfile.TemporaryDirectory(prefix="bd-rt-") as tmp:
         ko = build_driver(args.kernel, Path(tmp) / "driver-build") if args.our_driver else None
-        variants: list[tuple[str, Callable[..., dict[str, float]]]] = [("balloond", run_ours)]
+        variants: list[tuple[str, Callable[..., dict[str, Any]]]] = [("balloond", run_ours)]
         if args.ab_config_cache:
             variants.append(("nocache", lambda a, w, idle: run_ours(a, w, False, config_cache=False)))
         if ko is not None:
@@ -270,11 +283,15 @@ def main() -> int:
                       f"{r['guest_migrations_per_s']:.0f}/s)  inflate {r['inflate_s']:6.2f}s  "
                       f"deflate {r['deflate_s']:6.2f}s{extra}", flush=True)
 
-    def med(rows: list[dict[str, float]], key: str) -> float:
+    def med(rows: list[dict[str, Any]], key: str) -> float:
+        """Median over rounds; for times to target, over every change timed."""
+        if key in ("inflate_s", "deflate_s"):
+            return statistics.median(x for r in rows for x in r[key.replace("_s", "_all")])
         return statistics.median(r[key] for r in rows)
 
     ours, drv, qemu = results["balloond"], results["driver"], results["qemu"]
-    print(f"\n{MEMORY_MIB} MiB Linux {args.kernel} guest (TCG), medians of {args.rounds} rounds; "
+    print(f"\n{MEMORY_MIB} MiB Linux {args.kernel} guest (TCG), medians of {args.rounds} rounds "
+          f"(times to target: of {args.rounds * args.to_target_repeats} changes each way); "
           "balloond = stock virtio_balloon on balloond, driver = our driver with the migrate extension")
     head = f"{'':30}{'balloond':>10}" + (f"{'driver':>10}" if drv else "") + f"{'QEMU':>10}{'balloond/QEMU':>15}"
     print(head + (f"{'driver/QEMU':>13}" if drv else ""))
