@@ -86,13 +86,16 @@ class PeakAllocation:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        for i, vm in enumerate(self.vms):
+            try:
+                self.peak[i] = max(self.peak[i], vm.memfd_allocated_bytes())
+            except Exception:
+                pass  # a QEMU going away at the end
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for i, vm in enumerate(self.vms):
-                try:
-                    self.peak[i] = max(self.peak[i], vm.memfd_allocated_bytes())
-                except Exception:
-                    pass  # a QEMU going away at the end
+            self._sample()
             self.samples += 1
             self._stop.wait(0.02)
 
@@ -103,6 +106,7 @@ class PeakAllocation:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # as the migration completed: the last pages may have come since the last sample
 
 
 def balloonctl(daemon: DaemonProcess, *args: str) -> str:
