@@ -96,14 +96,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     setattr(item, f"rep_{rep.when}", rep)
 
 
+#: The vhost-user engines (balloond --engine). A module whose tests hold for
+#: any engine sets E2E_ENGINES = ENGINES: its `daemon` then runs once per engine.
+ENGINES = ("pure", "libvhost-user")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`engine`: the module's E2E_ENGINES (default: the pure engine only)."""
+    engines = getattr(metafunc.module, "E2E_ENGINES", None)
+    if engines is not None and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", list(engines), ids=lambda e: f"engine-{e}")
+
+
 @pytest.fixture
-def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonProcess]:
-    """balloond serving one VM named "guest"; a test marked
-    `daemon_args(...)` passes extra options."""
+def engine() -> str:
+    """The engine of a module that does not set E2E_ENGINES."""
+    return "pure"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, request: pytest.FixtureRequest, engine: str) -> Iterator[DaemonProcess]:
+    """balloond serving one VM named "guest" on `engine`; a test marked
+    `daemon_args(...)` passes extra options. The test fails if a frontend
+    was served by another engine than the one it is parametrized with."""
     marker = request.node.get_closest_marker("daemon_args")
     args = list(marker.args) if marker else []
+    if engine != "pure":
+        args = ["--engine", engine, *args]
     d = DaemonProcess(tmp_path / "daemon", vms=("guest",), extra_args=args, log_level="info")
     d.start()
     yield d
     d.stop()
     print(f"\nballoond log: {d.log_path}")
+    served = {r.get("engine", "pure") for r in d.log_records() if r.get("event") == "frontend connected"}
+    assert served <= {engine}, f"a frontend was served by {served - {engine}}, not {engine}"

@@ -16,9 +16,12 @@ import pytest
 
 from harness import Vm, VhostUserBalloon
 from harness.daemon import DaemonProcess
+from tests.e2e.conftest import ENGINES
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
+#: The device's behaviour with a real guest: on both vhost-user engines.
+E2E_ENGINES = ENGINES
 
 
 
