@@ -106,3 +106,34 @@ def test_requests_the_library_would_exit_or_overrun_on_close_only_the_connection
     with TestFrontend(d.sockets["vm0"]) as again:
         again.start()
         again.inflate([again.first_free_pfn])
+
+
+def test_vm_isolation_none_serves_two_vms_on_libvhost_user_in_one_process(tmp_path):
+    """Without workers every VM's library state lives in the daemon's own
+    process (and an abort would end the daemon: the reason for workers)."""
+    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"),
+                      extra_args=["--engine", "libvhost-user", "--vm-isolation", "none"])
+    d.start()
+    try:
+        with TestFrontend(d.sockets["vm0"]) as a, TestFrontend(d.sockets["vm1"]) as b:
+            a.start()
+            b.start()
+            pa = list(range(a.first_free_pfn, a.first_free_pfn + 512))
+            pb = list(range(b.first_free_pfn + 1000, b.first_free_pfn + 1256))
+            a.ram.touch(pa)
+            b.ram.touch(pb)
+            before = a.ram.allocated_bytes()
+            a.inflate(pa)
+            b.inflate(pb)
+            d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 512 * PAGE and s["pending_discard_bytes"] == 0)
+            d.wait_vm("vm1", lambda s: s["ballooned_bytes"] == 256 * PAGE)
+            assert before - a.ram.allocated_bytes() == 512 * PAGE
+            a.deflate(pa[:100])
+            d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 412 * PAGE)
+            assert "worker" not in d.api.vm("vm0")
+        assert any(r.get("engine") == "libvhost-user" and r.get("event") == "frontend connected"
+                   and "worker" not in r for r in d.log_records())
+    finally:
+        alive = d.alive
+        code = d.stop()
+    assert alive and code == 0, d.log_tail()
