@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import os
 import signal
-import threading
 import time
 
 import pytest
