@@ -257,17 +257,21 @@ def migrate_once(d: DaemonProcess, ram: GuestRam, frames: range) -> tuple[bytes,
     return state, fe
 
 
-def test_without_workers_both_ends_are_named_and_a_source_that_runs_again_has_none_out(tmp_path, ram):
-    """--vm-isolation none: the same pairing in one process. A VM whose state
-    was saved but that runs again on the source (the migration failed after
-    the save) did not go anywhere."""
-    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"), extra_args=["--vm-isolation", "none"])
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_both_ends_are_named_and_a_source_that_runs_again_has_none_out(tmp_path, ram, isolation):
+    """With workers and without (--vm-isolation none: the pairing in one
+    process). A VM whose state was saved but that runs again on the source
+    (the migration failed after the save) did not go anywhere."""
+    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"), extra_args=["--vm-isolation", isolation])
     d.start()
     try:
         state, fe = migrate_once(d, ram, range(4096, 4096 + 64))
         origin = MigrationState.decode(state).origin
         assert origin is not None
-        src, dst = d.api.vm("vm0"), d.api.vm("vm1")
+        dst = d.api.vm("vm1")
+        # With workers the supervisor pairs the ends once vm1's worker has
+        # reported the adoption (its next report; a read of vm0 asks vm0's only).
+        src = d.wait_vm("vm0", lambda s: s["migrated_to"]["vm"] is not None, 10, "the source paired")
         assert (src["migrated_to"]["id"], src["migrated_to"]["vm"]) == (origin.id, "vm1")
         assert (dst["migrated_from"]["id"], dst["migrated_from"]["vm"]) == (origin.id, "vm0")
         assert "migrated out to VM vm1" in render_detail(src)
