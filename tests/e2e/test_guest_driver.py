@@ -25,10 +25,12 @@ import pytest
 
 from harness import VhostUserBalloon, find_kernel
 from harness.daemon import DaemonProcess
-from tests.e2e.conftest import KERNEL_SERIES
+from tests.e2e.conftest import ENGINES, KERNEL_SERIES
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
+#: Our driver (the migrate queue, compaction, unloading) on both vhost-user engines.
+E2E_ENGINES = ENGINES
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "balloond_balloon"

@@ -13,12 +13,15 @@ import pytest
 
 from harness import VhostUserBalloon
 from harness.daemon import DaemonProcess
+from tests.e2e.conftest import ENGINES
 from tests.e2e.test_guest_driver import MODULE, build_module, guest_pfns
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 RESTARTS = 20
+#: Restoring from --state-dir after a crash, on both vhost-user engines.
+E2E_ENGINES = ENGINES
 
 
 def guest_summary(vm) -> tuple[int, int]:
@@ -28,9 +31,10 @@ def guest_summary(vm) -> tuple[int, int]:
     return int(n), int(s)
 
 
-def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
+def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path, engine):
     daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
-                           extra_args=["--state-dir", str(tmp_path / "state"), "--stats-interval", "1"])
+                           extra_args=["--state-dir", str(tmp_path / "state"), "--stats-interval", "1",
+                                       "--engine", engine])
     daemon.start()
     try:
         ko = build_module("6.12")
@@ -119,6 +123,8 @@ def test_daemon_killed_mid_inflation_twenty_times(make_vm, tmp_path):
         assert daemon.api.pfn_set("guest") == guest_pfns(vm)
         ok, bad = vm.verify_hold(pid)
         assert ok, f"{bad} pages of the guest's data changed"
+        served = {r.get("engine", "pure") for r in daemon.log_records() if r.get("event") == "frontend connected"}
+        assert served == {engine}, f"served by {served}, not {engine}"
         print(f"\n{kills} daemon kills midway survived in {i} balloon changes ({missed} finished before a kill could "
               f"land midway); last balloon {state['ballooned_bytes'] // MIB} MiB")
     finally:
