@@ -203,10 +203,10 @@ def test_binding_smoke_over_a_socketpair():
             theirs.sendall(message(1))  # GET_FEATURES
             _, features = reply(theirs)
             theirs.sendall(message(2, features))  # SET_FEATURES: all of them
-            window = struct.pack("<III", 0, 8, 0) + bytes(256)
+            window = struct.pack("<III", 0, 8, 0) + bytes(8)
             theirs.sendall(message(24, window))  # GET_CONFIG
             _, config_reply = reply(theirs)
-            theirs.sendall(message(25, struct.pack("<III", 2, 2, 0) + b"\xaa\xbb" + bytes(254)))  # SET_CONFIG
+            theirs.sendall(message(25, struct.pack("<III", 2, 2, 0) + b"\xaa\xbb"))  # SET_CONFIG
             theirs.sendall(message(1))  # a round trip: SET_CONFIG was handled
             reply(theirs)
             theirs.close()

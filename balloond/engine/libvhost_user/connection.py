@@ -38,6 +38,7 @@ from typing import Any, Callable
 import structlog
 
 from protocol import vhost_user as vu
+from protocol.errors import FrontendError
 from protocol.vhost_user import ProtocolFeature
 
 from ...logs import RateLimited
@@ -56,7 +57,12 @@ BACKEND_RETRY_SECONDS = 0.1
 NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
 SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+SET_VRING_KICK = 12
 SET_VRING_ENABLE = 18
+#: In a SET_VRING_KICK/CALL/ERR payload: no fd comes with it.
+VRING_NOFD = 1 << 8
+#: The largest queue the library serves (its VIRTQUEUE_MAX_SIZE).
+MAX_QUEUE_NUM = 1024
 SET_CONFIG = 25
 POSTCOPY_ADVISE, POSTCOPY_LISTEN, POSTCOPY_END = 28, 29, 30
 GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
@@ -70,6 +76,17 @@ _REFUSED = {
     POSTCOPY_LISTEN: "postcopy migration is not supported by the libvhost-user engine",
     POSTCOPY_END: "postcopy migration is not supported by the libvhost-user engine",
 }
+
+#: Protocol features offered: what QEMU's generic device needs and this
+#: engine wires to the device (the library would also offer LOG_SHMFD,
+#: HOST_NOTIFIER, INBAND_NOTIFICATIONS and, with userfaultfd, PAGEFAULT).
+OFFERED_PROTOCOL_FEATURES = vu.feature_mask(
+    ProtocolFeature.REPLY_ACK,
+    ProtocolFeature.BACKEND_REQ,
+    ProtocolFeature.CONFIG,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS,
+)
+GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_BACKEND_REQ_FD = 15, 16, 21
 
 F_PROTOCOL_FEATURES = 1 << vu.F_PROTOCOL_FEATURES
 F_LOG_ALL = 1 << vu.F_LOG_ALL
@@ -263,11 +280,42 @@ class LibvhostUserConnection:
         self._hung_up = True
         return 1
 
+    def _validate(self, vmsg: Any, do_reply: Any) -> int | None:
+        """The framing and payload checks the pure engine makes
+        (protocol.vhost_user, shared, not rewritten): a malformed message
+        closes the connection, an unknown or unsupported request is refused
+        with a NACK and the connection kept, as with the pure engine. None:
+        the message is well formed."""
+        request, flags = vmsg.request & 0xFFFFFFFF, vmsg.flags
+        if request == NONE and vmsg.size == 0 and flags == 0:
+            return None  # end of file (see _process_msg)
+        if flags & vu.FLAG_VERSION_MASK != vu.VERSION:
+            return self._refuse(f"protocol violation: unsupported vhost-user version in flags {flags:#x}", vmsg)
+        fd_num = min(max(vmsg.fd_num, 0), abi.MAX_FDS)
+        payload = ctypes.string_at(ctypes.addressof(vmsg.payload), min(vmsg.size, ctypes.sizeof(vmsg.payload)))
+        message = vu.Message(request, flags, payload, tuple(vmsg.fds[i] for i in range(fd_num)))
+        try:
+            vu.decode_request(message)
+        except vu.UnsupportedRequest as exc:
+            for i in range(fd_num):
+                _close(vmsg.fds[i])
+            vmsg.fd_num = 0
+            self.limited.warning("refused request", request=message.request_name, reason=str(exc))
+            if message.need_reply:
+                _reply_u64(vmsg, do_reply, 1)
+            return 1
+        except FrontendError as exc:
+            return self._refuse(f"protocol violation: {exc}", vmsg)
+        return None
+
     def _process_msg(self, dev: Any, msg_ptr: Any, do_reply: Any) -> int:
         """Called by the library for each message before it handles it;
         non-zero: handled here (do_reply says whether a reply is to go)."""
         vmsg = msg_ptr.contents
         request = vmsg.request
+        handled = self._validate(vmsg, do_reply)
+        if handled is not None:
+            return handled
         if request in _RING_INDEXED and vmsg.payload.state.index >= MAX_QUEUES:
             return self._refuse(f"request {request} for queue {vmsg.payload.state.index}, beyond {MAX_QUEUES}", vmsg)
         if request == NONE:
@@ -277,11 +325,30 @@ class LibvhostUserConnection:
         if request in _REFUSED:
             return self._refuse(_REFUSED[request], vmsg)
         if request == GET_FEATURES:
-            vmsg.payload.u64 = self._offered_features()
-            vmsg.size = 8
-            vmsg.fd_num = 0
-            do_reply[0] = 1
-            return 1
+            return _reply_u64(vmsg, do_reply, self._offered_features())
+        if request == GET_PROTOCOL_FEATURES:
+            return _reply_u64(vmsg, do_reply, OFFERED_PROTOCOL_FEATURES)
+        # What the pure engine refuses beyond the payload checks, and the
+        # library would take: queue sizes it cannot serve, ENABLE with
+        # anything but 0 or 1, and polling mode (a kick without an fd).
+        if request == SET_VRING_NUM:
+            num = vmsg.payload.state.num
+            if not 0 < num <= MAX_QUEUE_NUM or num & (num - 1):
+                return self._refuse(f"protocol violation in SET_VRING_NUM: queue {vmsg.payload.state.index}: "
+                                    f"size {num} is not a power of two up to {MAX_QUEUE_NUM}", vmsg)
+        if request == SET_VRING_ENABLE and vmsg.payload.state.num not in (0, 1):
+            return self._refuse(f"protocol violation in SET_VRING_ENABLE: SET_VRING_ENABLE with {vmsg.payload.state.num}",
+                                vmsg)
+        if request == SET_VRING_KICK and vmsg.payload.u64 & VRING_NOFD:
+            return self._refuse("protocol violation in SET_VRING_KICK: polling mode (kick without an fd) is not "
+                                "supported", vmsg)
+        if request == SET_PROTOCOL_FEATURES and vmsg.payload.u64 & ~OFFERED_PROTOCOL_FEATURES:
+            return self._refuse(f"protocol violation: SET_PROTOCOL_FEATURES acks features never offered: "
+                                f"{vmsg.payload.u64 & ~OFFERED_PROTOCOL_FEATURES:#x}", vmsg)
+        if request == SET_BACKEND_REQ_FD and vmsg.fd_num == 1:
+            problem = _not_a_unix_stream(vmsg.fds[0])
+            if problem is not None:
+                return self._refuse(f"protocol violation: backend channel {problem}", vmsg)
         if request == SET_FEATURES:
             value = vmsg.payload.u64
             if value & ~self._offered_features():
@@ -538,6 +605,32 @@ class LibvhostUserConnection:
     def _retry_config_change(self) -> None:
         self._backend_retry = None
         self.config_changed()
+
+
+def _reply_u64(vmsg: Any, do_reply: Any, value: int) -> int:
+    """Answer the message here with a u64; flags are set to exactly
+    VERSION|REPLY (the library's own replies keep the request's NEED_REPLY)."""
+    vmsg.payload.u64 = value
+    vmsg.size = 8
+    vmsg.fd_num = 0
+    vmsg.flags = 0
+    do_reply[0] = 1
+    return 1
+
+
+def _not_a_unix_stream(fd: int) -> str | None:
+    copy = os.dup(fd)
+    try:
+        probe = socket.socket(fileno=copy)
+    except OSError as exc:
+        _close(copy)
+        return f"fd is not a socket: {exc}"
+    try:
+        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM:
+            return "is not a Unix stream socket"
+        return None
+    finally:
+        probe.close()
 
 
 def _close(fd: int) -> None:
