@@ -87,6 +87,28 @@ def test_an_abort_in_the_library_ends_only_that_vms_worker(daemon2):
         d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 256 * PAGE)
 
 
+def test_a_missing_payload_holds_the_worker_until_the_supervisor_restarts_it(daemon2):
+    """The library reads a message with blocking calls: a frontend that
+    sends a header and not the payload it announces holds the worker in
+    that read. Its heartbeats stop, and after --worker-timeout the
+    supervisor kills and restarts it."""
+    d = daemon2
+    victim = worker(d, "vm0")["pid"]
+    neighbour = worker(d, "vm1")["pid"]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(d.sockets["vm0"])
+        sock.sendall(struct.pack("<III", 2, 1, 8))  # SET_FEATURES, its 8 bytes never sent
+        w = restarted(d, "vm0")
+    finally:
+        sock.close()
+    assert w["pid"] != victim and w["last_exit"] == f"no heartbeat for {TIMEOUT} s"
+    assert worker(d, "vm1")["pid"] == neighbour and worker(d, "vm1")["restarts"] == 0
+    with TestFrontend(d.sockets["vm0"]) as again:
+        again.start()
+        again.inflate([again.first_free_pfn])
+
+
 def test_end_of_file_closes_only_the_connection(daemon2):
     """The library's reader turns end of file into request 0, which the
     library answers with exit(): the binding takes it as the hang-up it is,
