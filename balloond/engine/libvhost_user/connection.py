@@ -55,6 +55,7 @@ BACKEND_RETRY_SECONDS = 0.1
 
 # Request numbers (libvhost-user.h, the vhost-user spec).
 NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
+RESET_OWNER, RESET_DEVICE = 4, 34
 SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK = 12
@@ -367,8 +368,15 @@ class LibvhostUserConnection:
         if request == GET_VRING_BASE:
             self._before_ring_stop(vmsg.payload.state.index)
             return 0
-        if request == SET_VRING_ENABLE and not vmsg.payload.state.num:
+        if request == RESET_DEVICE:
+            # Not in the library's table (it would drop the connection): what
+            # it does for RESET_OWNER, done here.
             self._stop_all()
+            for ring in self.vrings.values():
+                ring.vq.enable = 0
+            return 1
+        if request == RESET_OWNER or (request == SET_VRING_ENABLE and not vmsg.payload.state.num):
+            self._stop_all()  # the library disables the rings
         return 0
 
     # ============================================================ features
@@ -528,6 +536,10 @@ class LibvhostUserConnection:
             self.started = True
             self.log.info("device started", queues=sorted(r.index for r in configured))
             self._safe_device_call(self.device.started)
+            # Rings re-enabled after ENABLE(0) kept their state: what was
+            # added meanwhile (its kicks went unserved) is looked at now.
+            for ring in configured:
+                self._service(ring)
 
     def _queue_handler(self, dev: Any, index: int) -> None:
         ring = self.vrings[index]
