@@ -396,6 +396,11 @@ def validate_engines(settings: Settings) -> None:
             raise ConfigError(f"VM {vm.name}: engine applies to a vhost-user socket, not QEMU's built-in balloon")
         if settings.engine_of(vm) == "libvhost-user" and not (vm.libvirt is not None or vm.uses_qemu_balloon):
             users.append(vm.name)
+    if users and settings.vm_isolation == "none":
+        # An assertion inside the library aborts the process serving the VM:
+        # that must be the VM's own worker, or one frontend ends every VM.
+        raise ConfigError(f"VM {users[0]}: engine libvhost-user needs --vm-isolation process (an abort inside "
+                          "the library would end every VM's service)")
     if users:
         from ..engine.libvhost_user import abi  # only a libvhost-user VM needs the binding
 

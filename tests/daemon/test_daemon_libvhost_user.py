@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -170,32 +172,19 @@ def test_a_bad_chain_closes_the_connection_where_the_pure_engine_returns_it_empt
         d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == PAGE)
 
 
-def test_vm_isolation_none_serves_two_vms_on_libvhost_user_in_one_process(tmp_path):
-    """Without workers every VM's library state lives in the daemon's own
-    process (and an abort would end the daemon: the reason for workers)."""
-    d = DaemonProcess(tmp_path / "d", vms=("vm0", "vm1"),
-                      extra_args=["--engine", "libvhost-user", "--vm-isolation", "none"])
-    d.start()
-    try:
-        with TestFrontend(d.sockets["vm0"]) as a, TestFrontend(d.sockets["vm1"]) as b:
-            a.start()
-            b.start()
-            pa = list(range(a.first_free_pfn, a.first_free_pfn + 512))
-            pb = list(range(b.first_free_pfn + 1000, b.first_free_pfn + 1256))
-            a.ram.touch(pa)
-            b.ram.touch(pb)
-            before = a.ram.allocated_bytes()
-            a.inflate(pa)
-            b.inflate(pb)
-            d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 512 * PAGE and s["pending_discard_bytes"] == 0)
-            d.wait_vm("vm1", lambda s: s["ballooned_bytes"] == 256 * PAGE)
-            assert before - a.ram.allocated_bytes() == 512 * PAGE
-            a.deflate(pa[:100])
-            d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 412 * PAGE)
-            assert "worker" not in d.api.vm("vm0")
-        assert any(r.get("engine") == "libvhost-user" and r.get("event") == "frontend connected"
-                   and "worker" not in r for r in d.log_records())
-    finally:
-        alive = d.alive
-        code = d.stop()
-    assert alive and code == 0, d.log_tail()
+@pytest.mark.parametrize("where", ["daemon", "vm"])
+def test_libvhost_user_is_refused_without_workers(tmp_path, where):
+    """An assertion inside the library aborts the process serving the VM;
+    without workers that process serves every VM, so the daemon refuses to
+    start (one line, exit code 2) whether the daemon's engine or one VM's
+    names the library."""
+    sock = tmp_path / "vm0.sock"
+    engine = ["--engine", "libvhost-user"] if where == "daemon" else []
+    vm = f"vm0={sock}" + (",engine=libvhost-user" if where == "vm" else "")
+    out = subprocess.run([sys.executable, "-m", "balloond", "--vm", vm, "--vm", f"vm1={tmp_path / 'vm1.sock'}",
+                          "--vm-isolation", "none", *engine],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "vm0: engine libvhost-user needs --vm-isolation process" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not sock.exists()
