@@ -18,9 +18,13 @@ import pytest
 
 from harness import VhostUserBalloon
 from harness.daemon import DaemonProcess
+from tests.e2e.conftest import ENGINES
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm]
+
+#: Config changes go out through the backend channel of either engine.
+E2E_ENGINES = ENGINES
 
 #: 256 pages a buffer: each MiB of balloon is one buffer each way.
 TARGETS_MIB = (64, 16, 96, 0)
@@ -47,9 +51,9 @@ def follow(daemon: DaemonProcess, targets_mib: tuple[int, ...], what: str) -> tu
     return after["config_reads"] - before["config_reads"], buffers
 
 
-def test_stock_driver_follows_targets_without_a_config_read_per_buffer(make_vm, tmp_path):
+def test_stock_driver_follows_targets_without_a_config_read_per_buffer(make_vm, tmp_path, engine):
     daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
-                           extra_args=["--state-dir", str(tmp_path / "state")])
+                           extra_args=["--state-dir", str(tmp_path / "state"), "--engine", engine])
     daemon.start()
     try:
         vm = make_vm("6.1", memory_mib=512, load_balloon=True,
