@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,45 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import BuiltinBalloon, VhostUserBalloon, Vm  # noqa: E402
 from benchmarks.polling import poll  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
+from harness.ram_sampler import PeakAllocation  # noqa: E402
 
 MIB = 1 << 20
-
-
-class Peaks:
-    """The largest allocation of each VM's RAM file seen while a migration runs."""
-
-    def __init__(self, *vms: Vm) -> None:
-        self.vms = vms
-        self.peak = [0] * len(vms)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        for i, vm in enumerate(self.vms):
-            try:
-                self.peak[i] = max(self.peak[i], vm.memfd_allocated_bytes())
-            except Exception:
-                pass  # a QEMU going away at the end
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> Peaks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()  # as the migration completed: the last pages may have come since the last sample
 
 
 def migrate(src: Vm, dst: Vm, uri: str, settle: Callable[[], object], skip_holes: bool) -> dict[str, float]:
     if skip_holes:
         src.qmp("migrate-set-capabilities", capabilities=[{"capability": "skip-file-holes", "state": True}])
-    with Peaks(src, dst) as peaks:
+    with PeakAllocation(src, dst) as peaks:
         info = src.migrate_to(uri, timeout=900)
     if info["status"] != "completed":
         raise SystemExit(f"migration {info['status']}: {info}")

@@ -56,3 +56,15 @@ def assert_no_guest_errors(daemon: "DaemonProcess", vm: str = "vm0") -> None:
         warnings.warn(f"{vm}: {count} guest error(s) from misread shared memory: {reasons[:3]}")
         return
     raise AssertionError(f"{vm}: {count} guest error(s): {reasons[:5]}")
+
+
+def worker(d: DaemonProcess, vm: str) -> dict:
+    """The VM's worker as the API shows it (state, pid, restarts, last_exit)."""
+    return d.api.vm(vm)["worker"]
+
+
+def restarted(d: DaemonProcess, vm: str, times: int = 1, timeout: float = 10.0) -> dict:
+    """Wait until the VM's worker runs again after its `times`-th restart."""
+    state = d.wait_vm(vm, lambda s: s["worker"]["state"] == "running" and s["worker"]["restarts"] == times,
+                      timeout, f"{vm}'s worker restarted {times} time(s)")
+    return state["worker"]

@@ -16,6 +16,7 @@ import pytest
 
 from harness.daemon import DaemonProcess
 from protocol.balloon import QueueRole
+from tests.daemon.harness import restarted, worker
 from tests.frontend import TestFrontend
 
 PAGE = 4096
@@ -32,16 +33,6 @@ def daemon2(tmp_path):
     alive = d.alive
     code = d.stop()
     assert alive and code == 0, d.log_tail()
-
-
-def worker(d: DaemonProcess, vm: str) -> dict:
-    return d.api.vm(vm)["worker"]
-
-
-def restarted(d: DaemonProcess, vm: str, times: int = 1, timeout: float = 10.0) -> dict:
-    state = d.wait_vm(vm, lambda s: s["worker"]["state"] == "running" and s["worker"]["restarts"] == times,
-                      timeout, f"{vm}'s worker restarted {times} time(s)")
-    return state["worker"]
 
 
 def short_payload(path: str) -> socket.socket:

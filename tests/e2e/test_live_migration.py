@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import pytest
 
 from harness import VhostUserBalloon, Vm
 from harness.daemon import DaemonProcess
+from harness.ram_sampler import PeakAllocation
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm]
@@ -74,39 +74,6 @@ def skip_file_holes(vm: Vm) -> None:
     """QEMU's skip-file-holes capability (qemu-patches/0004): holes of the
     RAM file are neither read nor sent."""
     vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "skip-file-holes", "state": True}])
-
-
-class PeakAllocation:
-    """Samples both QEMUs' RAM files every few tens of ms while a migration runs."""
-
-    def __init__(self, src: Vm, dst: Vm) -> None:
-        self.vms = (src, dst)
-        self.peak = [0, 0]
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        for i, vm in enumerate(self.vms):
-            try:
-                self.peak[i] = max(self.peak[i], vm.memfd_allocated_bytes())
-            except Exception:
-                pass  # a QEMU going away at the end
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self.samples += 1
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakAllocation:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()  # as the migration completed: the last pages may have come since the last sample
 
 
 def balloonctl(daemon: DaemonProcess, *args: str) -> str:
