@@ -128,5 +128,13 @@ def daemon(tmp_path: Path, request: pytest.FixtureRequest, engine: str) -> Itera
     yield d
     d.stop()
     print(f"\nballoond log: {d.log_path}")
-    served = {r.get("engine", "pure") for r in d.log_records() if r.get("event") == "frontend connected"}
+    assert_served_by(d, engine, every=False)
+
+
+def assert_served_by(daemon: DaemonProcess, engine: str, every: bool = True) -> None:
+    """Every frontend `daemon` logged was served by `engine` (and, with
+    `every`, at least one was): a test that starts its own DaemonProcess
+    checks with this that its --engine took effect."""
+    served = {r.get("engine", "pure") for r in daemon.log_records() if r.get("event") == "frontend connected"}
     assert served <= {engine}, f"a frontend was served by {served - {engine}}, not {engine}"
+    assert served or not every, "no frontend connected"

@@ -18,7 +18,7 @@ import pytest
 
 from harness import VhostUserBalloon
 from harness.daemon import DaemonProcess
-from tests.e2e.conftest import ENGINES
+from tests.e2e.conftest import ENGINES, assert_served_by
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm]
@@ -77,5 +77,6 @@ def test_stock_driver_follows_targets_without_a_config_read_per_buffer(make_vm, 
         assert buffers >= 2 * 96
         assert reads <= READS_PER_CHANGE * len(TARGETS_MIB), \
             f"{reads} GET_CONFIG for {buffers} buffers after the restart"
+        assert_served_by(daemon, engine)
     finally:
         daemon.stop()

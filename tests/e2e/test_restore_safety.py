@@ -20,6 +20,7 @@ import pytest
 
 from harness import GuestError, VhostUserBalloon
 from harness.daemon import DaemonProcess
+from tests.e2e.conftest import assert_served_by
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -37,16 +38,19 @@ DROPPED = "state journal dropped: its frames are not restored, nothing discarded
 RESTORED = "balloon restored from the state directory"
 
 
-@pytest.fixture(params=["process", "none"], ids=lambda m: f"isolation-{m}")
-def isolation(request: pytest.FixtureRequest) -> str:
-    """The device (and its journal) runs in a worker process per VM, or in
-    the daemon itself: both must refuse a new driver instance."""
-    return request.param
+#: (isolation, engine): the device (and its journal) runs in a worker
+#: process per VM, or in the daemon itself; all must refuse a new driver
+#: instance. libvhost-user only with workers (the daemon refuses it with
+#: --vm-isolation none).
+SETUPS = [("process", "pure"), ("none", "pure"), ("process", "libvhost-user")]
+setups = pytest.mark.parametrize(("isolation", "engine"), SETUPS,
+                                 ids=[f"isolation-{i}-engine-{e}" for i, e in SETUPS])
 
 
-def start_daemon(tmp_path: Path, isolation: str) -> DaemonProcess:
+def start_daemon(tmp_path: Path, isolation: str, engine: str) -> DaemonProcess:
     daemon = DaemonProcess(tmp_path / "daemon", vms=("guest",), log_level="info",
-                           extra_args=["--state-dir", str(tmp_path / "state"), "--vm-isolation", isolation])
+                           extra_args=["--state-dir", str(tmp_path / "state"), "--vm-isolation", isolation,
+                                       "--engine", engine])
     daemon.start()
     return daemon
 
@@ -123,8 +127,9 @@ def still_balloons(vm, daemon: DaemonProcess, hold: int) -> None:
     assert daemon.api.pfns("guest")["count"] == 0
 
 
-def test_guest_rebooted_while_the_daemon_was_down(make_vm, tmp_path, isolation):
-    daemon = start_daemon(tmp_path, isolation)
+@setups
+def test_guest_rebooted_while_the_daemon_was_down(make_vm, tmp_path, isolation, engine):
+    daemon = start_daemon(tmp_path, isolation, engine)
     try:
         # The driver is loaded by hand, not at boot: the rebooted kernel must
         # not load it before the pattern is written.
@@ -146,13 +151,15 @@ def test_guest_rebooted_while_the_daemon_was_down(make_vm, tmp_path, isolation):
         load_driver_and_check(vm, daemon, since, hold, held, "the inflate ring is at 0")
         assert vm.qemu_pid == qemu_pid and vm.running
         still_balloons(vm, daemon, hold)
+        assert_served_by(daemon, engine)
     finally:
         daemon.stop()
 
 
-def test_new_qemu_on_the_same_ram_file(make_vm, tmp_path, isolation):
+@setups
+def test_new_qemu_on_the_same_ram_file(make_vm, tmp_path, isolation, engine):
     ram = Path("/dev/shm") / f"balloond-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.ram"
-    daemon = start_daemon(tmp_path, isolation)
+    daemon = start_daemon(tmp_path, isolation, engine)
     try:
         first = make_vm(KERNEL, memory_mib=RAM_MIB, load_balloon=True, cmdline=["page_poison=1"],
                         memory_path=ram, balloon=VhostUserBalloon(daemon.sockets["guest"]))
@@ -170,6 +177,7 @@ def test_new_qemu_on_the_same_ram_file(make_vm, tmp_path, isolation):
         since = daemon.log_size()
         load_driver_and_check(second, daemon, since, hold, held, "another QEMU process")
         still_balloons(second, daemon, hold)
+        assert_served_by(daemon, engine)
     finally:
         daemon.stop()
         ram.unlink(missing_ok=True)
