@@ -36,9 +36,13 @@ import pytest
 from harness import VhostUserBalloon
 from harness.scenarios import COMPACTION_BALLOON_MIB, CompactionRun, balloon_migrate, compaction_after_idle_inflate
 from tests.e2e.test_guest_driver import MODULE, build_module, guest_pfns, guest_stats
+from tests.e2e.conftest import ENGINES
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
+
+#: The stock driver's and ours' compaction round trips, on both engines.
+E2E_ENGINES = ENGINES
 
 BALLOON = COMPACTION_BALLOON_MIB * MIB
 DRIVERS = ("stock", "extension", "fallback")
