@@ -20,9 +20,13 @@ import pytest
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm
 from harness.daemon import DaemonProcess
+from tests.e2e.conftest import ENGINES, assert_served_by
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
+
+#: The policy steers balloons served by either engine.
+E2E_ENGINES = ENGINES
 
 STEP = 64 * MIB
 RESERVE = 256 * MIB
@@ -36,7 +40,7 @@ SIMULATED_HOST = 832 * MIB
 RAM = 512 * MIB
 
 
-def test_policy_steers_our_balloon_and_qemus_builtin_one(vm_environment, tmp_path):
+def test_policy_steers_our_balloon_and_qemus_builtin_one(vm_environment, tmp_path, engine):
     sockdir = Path(tempfile.mkdtemp(prefix="bd-mix-"))
     qmp = {"ours": str(sockdir / "ours.qmp"), "builtin": str(sockdir / "builtin.qmp")}
     daemon = DaemonProcess(
@@ -45,7 +49,7 @@ def test_policy_steers_our_balloon_and_qemus_builtin_one(vm_environment, tmp_pat
         extra_args=["--vm", f"builtin=qmp:{qmp['builtin']},headroom={HEADROOM >> 20}M",
                     "--policy", "--policy-interval", "2", "--policy-simulate-host", f"{SIMULATED_HOST >> 20}M",
                     "--host-reserve", f"{RESERVE >> 20}M", "--policy-step", f"{STEP >> 20}M",
-                    "--no-free-page-reporting"],
+                    "--no-free-page-reporting", "--engine", engine],
     )
     daemon.start()
     vms: dict[str, Vm] = {}
@@ -133,3 +137,4 @@ def test_policy_steers_our_balloon_and_qemus_builtin_one(vm_environment, tmp_pat
     print(f"policy targets set: {len(steps)}; largest step {max(steps) >> 20} MiB; VMs moved: {sorted(moved)}")
     assert moved == {"ours", "builtin"}
     assert max(steps) <= STEP
+    assert_served_by(daemon, engine)

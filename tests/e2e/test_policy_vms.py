@@ -25,9 +25,13 @@ import pytest
 
 from harness import VhostUserBalloon, Vm
 from harness.daemon import ApiError, DaemonProcess
+from tests.e2e.conftest import ENGINES, assert_served_by
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = pytest.mark.vm
+
+#: The policy steers balloons served by either engine.
+E2E_ENGINES = ENGINES
 
 NAMES = ("g0", "g1", "g2")
 STEP = 64 * MIB
@@ -97,7 +101,7 @@ def decision_for(daemon: DaemonProcess, name: str) -> dict[str, Any] | None:
     return next((v for v in last["vms"] if v["name"] == name), None) if last else None
 
 
-def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
+def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path, engine):
     sockdir = Path(tempfile.mkdtemp(prefix="bd-pol-"))
     qmp = {n: str(sockdir / f"{n}.qmp") for n in NAMES}
     daemon = DaemonProcess(
@@ -105,7 +109,7 @@ def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
         vm_options={n: f"qmp={qmp[n]},headroom={HEADROOM >> 20}M" for n in NAMES},
         extra_args=["--policy", "--policy-interval", "2", "--policy-simulate-host", f"{SIMULATED_HOST >> 20}M",
                     "--host-reserve", f"{RESERVE >> 20}M", "--policy-step", f"{STEP >> 20}M",
-                    "--no-free-page-reporting"],
+                    "--no-free-page-reporting", "--engine", engine],
     )
     daemon.start()
     vms: dict[str, Vm] = {}
@@ -196,3 +200,4 @@ def test_three_guests_reclaim_give_back_and_pause(vm_environment, tmp_path):
           f"largest target step: {largest >> 20} MiB (configured {STEP >> 20} MiB); "
           f"{len(steps)} targets set, {len(watcher.decisions)} decisions seen")
     assert largest <= STEP
+    assert_served_by(daemon, engine)
