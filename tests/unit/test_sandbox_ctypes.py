@@ -34,18 +34,16 @@ preloads may define callback types but must not create callbacks at import.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from harness.paths import cache_dir
-from tests.unit.test_systemd_units import REPO, allowed_syscalls, unit_values
+from tests.unit.test_systemd_units import LAUNCHER, REPO, allowed_syscalls, unit_values
 
 #: What the restricted children apply for MemoryDenyWriteExecute=yes.
 MECHANISMS = ["seccomp", "prctl"]
@@ -59,77 +57,6 @@ LIBVHOST_USER_SYSCALLS = {
     "memfd_create", "ftruncate", "fcntl",  # the inflight area (GET_INFLIGHT_FD, sealed memfd)
 }
 
-LAUNCHER = r'''
-"""Apply the unit's restrictions (see the test module), then exec argv."""
-import ctypes, errno, os, socket, sys
-
-mechanism, families, errname, allow_file = sys.argv[1:5]
-argv = sys.argv[6:]
-lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
-lib.seccomp_init.restype = ctypes.c_void_p
-lib.seccomp_init.argtypes = [ctypes.c_uint32]
-lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-lib.seccomp_load.argtypes = [ctypes.c_void_p]
-lib.seccomp_release.argtypes = [ctypes.c_void_p]
-
-class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
-
-lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                       ctypes.POINTER(Cmp)]
-ALLOW = 0x7FFF0000
-def ERRNO(e): return 0x00050000 | e
-EQ, GE, MASKED_EQ = 4, 5, 7
-
-def rule(ctx, action, name, *cmps):
-    nr = lib.seccomp_syscall_resolve_name(name.encode())
-    if nr < 0:
-        return
-    arr = (Cmp * max(1, len(cmps)))(*cmps)
-    rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
-    if rc < 0:
-        raise OSError(-rc, f"seccomp_rule_add {name}")
-
-def load(ctx):
-    rc = lib.seccomp_load(ctx)
-    if rc < 0:
-        raise OSError(-rc, "seccomp_load")
-    lib.seccomp_release(ctx)
-
-# RestrictAddressFamilies= (an allow-list)
-if families:
-    allowed = {getattr(socket, name) for name in families.split()}
-    ctx = lib.seccomp_init(ALLOW)
-    for af in range(1, 64):
-        if af not in allowed:
-            rule(ctx, ERRNO(errno.EAFNOSUPPORT), "socket", Cmp(0, EQ, af, 0))
-    rule(ctx, ERRNO(errno.EAFNOSUPPORT), "socket", Cmp(0, GE, 64, 0))
-    load(ctx)
-
-# MemoryDenyWriteExecute=
-PROT_WRITE, PROT_EXEC, SHM_EXEC = 2, 4, 0o100000
-if mechanism == "seccomp":  # systemd 252
-    ctx = lib.seccomp_init(ALLOW)
-    rule(ctx, ERRNO(errno.EPERM), "mmap", Cmp(2, MASKED_EQ, PROT_WRITE | PROT_EXEC, PROT_WRITE | PROT_EXEC))
-    rule(ctx, ERRNO(errno.EPERM), "mprotect", Cmp(2, MASKED_EQ, PROT_EXEC, PROT_EXEC))
-    rule(ctx, ERRNO(errno.EPERM), "pkey_mprotect", Cmp(2, MASKED_EQ, PROT_EXEC, PROT_EXEC))
-    rule(ctx, ERRNO(errno.EPERM), "shmat", Cmp(2, MASKED_EQ, SHM_EXEC, SHM_EXEC))
-    load(ctx)
-elif mechanism == "prctl":  # newer systemd, where the kernel has it
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
-        print(f"PR_SET_MDWE: {os.strerror(ctypes.get_errno())} (a kernel before 6.3?)", file=sys.stderr)
-        sys.exit(77)
-else:
-    assert mechanism == "none", mechanism
-
-# SystemCallFilter= last (seccomp() is not on the list)
-ctx = lib.seccomp_init(ERRNO(getattr(errno, errname)))
-for name in open(allow_file).read().split():
-    rule(ctx, ALLOW, name)
-load(ctx)
-os.execv(argv[0], argv)
-'''
 
 PROBE = r'''
 """Runs in the restricted child: one JSON object on the last line."""

@@ -249,10 +249,16 @@ def test_example_config_loads(tmp_path):
 # ------------------------------------------------------------------ the sandbox
 
 LAUNCHER = r'''
-"""Load seccomp filters like systemd's for the unit, then exec the command."""
+"""Apply the unit's restrictions, as systemd does, then exec argv:
+launcher.py MECHANISM FAMILIES ERRNO ALLOW_FILE -- COMMAND...
+MECHANISM applies MemoryDenyWriteExecute=: seccomp (systemd 252), prctl
+(PR_SET_MDWE, newer systemd where the kernel has it), both, or none;
+FAMILIES is RestrictAddressFamilies=, ERRNO SystemCallErrorNumber=, and
+ALLOW_FILE the SystemCallFilter= allow-list, one name a line."""
 import ctypes, errno, os, socket, sys
 
-allow_file, argv = sys.argv[1], sys.argv[3:]
+mechanism, families, errname, allow_file = sys.argv[1:5]
+argv = sys.argv[6:]
 lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
 lib.seccomp_init.restype = ctypes.c_void_p
 lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -267,17 +273,14 @@ lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.
                                        ctypes.POINTER(Cmp)]
 ALLOW = 0x7FFF0000
 def ERRNO(e): return 0x00050000 | e
-NE, EQ, MASKED_EQ = 1, 4, 7
-
-def nr(name):
-    return lib.seccomp_syscall_resolve_name(name.encode())
+EQ, GE, MASKED_EQ = 4, 5, 7
 
 def rule(ctx, action, name, *cmps):
-    n = nr(name)
-    if n < 0:
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr < 0:
         return
     arr = (Cmp * max(1, len(cmps)))(*cmps)
-    rc = lib.seccomp_rule_add_array(ctx, action, n, len(cmps), arr)
+    rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
     if rc < 0:
         raise OSError(-rc, f"seccomp_rule_add {name}")
 
@@ -287,24 +290,34 @@ def load(ctx):
         raise OSError(-rc, "seccomp_load")
     lib.seccomp_release(ctx)
 
-# RestrictAddressFamilies=AF_UNIX
-ctx = lib.seccomp_init(ALLOW)
-rule(ctx, ERRNO(errno.EAFNOSUPPORT), "socket", Cmp(0, NE, socket.AF_UNIX, 0))
-load(ctx)
-# MemoryDenyWriteExecute= (systemd 252: seccomp_memory_deny_write_execute)
+# RestrictAddressFamilies= (an allow-list)
+if families:
+    allowed = {getattr(socket, name) for name in families.split()}
+    ctx = lib.seccomp_init(ALLOW)
+    for af in range(1, 64):
+        if af not in allowed:
+            rule(ctx, ERRNO(errno.EAFNOSUPPORT), "socket", Cmp(0, EQ, af, 0))
+    rule(ctx, ERRNO(errno.EAFNOSUPPORT), "socket", Cmp(0, GE, 64, 0))
+    load(ctx)
+
+# MemoryDenyWriteExecute=
 PROT_WRITE, PROT_EXEC, SHM_EXEC = 2, 4, 0o100000
-ctx = lib.seccomp_init(ALLOW)
-rule(ctx, ERRNO(errno.EPERM), "mmap", Cmp(2, MASKED_EQ, PROT_WRITE | PROT_EXEC, PROT_WRITE | PROT_EXEC))
-rule(ctx, ERRNO(errno.EPERM), "mprotect", Cmp(2, MASKED_EQ, PROT_EXEC, PROT_EXEC))
-rule(ctx, ERRNO(errno.EPERM), "pkey_mprotect", Cmp(2, MASKED_EQ, PROT_EXEC, PROT_EXEC))
-rule(ctx, ERRNO(errno.EPERM), "shmat", Cmp(2, MASKED_EQ, SHM_EXEC, SHM_EXEC))
-load(ctx)
-# ... and the kernel's own (newer systemd uses PR_SET_MDWE where it exists)
-libc = ctypes.CDLL(None, use_errno=True)
-libc.prctl(65, 1, 0, 0, 0)
-# SystemCallFilter= last (seccomp() itself is not on the list): an allow-list,
-# everything else fails with EPERM (SystemCallErrorNumber=EPERM)
-ctx = lib.seccomp_init(ERRNO(errno.EPERM))
+if mechanism in ("seccomp", "both"):  # systemd 252
+    ctx = lib.seccomp_init(ALLOW)
+    rule(ctx, ERRNO(errno.EPERM), "mmap", Cmp(2, MASKED_EQ, PROT_WRITE | PROT_EXEC, PROT_WRITE | PROT_EXEC))
+    rule(ctx, ERRNO(errno.EPERM), "mprotect", Cmp(2, MASKED_EQ, PROT_EXEC, PROT_EXEC))
+    rule(ctx, ERRNO(errno.EPERM), "pkey_mprotect", Cmp(2, MASKED_EQ, PROT_EXEC, PROT_EXEC))
+    rule(ctx, ERRNO(errno.EPERM), "shmat", Cmp(2, MASKED_EQ, SHM_EXEC, SHM_EXEC))
+    load(ctx)
+if mechanism in ("prctl", "both"):  # newer systemd, where the kernel has it
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        print(f"PR_SET_MDWE: {os.strerror(ctypes.get_errno())} (a kernel before 6.3?)", file=sys.stderr)
+        sys.exit(77)
+assert mechanism in ("seccomp", "prctl", "both", "none"), mechanism
+
+# SystemCallFilter= last (seccomp() is not on the list)
+ctx = lib.seccomp_init(ERRNO(getattr(errno, errname)))
 for name in open(allow_file).read().split():
     rule(ctx, ALLOW, name)
 load(ctx)
@@ -369,6 +382,8 @@ class Sandbox:
         self.workdir = workdir
 
     def argv(self, *command: str) -> list[str]:
+        families = " ".join(unit_values("RestrictAddressFamilies"))
+        errname = unit_values("SystemCallErrorNumber")[-1]
         script = textwrap.dedent(f"""\
             set -e
             mount --make-rprivate /
@@ -390,7 +405,8 @@ class Sandbox:
                 HOME=/nonexistent NOTIFY_SOCKET={self.runtime}/notify \\
                 setpriv --reuid=65534 --regid=65534 --groups={self.group.gr_gid} --no-new-privs \\
                 --bounding-set=-all --inh-caps=-all -- \\
-                {self.python} -s /mnt/stage/launcher.py /mnt/stage/allow.txt -- {self.python} -s "$@"
+                {self.python} -s /mnt/stage/launcher.py both "{families}" {errname} /mnt/stage/allow.txt -- \\
+                    {self.python} -s "$@"
             """)
         # --kill-child: the sandboxed process dies with unshare (a failed test cannot leave it behind)
         return ["unshare", "--mount", "--net", "--fork", "--kill-child", "--", "sh", "-c", script, "sh", *command]
