@@ -39,6 +39,7 @@ from ..logs import RateLimited
 from .device_api import VirtioDevice
 from .device_state import StateTransfer
 from .dirty_log import DirtyLog
+from .frontend_connection import FrontendConnection
 from .memory import DEFAULT_MAX_GUEST_RAM, GuestMemory
 from .vring import Vring, eventfd_drain
 
@@ -113,11 +114,6 @@ MAX_READS_PER_CALLBACK = 16
 #: daemon's memory (one more reply at most: requests are read one at a time).
 MAX_OUTBOX = 64 * 1024
 
-#: How soon a CONFIG_CHANGE_MSG that found the backend channel full is tried
-#: again (seconds). Sends never wait: the frontend shares the socket's file
-#: description and may have made it blocking.
-BACKEND_RETRY_SECONDS = 0.5
-
 #: Protocol features offered. CONFIG is required by QEMU's generic device,
 #: BACKEND_REQ carries config changes, REPLY_ACK lets QEMU confirm each
 #: request, CONFIGURE_MEM_SLOTS allows memory hotplug without a full remap.
@@ -144,7 +140,7 @@ def _close_fds(fds: tuple[int, ...] | list[int]) -> None:
             pass
 
 
-class VhostUserConnection:
+class VhostUserConnection(FrontendConnection):
     def __init__(
         self,
         sock: socket.socket,
@@ -238,36 +234,14 @@ class VhostUserConnection:
 
     # ================================================================ running
 
-    async def run(self) -> str:
-        """Serve until the frontend goes away; return why the connection closed."""
+    def _start_reading(self) -> None:
         self._watch_socket(True)
-        self.log.info("frontend connected")
-        try:
-            return await self._closed
-        finally:
-            if self.close_reason is None:  # cancelled (daemon shutdown)
-                self.close("daemon shutting down")
 
-    @property
-    def open(self) -> bool:
-        return self.close_reason is None
-
-    def close(self, reason: str, *, error: bool = False) -> None:
-        if self.close_reason is not None:
-            return
-        self.close_reason = reason
-        (self.log.error if error else self.log.info)("frontend connection closed", reason=reason)
+    def _after_teardown(self) -> None:
         try:
-            self._teardown()
-        except Exception:
-            self.log.exception("error while closing the connection")
-        finally:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            if not self._closed.done():
-                self._closed.set_result(reason)
+            self.sock.close()
+        except OSError:
+            pass
 
     def _teardown(self) -> None:
         if self._backend_retry is not None:
@@ -295,14 +269,6 @@ class VhostUserConnection:
             self.backend_sock.close()
             self.backend_sock = None
         _close_fds(self.reader.take_pending_fds())
-
-    def _safe_device_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Device code must not take the daemon down; a bug there is logged."""
-        try:
-            return fn(*args)
-        except Exception:
-            self.log.exception("device error", call=getattr(fn, "__name__", "?"))
-            return None
 
     # ================================================================ input
 
@@ -692,12 +658,6 @@ class VhostUserConnection:
             self.log.info("device started", queues=sorted(i for i, v in self.vrings.items() if v.live))
             self._safe_device_call(self.device.started)
 
-    def _stop_all(self) -> None:
-        if self.started:
-            self.started = False
-            self.log.info("device stopped")
-            self._safe_device_call(self.device.stopped)
-
     def _kicked(self, vring: Vring) -> None:
         assert vring.kick_fd is not None
         try:
@@ -1021,11 +981,7 @@ class VhostUserConnection:
             # did to O_NONBLOCK on the file description it shares with us.
             sent = self.backend_sock.send(message, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            self.backend_full += 1
-            self.limited.warning("backend channel full; config change will be sent again",
-                                 retry_seconds=BACKEND_RETRY_SECONDS, times=self.backend_full)
-            if self._backend_retry is None:
-                self._backend_retry = self._loop.call_later(BACKEND_RETRY_SECONDS, self._retry_config_change)
+            self._backend_channel_full()
             return False
         except OSError as exc:
             self.log.warning("backend channel send failed", error=str(exc))
@@ -1038,10 +994,3 @@ class VhostUserConnection:
             self.backend_sock = None
             return False
         return True
-
-    def _retry_config_change(self) -> None:
-        """Send the change the full channel refused. The device also sends it
-        again at the next start; a second notice only makes the driver read
-        the config once more."""
-        self._backend_retry = None
-        self.config_changed()

@@ -43,6 +43,7 @@ from protocol.vhost_user import ProtocolFeature
 
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
+from ..frontend_connection import FrontendConnection
 from ..memory import DEFAULT_MAX_GUEST_RAM, seal_against_shrinking
 from . import abi
 from .memory import LibraryMemory
@@ -50,8 +51,6 @@ from .ring import LibRing
 
 #: Queues the library is set up for (as many as the pure engine serves).
 MAX_QUEUES = 16
-#: Seconds before a config change that found the backend channel full is sent again.
-BACKEND_RETRY_SECONDS = 0.1
 
 # Request numbers (libvhost-user.h, the vhost-user spec).
 NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
@@ -95,7 +94,7 @@ F_LOG_ALL = 1 << vu.F_LOG_ALL
 _connection_ids = itertools.count(1)
 
 
-class LibvhostUserConnection:
+class LibvhostUserConnection(FrontendConnection):
     """Serves one frontend with libvhost-user; the interface `VirtualMachine`
     uses of `VhostUserConnection` (run, open, vrings, counters)."""
 
@@ -173,32 +172,8 @@ class LibvhostUserConnection:
 
     # ================================================================ running
 
-    async def run(self) -> str:
-        """Serve until the frontend goes away; return why the connection closed."""
+    def _start_reading(self) -> None:
         self._loop.add_reader(self._sock_fd, self._readable)
-        self.log.info("frontend connected")
-        try:
-            return await self._closed
-        finally:
-            if self.close_reason is None:  # cancelled (daemon shutdown)
-                self.close("daemon shutting down")
-
-    @property
-    def open(self) -> bool:
-        return self.close_reason is None
-
-    def close(self, reason: str, *, error: bool = False) -> None:
-        if self.close_reason is not None:
-            return
-        self.close_reason = reason
-        (self.log.error if error else self.log.info)("frontend connection closed", reason=reason)
-        try:
-            self._teardown()
-        except Exception:
-            self.log.exception("error while closing the connection")
-        finally:
-            if not self._closed.done():
-                self._closed.set_result(reason)
 
     def _teardown(self) -> None:
         if self._backend_retry is not None:
@@ -237,13 +212,6 @@ class LibvhostUserConnection:
                 return on_error
 
         return call
-
-    def _safe_device_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except Exception:
-            self.log.exception("device error", call=getattr(fn, "__name__", "?"))
-            return None
 
     # ================================================================ input
 
@@ -513,12 +481,6 @@ class LibvhostUserConnection:
             ring.drop_held()
             ring.reported_live = False
 
-    def _stop_all(self) -> None:
-        if self.started:
-            self.started = False
-            self.log.info("device stopped")
-            self._safe_device_call(self.device.stopped)
-
     def _reconcile(self) -> None:
         """Tell the device what the message just handled changed."""
         if self._memory_dirty:
@@ -602,22 +564,13 @@ class LibvhostUserConnection:
         poller = select.poll()
         poller.register(self.dev.backend_fd, select.POLLOUT)
         if not any(ev & select.POLLOUT for _, ev in poller.poll(0)):
-            self.backend_full += 1
-            self.limited.warning("backend channel full; config change will be sent again",
-                                 retry_seconds=BACKEND_RETRY_SECONDS, times=self.backend_full)
-            if self._backend_retry is None:
-                self._backend_retry = self._loop.call_later(BACKEND_RETRY_SECONDS, self._retry_config_change)
+            self._backend_channel_full()
             return False
         self.lib.vu_config_change_msg(self.dev_ref)
         if self.dev.broken:
             self._loop.call_soon(self._close_broken)
             return False
         return True
-
-    def _retry_config_change(self) -> None:
-        self._backend_retry = None
-        self.config_changed()
-
 
 def _reply_u64(vmsg: Any, do_reply: Any, value: int) -> int:
     """Answer the message here with a u64; flags are set to exactly
