@@ -35,13 +35,14 @@ GREETING: dict[str, Any] = {
     "QMP": {"version": {"qemu": {"micro": 2, "minor": 2, "major": 10}, "package": ""}, "capabilities": []}
 }
 
-#: MigrationCapability values a Linux x86 build of QEMU 10.2 reports, in its
+#: MigrationCapability values the project's QEMU 10.2 build reports, in its
 #: order (the deprecated zero-blocks included).
 MIGRATION_CAPABILITIES = (
     "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram", "x-colo", "release-ram",
     "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
     "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
+    "skip-file-holes",  # qemu-patches/0004
 )  # fmt: skip
 
 #: Events QEMU sends only while the "events" migration capability is on
