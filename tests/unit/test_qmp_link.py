@@ -193,7 +193,8 @@ def test_on_connect_runs_once_per_session_before_the_polls(sock):
                 assert watch.seen[:2] == ["connect", "look"] and watch.seen.count("connect") == 1
                 assert link.connected and fake.migrate_capabilities["events"] is True
                 fake.drop_clients()
-                await until(lambda: watch.seen.count("connect") == 2)
+                await until(lambda: watch.seen.count("connect") == 2
+                            and len(watch.seen) > watch.seen.index("connect", 1) + 1)
                 assert watch.seen[watch.seen.index("connect", 1) + 1] == "look"
             finally:
                 await link.stop()
