@@ -76,6 +76,23 @@ def seal_against_shrinking(fd: int) -> bool:
     return True
 
 
+def check_region_file(fd: int, mmap_offset: int, size: int) -> bool:
+    """Seal a region's file against shrinking, then check that the region
+    [mmap_offset, mmap_offset+size) lies within it: an access past the end of
+    a mapped file is SIGBUS. Sealed first, so that the size seen can only
+    grow. Returns whether the seal took; FrontendError if the region must not
+    be mapped."""
+    try:
+        sealed = seal_against_shrinking(fd)
+        file_size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise FrontendError(f"memory region fd unusable: {exc}") from None
+    end = mmap_offset + size
+    if file_size and end > file_size:
+        raise FrontendError(f"memory region [{mmap_offset:#x}, {end:#x}) lies beyond its fd's size {file_size:#x}")
+    return sealed
+
+
 class GuestMemory:
     """The set of mapped guest RAM regions of one connection."""
 
@@ -102,19 +119,9 @@ class GuestMemory:
                 if region.guest_phys_addr < other.gpa + other.size and other.gpa < region.guest_phys_addr + region.size:
                     raise FrontendError("memory region overlaps an existing region")
             self.check_total(region.size)
-            # Sealed before the size check and the mapping: once sealed, the
-            # size seen below can only grow.
-            try:
-                if not seal_against_shrinking(fd):
-                    self.unsealed += 1
-                file_size = os.fstat(fd).st_size
-            except OSError as exc:
-                raise FrontendError(f"memory region fd unusable: {exc}") from None
+            if not check_region_file(fd, region.mmap_offset, region.size):
+                self.unsealed += 1
             end = region.mmap_offset + region.size
-            if file_size and end > file_size:
-                raise FrontendError(
-                    f"memory region [{region.mmap_offset:#x}, {end:#x}) lies beyond its fd's size {file_size:#x}"
-                )
             try:
                 mapping = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             except (OSError, ValueError, OverflowError) as exc:

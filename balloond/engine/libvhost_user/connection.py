@@ -44,7 +44,7 @@ from protocol.vhost_user import ProtocolFeature
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
 from ..frontend_connection import FrontendConnection
-from ..memory import DEFAULT_MAX_GUEST_RAM, seal_against_shrinking
+from ..memory import DEFAULT_MAX_GUEST_RAM, check_region_file
 from . import abi
 from .memory import LibraryMemory
 from .ring import LibRing
@@ -402,13 +402,9 @@ class LibvhostUserConnection(FrontendConnection):
         """Why the region must not be mapped (None: it may): the library maps
         whatever it is sent, and an access beyond the file's end is SIGBUS."""
         try:
-            seal_against_shrinking(fd)
-            file_size = os.fstat(fd).st_size
-        except OSError as exc:
-            return f"memory region fd unusable: {exc}"
-        end = region.mmap_offset + region.memory_size
-        if file_size and end > file_size:
-            return f"memory region [{region.mmap_offset:#x}, {end:#x}) lies beyond its fd's size {file_size:#x}"
+            check_region_file(fd, region.mmap_offset, region.memory_size)
+        except FrontendError as exc:
+            return str(exc)
         return None
 
     def _before_mem_table(self, vmsg: Any) -> int:
