@@ -13,7 +13,7 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -207,6 +207,9 @@ class VirtualMachine:
         self.discard_guard: Any = None
         #: In a worker (no guard of its own): the supervisor's guard's last verdict.
         self.forwarded_inhibit: str | None = None
+        #: Called when the balloon comes to rest at its target (a worker
+        #: reports that at once: BalloonDevice.on_settled).
+        self.on_settled: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ serving
 
@@ -222,6 +225,7 @@ class VirtualMachine:
         device.set_discard_inhibit(self.discard_inhibit)  # before the guest's memory arrives
         device.on_adopted = self._adopted_from_migration
         device.on_saving = self._saving_for_migration
+        device.on_settled = self._device_settled
         connection: AnyConnection
         if self.engine == "libvhost-user":
             from .engine.libvhost_user import abi
@@ -248,6 +252,10 @@ class VirtualMachine:
             if self.connection is connection:
                 self.connection = None
         self.last_disconnect = Disconnect(at=time.time(), reason=str(reason))
+
+    def _device_settled(self) -> None:
+        if self.on_settled is not None:
+            self.on_settled()
 
     def _adopted_from_migration(self, target_pages: int, stats_interval: float,
                                 origin: MigrationOrigin | None) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +208,9 @@ class BalloonDevice:
         self.on_adopted: Any = None
         #: Asked for the origin (MigrationOrigin) of a state being saved; None: the state has none.
         self.on_saving: Any = None
+        #: Called when the balloon comes to rest at its target (_check_settled):
+        #: a worker reports that at once rather than at its next look.
+        self.on_settled: Callable[[], None] | None = None
         self.connected_at = time.time()
         # What each queue role's buffers mean; built once, looked up per kick.
         self._handlers = {
@@ -231,6 +235,7 @@ class BalloonDevice:
         changed = self.config.driver_write(offset, data)
         if "actual" in changed:
             self.log.debug("guest reports balloon size", actual_pages=self.config.actual)
+            self._check_settled()
         if "poison_val" in changed:
             self.log.info("guest poison value", poison_val=hex(self.config.poison_val))
         if offset <= BalloonConfig.OFFSET_POISON_VAL < offset + len(data):
@@ -750,6 +755,14 @@ class BalloonDevice:
         if result.errors:
             self.counters.discard_errors += result.errors
             self.limited.warning("discard failed", error=self.releaser.last_error)
+        self._check_settled()
+
+    def _check_settled(self) -> None:
+        """Tell `on_settled` when the balloon has come to rest: the guest
+        says it holds the target and no discard is waiting. Checked where
+        either can become true (the guest's write of `actual`, a flush)."""
+        if self.on_settled is not None and self.config.actual == self.config.num_pages and not self._pending:
+            self.on_settled()
 
     def _migrate(self, vring: Ring, chains: list[Chain]) -> None:
         """Migration records, whole or (with BALLOOND_F_MIGRATE_SPLIT) split.

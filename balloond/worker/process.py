@@ -16,7 +16,10 @@ for only when the worker's event loop woke for I/O (a frontend's message or
 kick, an accept, a hang-up, a supervisor's command: `ActivitySelector`), at
 most once per CHANGE_DELAY, and again CHANGE_DELAY after a look that found
 one or while discards are pending (a burst settles over several loop
-turns); an idle worker wakes only for the heartbeat. The supervisor serves
+turns); an idle worker wakes only for the heartbeat. The end of a change
+does not wait out CHANGE_DELAY: when the balloon comes to rest at its
+target (BalloonDevice.on_settled) the worker looks at once, so the API
+shows a target reached as soon as the worker knows it. The supervisor serves
 the API from these reports (docs/api.md, "Freshness").
 
 With --state-dir it first takes its VM's journal lock (JournalLock): a
@@ -184,6 +187,9 @@ class Worker:
         self.applied = spec.applied
         #: Set when something may have changed: the report loop looks.
         self.changed: asyncio.Event | None = None
+        #: Set when the balloon came to rest at its target: the report loop
+        #: looks without waiting out CHANGE_DELAY.
+        self.settled: asyncio.Event | None = None
 
     def _make_vm(self, lock: JournalLock | None) -> VirtualMachine:
         spec, log = self.spec, self.log
@@ -197,6 +203,7 @@ class Worker:
         vm = VirtualMachine(spec.name, spec.socket, spec.settings, poll_seconds=spec.poll_seconds,
                             log=log, journal=journal, max_guest_ram=spec.max_guest_ram, engine=spec.engine)
         vm.log = log  # already bound with vm= and worker=
+        vm.on_settled = self._settled
         if journal is not None and (journal.state.target_pages or len(journal.state.frames)):
             log.info("state found", target_pages=journal.state.target_pages,
                      ballooned_frames=len(journal.state.frames))
@@ -248,6 +255,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         self.changed = asyncio.Event()
+        self.settled = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)  # systemd signals the whole cgroup
         reader, writer = await asyncio.open_unix_connection(sock=self.channel)
         lock = await self._lock(writer, stop) if self.spec.state_dir else None
@@ -276,6 +284,10 @@ class Worker:
             if self.vm.journal is not None:
                 self.vm.journal.close()
 
+    def _settled(self) -> None:
+        if self.settled is not None:
+            self.settled.set()
+
     def _io(self) -> None:
         # Called from inside select(), before the I/O callbacks run: setting the
         # event one turn later lets the look follow what those callbacks did.
@@ -289,7 +301,7 @@ class Worker:
     async def _report(self, writer: asyncio.StreamWriter) -> None:
         """Report a change soon after the loop's I/O (at most once per
         CHANGE_DELAY), and every report interval anyway (the heartbeat)."""
-        assert self.changed is not None and self.vm is not None
+        assert self.changed is not None and self.settled is not None and self.vm is not None
         last: Status | None = None
         sent_at = 0.0
         while True:
@@ -309,7 +321,19 @@ class Worker:
                     await asyncio.wait_for(self.changed.wait(), max(heartbeat, 0.0))
                 except TimeoutError:
                     continue  # the heartbeat is due now
-            await asyncio.sleep(max(looked_at + CHANGE_DELAY - time.monotonic(), 0.0))
+            await self._until_settled_or(looked_at + CHANGE_DELAY)
+
+    async def _until_settled_or(self, deadline: float) -> None:
+        """Wait until the monotonic `deadline`, or less if the balloon comes
+        (or came, since the last look) to rest at its target."""
+        assert self.settled is not None
+        delay = deadline - time.monotonic()
+        if delay > 0 and not self.settled.is_set():
+            try:
+                await asyncio.wait_for(self.settled.wait(), delay)
+            except TimeoutError:
+                pass
+        self.settled.clear()
 
     async def _commands(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Apply the supervisor's messages until Stop or until it goes away."""
