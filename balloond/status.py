@@ -41,15 +41,20 @@ class DeviceStatus:
 
 @dataclass
 class EngineCounters:
-    """What the vhost-user engine declined to do for a frontend so as never to
-    block on an fd the frontend shares (see balloond/engine/vring.py): a
-    non-zero value means a frontend that is broken or hostile, which an
-    operator should see next to the device's own counters."""
+    """What the vhost-user engine counted for a frontend. The first two are
+    what it declined to do so as never to block on an fd the frontend shares
+    (see balloond/engine/vring.py): a non-zero value means a frontend that
+    is broken or hostile, which an operator should see next to the device's
+    own counters."""
 
     #: Interrupts not sent: the call eventfd could not take a write.
     calls_skipped: int = 0
     #: Config changes the backend channel had no room for (sent again later).
     backend_full: int = 0
+    #: Requests the frontend asked to have acknowledged (REPLY_ACK's
+    #: NEED_REPLY). QEMU waits for each such answer holding its big lock;
+    #: with config-cache=on its config writes do not ask (qemu-patches/0005).
+    acks_requested: int = 0
 
 
 @dataclass

@@ -91,6 +91,7 @@ def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: An
     if serving.engine is not None:
         status.counters["calls_skipped"] = serving.engine.calls_skipped
         status.counters["backend_full"] = serving.engine.backend_full
+        status.counters["acks_requested"] = serving.engine.acks_requested
     return status
 
 
@@ -367,6 +368,7 @@ class VirtualMachine:
         return EngineCounters(
             calls_skipped=sum(v.counters.calls_skipped for v in connection.vrings.values()),
             backend_full=connection.backend_full,
+            acks_requested=connection.acks_requested,
         )
 
     def status(self) -> VmStatus:

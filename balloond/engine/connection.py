@@ -194,6 +194,8 @@ class VhostUserConnection(FrontendConnection):
         self._backend_retry: asyncio.TimerHandle | None = None
         #: CONFIG_CHANGE_MSGs that found the backend channel full (retried).
         self.backend_full = 0
+        #: Requests the frontend asked to have acknowledged (NEED_REPLY).
+        self.acks_requested = 0
         #: Migration: the shared dirty log, whether VHOST_F_LOG_ALL is on, and
         #: the device state transfer under way or last done.
         self.dirty_log: DirtyLog | None = None
@@ -339,6 +341,8 @@ class VhostUserConnection(FrontendConnection):
             self._last_returned = time.monotonic()
 
     def _serve_request(self, message: vu.Message) -> None:
+        if message.need_reply:
+            self.acks_requested += 1
         try:
             decoded = vu.decode_request(message)
         except vu.UnsupportedRequest as exc:

@@ -35,6 +35,7 @@ class FrontendConnection:
     started: bool
     close_reason: str | None
     backend_full: int
+    acks_requested: int
     _loop: asyncio.AbstractEventLoop
     _closed: asyncio.Future[str]
     _backend_retry: asyncio.TimerHandle | None

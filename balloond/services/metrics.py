@@ -51,6 +51,8 @@ _DEVICE_COUNTERS = (
     # the engine's: what a frontend's shared fds kept it from doing (status.EngineCounters)
     "calls_skipped",
     "backend_full",
+    # requests the frontend wanted acknowledged (REPLY_ACK)
+    "acks_requested",
 )
 
 

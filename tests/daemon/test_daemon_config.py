@@ -105,3 +105,22 @@ def test_config_windows(daemon, connect):
     payload = fe.request(vu.Request.GET_CONFIG, vu.ConfigSpace(8, 24, 0, bytes(24)).encode())
     assert len(payload) == vu.CONFIG_HEAD.size + 24
     assert payload[vu.CONFIG_HEAD.size + 8 :] == bytes(16)
+
+
+def test_acknowledgements_the_frontend_asked_for_are_counted(daemon, connect):
+    """`acks_requested` counts requests sent with NEED_REPLY and only those:
+    the real-VM config-cache test reads it to show QEMU's config writes no
+    longer ask (qemu-patches/0005)."""
+    fe = connect()
+    before = daemon.api.vm("vm0")["counters"]["acks_requested"]
+    fe.get_config()
+    data = bytearray(fe.config_cache)
+    data[BalloonConfig.OFFSET_ACTUAL:BalloonConfig.OFFSET_ACTUAL + 4] = struct.pack("<I", 5)
+    window = vu.ConfigSpace(0, fe.config_size, 0, bytes(data)).encode()
+    for _ in range(3):
+        fe.request(vu.Request.SET_CONFIG, window, ack=True)
+    for _ in range(4):
+        fe.request(vu.Request.SET_CONFIG, window, ack=False)
+    fe.get_config()  # in order after the writes: all of them were handled
+    assert daemon.api.vm("vm0")["counters"]["acks_requested"] - before == 3
+    assert fe.cached_config().actual == 5

@@ -163,6 +163,8 @@ class LibvhostUserConnection(FrontendConnection):
         self.acked_features: int | None = None
         #: CONFIG_CHANGE_MSGs that found the backend channel full (sent again later).
         self.backend_full = 0
+        #: Requests the frontend asked to have acknowledged (NEED_REPLY).
+        self.acks_requested = 0
         self._backend_retry: asyncio.TimerHandle | None = None
         self._resume: set[int] = set()
         # What VirtualMachine reads of any engine (migration is not supported here).
@@ -263,6 +265,8 @@ class LibvhostUserConnection(FrontendConnection):
         fd_num = min(max(vmsg.fd_num, 0), abi.MAX_FDS)
         payload = ctypes.string_at(ctypes.addressof(vmsg.payload), min(vmsg.size, ctypes.sizeof(vmsg.payload)))
         message = vu.Message(request, flags, payload, tuple(vmsg.fds[i] for i in range(fd_num)))
+        if message.need_reply:
+            self.acks_requested += 1
         try:
             vu.decode_request(message)
         except vu.UnsupportedRequest as exc:
