@@ -124,3 +124,28 @@ def test_acknowledgements_the_frontend_asked_for_are_counted(daemon, connect):
     fe.get_config()  # in order after the writes: all of them were handled
     assert daemon.api.vm("vm0")["counters"]["acks_requested"] - before == 3
     assert fe.cached_config().actual == 5
+
+
+def test_a_config_window_is_read_where_it_is_asked_for(daemon, connect):
+    """GET_CONFIG of part of the space answers that part (the library's own
+    callback has no offset), and a request that also asked for an
+    acknowledgement gets one reply, flagged exactly VERSION|REPLY (the test
+    frontend refuses anything else), and no acknowledgement besides."""
+    fe = connect()
+    daemon.api.set_target("vm0", 8 << 20)
+    assert fe.wait_config_change(3)
+    fe.write_config(BalloonConfig.OFFSET_ACTUAL, struct.pack("<I", 77))
+    actual = vu.ConfigSpace(BalloonConfig.OFFSET_ACTUAL, 4, 0, bytes(4))
+    for ack in (False, True):
+        fe.send(vu.Request.GET_CONFIG, actual.encode(), need_reply=ack)
+        reply = fe.recv_reply(vu.Request.GET_CONFIG)
+        assert reply == vu.ConfigSpace(BalloonConfig.OFFSET_ACTUAL, 4, 0, struct.pack("<I", 77)).encode()
+    # The next reply answers the next request (no stray acknowledgement first).
+    window = fe.request(vu.Request.GET_CONFIG, vu.ConfigSpace(0, 4, 0, bytes(4)).encode())
+    assert window == vu.ConfigSpace(0, 4, 0, struct.pack("<I", 2048)).encode()  # num_pages: 8 MiB
+    # The same for replies the engine leaves to libvhost-user.
+    fe.send(vu.Request.GET_MAX_MEM_SLOTS, need_reply=True)
+    assert len(fe.recv_reply(vu.Request.GET_MAX_MEM_SLOTS, 8)) == 8
+    fe.send(vu.Request.GET_VRING_BASE, vu.VringState(0, 0).encode(), need_reply=True)  # stops queue 0
+    assert len(fe.recv_reply(vu.Request.GET_VRING_BASE, 8)) == 8
+    assert fe.request(vu.Request.GET_CONFIG, actual.encode())[vu.CONFIG_HEAD.size:] == struct.pack("<I", 77)

@@ -63,7 +63,7 @@ SET_VRING_ENABLE = 18
 VRING_NOFD = 1 << 8
 #: The largest queue the library serves (its VIRTQUEUE_MAX_SIZE).
 MAX_QUEUE_NUM = 1024
-SET_CONFIG = 25
+GET_CONFIG, SET_CONFIG = 24, 25
 POSTCOPY_ADVISE, POSTCOPY_LISTEN, POSTCOPY_END = 28, 29, 30
 GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
 ADD_MEM_REG, REM_MEM_REG = 37, 38
@@ -289,6 +289,10 @@ class LibvhostUserConnection(FrontendConnection):
         handled = self._validate(vmsg, do_reply)
         if handled is not None:
             return handled
+        # The library decided whether to acknowledge before calling us; its
+        # own replies (GET_VRING_BASE, ...) would keep the request's
+        # NEED_REPLY bit, the pure engine's are exactly VERSION|REPLY.
+        vmsg.flags &= ~vu.FLAG_NEED_REPLY
         if request in _RING_INDEXED and vmsg.payload.state.index >= MAX_QUEUES:
             return self._refuse(f"request {request} for queue {vmsg.payload.state.index}, beyond {MAX_QUEUES}", vmsg)
         if request == NONE:
@@ -301,6 +305,8 @@ class LibvhostUserConnection(FrontendConnection):
             return _reply_u64(vmsg, do_reply, self._offered_features())
         if request == GET_PROTOCOL_FEATURES:
             return _reply_u64(vmsg, do_reply, OFFERED_PROTOCOL_FEATURES)
+        if request == GET_CONFIG:
+            return self._reply_config(vmsg, do_reply)
         # What the pure engine refuses beyond the payload checks, and the
         # library would take: queue sizes it cannot serve, ENABLE with
         # anything but 0 or 1, and polling mode (a kick without an fd).
@@ -371,8 +377,21 @@ class LibvhostUserConnection(FrontendConnection):
 
     # ======================================================== config space
 
+    def _reply_config(self, vmsg: Any, do_reply: Any) -> int:
+        """GET_CONFIG, answered here: the library's callback gets no offset
+        and would answer every window from offset 0. The window was checked
+        (_validate); the reply is the request's header with the data."""
+        window = vmsg.payload.config
+        data = self.device.read_config(window.offset, window.size)
+        ctypes.memmove(window.region, data, min(len(data), window.size))
+        vmsg.fd_num = 0
+        vmsg.flags = 0
+        do_reply[0] = 1
+        return 1
+
     def _get_config(self, dev: Any, config: Any, length: int) -> int:
-        # The library passes no offset: QEMU's generic device reads from 0.
+        # Not reached (_reply_config answers GET_CONFIG); kept for the
+        # library's interface, which calls it with no offset.
         data = self.device.read_config(0, length)
         ctypes.memmove(config, data, min(len(data), length))
         return 0
