@@ -38,6 +38,7 @@ from typing import Any, Callable
 import structlog
 
 from protocol import vhost_user as vu
+from protocol.balloon import Feature
 from protocol.errors import FrontendError
 from protocol.vhost_user import ProtocolFeature
 
@@ -57,7 +58,7 @@ NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
 RESET_OWNER, RESET_DEVICE = 4, 34
 SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
-SET_VRING_KICK = 12
+SET_VRING_KICK, SET_VRING_CALL = 12, 13
 SET_VRING_ENABLE = 18
 #: In a SET_VRING_KICK/CALL/ERR payload: no fd comes with it.
 VRING_NOFD = 1 << 8
@@ -318,6 +319,8 @@ class LibvhostUserConnection(FrontendConnection):
         if request == SET_VRING_ENABLE and vmsg.payload.state.num not in (0, 1):
             return self._refuse(f"protocol violation in SET_VRING_ENABLE: SET_VRING_ENABLE with {vmsg.payload.state.num}",
                                 vmsg)
+        if request == SET_VRING_CALL:
+            return self._set_vring_call(vmsg)
         if request == SET_VRING_KICK and vmsg.payload.u64 & VRING_NOFD:
             return self._refuse("protocol violation in SET_VRING_KICK: polling mode (kick without an fd) is not "
                                 "supported", vmsg)
@@ -357,6 +360,25 @@ class LibvhostUserConnection(FrontendConnection):
             self._stop_all()  # the library disables the rings
         return 0
 
+    def _set_vring_call(self, vmsg: Any) -> int:
+        """SET_VRING_CALL, as the library does it but for its write of 1 to
+        the new fd (an interrupt "in case of I/O hang after reconnecting"):
+        the frontend shares that fd and may hand it over full with
+        O_NONBLOCK cleared, and the write would block the worker. The pure
+        engine sends no such interrupt either; signals go through
+        LibRing.notify, which never blocks."""
+        index = vmsg.payload.u64 & 0xFF
+        if index >= MAX_QUEUES:
+            return self._refuse(f"request {SET_VRING_CALL} for queue {index}, beyond {MAX_QUEUES}", vmsg)
+        vq = self.vrings[index].vq
+        if vq.call_fd >= 0:
+            _close(vq.call_fd)
+        # The fd count was checked with the payload (_validate): one fd, or
+        # none with the no-fd flag.
+        vq.call_fd = -1 if vmsg.payload.u64 & VRING_NOFD else vmsg.fds[0]
+        vmsg.fd_num = 0  # ours now (the library closes it at the end)
+        return 1
+
     # ============================================================ features
 
     def _offered_features(self) -> int:
@@ -371,6 +393,11 @@ class LibvhostUserConnection(FrontendConnection):
         self.acked_features = features & ~F_PROTOCOL_FEATURES & ~F_LOG_ALL
         self.log.info("features negotiated", features=self.acked_features)
         self.device.set_features(self.acked_features)
+
+    @property
+    def event_idx(self) -> bool:
+        """VIRTIO_RING_F_EVENT_IDX negotiated (how the rings ask for interrupts)."""
+        return bool((self.acked_features or 0) & (1 << Feature.RING_EVENT_IDX))
 
     def _has_protocol(self, feature: ProtocolFeature) -> bool:
         return bool(self.dev.protocol_features & (1 << feature))

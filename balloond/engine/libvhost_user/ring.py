@@ -5,8 +5,15 @@ tables are its checks) and hands back an element whose iovecs point into
 its own mappings; they are turned back into guest-physical segments so the
 device reads them as it reads the pure engine's chains. Each popped element
 is kept, by head, until the device pushes that head back (vu_queue_push,
-then free); vu_queue_notify decides, per EVENT_IDX or NO_INTERRUPT, whether
-the guest is interrupted.
+then free).
+
+The guest is interrupted by the binding, not by vu_queue_notify: the
+library writes the call eventfd as it finds it, and the frontend shares
+that fd's open file description, so it can clear O_NONBLOCK and fill the
+counter, and the write would then block the worker. `notify` decides as the
+library does (EVENT_IDX's used_event, or NO_INTERRUPT; the library's own
+signalled_used state) and signals with the pure engine's never-blocking
+write, counting `notifications` and `calls_skipped` the same way.
 
 A chain the library finds bad makes it panic: the connection is broken and
 closed (QEMU reconnects), where the pure engine returns the chain empty and
@@ -20,9 +27,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import GuestError, ProtocolError
-from protocol.virtqueue import Chain, GuestMemoryAccess, Segment
+from protocol.virtqueue import VRING_AVAIL_F_NO_INTERRUPT, Chain, GuestMemoryAccess, Segment, full_barrier, need_event
 
-from ..vring import VringCounters
+from ..vring import VringCounters, eventfd_signal
 from .abi import IoVec, Library, VuVirtqElement
 
 if TYPE_CHECKING:
@@ -123,13 +130,33 @@ class LibRing:
         self._lib.free(ptr)
 
     def notify(self) -> None:
-        # The library writes the call eventfd itself and panics when it
-        # cannot: without one (or after a stale one was closed) the guest is
-        # not interrupted, as the pure engine does.
-        if self.vq.call_fd < 0:
-            self.counters.calls_skipped += 1
+        """Interrupt the guest if it wants one for what was just used (see
+        the module): never blocks, whatever the frontend did to the fd."""
+        vq = self.vq
+        if not self._wants_interrupt(vq):
             return
-        self._lib.vu_queue_notify(self._conn.dev_ref, self._vq)
+        self.counters.notifications += 1
+        if vq.call_fd < 0 or not eventfd_signal(vq.call_fd):
+            self.counters.calls_skipped += 1
+
+    def _wants_interrupt(self, vq: Any) -> bool:
+        """libvhost-user's vring_notify, on its own state (the balloon
+        offers no NOTIFY_ON_EMPTY)."""
+        avail = vq.vring.avail
+        if not avail:
+            return False
+        # The used index the library just stored must be visible before
+        # the driver's request is read (as SplitQueue.should_notify).
+        full_barrier()
+        if not self._conn.event_idx:
+            return not ctypes.c_uint16.from_address(avail).value & VRING_AVAIL_F_NO_INTERRUPT
+        valid, old, new = bool(vq.signalled_used_valid), int(vq.signalled_used), int(vq.used_idx)
+        vq.signalled_used_valid = True
+        vq.signalled_used = new
+        if not valid:
+            return True
+        used_event = ctypes.c_uint16.from_address(avail + 4 + 2 * int(vq.vring.num)).value
+        return need_event(used_event, new, old)
 
     def drop_held(self) -> int:
         """The ring stops: give every element the device still holds back to
