@@ -175,6 +175,7 @@ SET_CONFIG = CFUNCTYPE(c_int, POINTER(VuDev), POINTER(c_uint8), c_uint32, c_uint
 GET_SHARED_OBJECT = CFUNCTYPE(c_int, POINTER(VuDev), c_void_p)
 QUEUE_HANDLER = CFUNCTYPE(None, POINTER(VuDev), c_int)
 PANIC = CFUNCTYPE(None, POINTER(VuDev), c_char_p)
+READ_MSG = CFUNCTYPE(c_bool, POINTER(VuDev), c_int, POINTER(VhostUserMsg))
 WATCH = CFUNCTYPE(None, POINTER(VuDev), c_int, c_void_p)
 SET_WATCH = CFUNCTYPE(None, POINTER(VuDev), c_int, c_int, WATCH, c_void_p)
 REMOVE_WATCH = CFUNCTYPE(None, POINTER(VuDev), c_int)

@@ -10,6 +10,13 @@ the rings and the memory table, and calls back. This class is the glue:
   with what it last told the device, and tells the device what changed
   (set_memory, queue_started, started, stopped), as the pure engine does
   from its own handlers;
+- messages are read by the binding (`_read_msg`, the library's read_msg
+  hook) with the pure engine's framer: a header may come in pieces, more
+  than 8 fds or a payload larger than the library's are refused, and a
+  message not whole within MESSAGE_WAIT closes the connection. The
+  library's own reader took whatever one recvmsg() returned as the header,
+  aborted the process on a short payload or more than 8 fds, and waited
+  for a missing payload holding the worker;
 - a few messages are looked at before the library sees them
   (`_process_msg`): the memory table (fds duplicated for measuring and
   identity, files sealed and sized, the guest-RAM cap), GET_VRING_BASE (the
@@ -27,12 +34,14 @@ the supervisor restarts.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import ctypes
 import itertools
 import os
 import select
 import socket
+import time
 from typing import Any, Callable
 
 import structlog
@@ -52,6 +61,12 @@ from .ring import LibRing
 
 #: Queues the library is set up for (as many as the pure engine serves).
 MAX_QUEUES = 16
+#: Seconds the binding waits for the rest of a message once its first bytes
+#: came (QEMU sends each in one go). Reading holds the worker's loop, so
+#: this stays well below the supervisor's heartbeat timeout.
+MESSAGE_WAIT = 1.0
+#: The largest payload the library's message struct holds.
+MAX_LIBRARY_PAYLOAD = ctypes.sizeof(abi.VhostUserPayload)
 
 # Request numbers (libvhost-user.h, the vhost-user spec).
 NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
@@ -125,6 +140,9 @@ class LibvhostUserConnection(FrontendConnection):
         # handed over blocking, and closed by vu_deinit.
         sock.setblocking(True)
         self._sock_fd = sock.detach()
+        #: The binding's own handle on the socket, for _read_msg (the library
+        #: closes its fd at vu_deinit).
+        self._reader = socket.socket(fileno=os.dup(self._sock_fd))
         self.dev = abi.VuDev()
         self.dev_ref = ctypes.pointer(self.dev)
         # ctypes callbacks must outlive every call the library makes.
@@ -144,10 +162,13 @@ class LibvhostUserConnection(FrontendConnection):
         self._set_watch_cb = abi.SET_WATCH(self._guard(self._set_watch, None))
         self._remove_watch_cb = abi.REMOVE_WATCH(self._guard(self._remove_watch, None))
         self._handler_cb = abi.QUEUE_HANDLER(self._guard(self._queue_handler, None))
+        self._read_msg_cb = abi.READ_MSG(self._guard(self._read_msg, False))
         self._watches: dict[int, tuple[Any, int, int]] = {}
-        if not library.vu_init(self.dev_ref, MAX_QUEUES, self._sock_fd, self._panic_cb, None,
+        if not library.vu_init(self.dev_ref, MAX_QUEUES, self._sock_fd, self._panic_cb,
+                               ctypes.cast(self._read_msg_cb, ctypes.c_void_p),
                                self._set_watch_cb, self._remove_watch_cb, ctypes.byref(self._iface)):
             os.close(self._sock_fd)
+            self._reader.close()
             raise abi.LibraryError("vu_init failed (out of memory)")
         self._initialised = True
         self.vrings: dict[int, LibRing] = {}
@@ -196,6 +217,7 @@ class LibvhostUserConnection(FrontendConnection):
         if self._initialised:
             self._initialised = False
             self.lib.vu_deinit(self.dev_ref)  # unmaps, closes the socket and the ring fds
+            self._reader.close()
         for fd in list(self._watches):
             self._loop.remove_reader(fd)
         self._watches.clear()
@@ -231,6 +253,61 @@ class LibvhostUserConnection(FrontendConnection):
             self.close(reason, error=self.broken_reason is not None)
             return
         self._reconcile()
+
+    def _read_msg(self, dev: Any, fd: int, msg_ptr: Any) -> bool:
+        """The library's read_msg: one whole message into *msg_ptr, framed
+        by protocol.vhost_user.MessageReader as the pure engine frames it.
+        End of file between messages is handed on as the empty message
+        (request 0) that `_process_msg` takes for the hang-up. False: the
+        connection is refused (`_refused` says why) and closes."""
+        vmsg = msg_ptr.contents
+        reader = vu.MessageReader()
+        deadline: float | None = None
+        while True:
+            if deadline is not None and not _wait_readable(self._reader, deadline):
+                return self._refuse_read(reader, [], f"protocol violation: a message not whole after {MESSAGE_WAIT} s")
+            try:
+                data, ancdata, msg_flags, _ = self._reader.recvmsg(
+                    max(1, reader.wanted), socket.CMSG_SPACE(vu.MAX_FDS * 4))
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return self._refuse_read(reader, [], f"socket error: {exc}")
+            fds = _received_fds(ancdata)
+            if msg_flags & socket.MSG_CTRUNC:
+                return self._refuse_read(reader, fds, "frontend sent more file descriptors than a message may carry")
+            if not data:
+                if deadline is None:  # between messages
+                    vmsg.request = NONE
+                    vmsg.flags = vmsg.size = vmsg.fd_num = 0
+                    return True
+                self._hung_up = True
+                return self._refuse_read(reader, fds, "frontend closed the connection")
+            if deadline is None:
+                deadline = time.monotonic() + MESSAGE_WAIT
+            try:
+                messages = reader.feed(data, fds)
+            except FrontendError as exc:
+                return self._refuse_read(reader, fds, f"protocol violation: {exc}")
+            if messages:
+                message = messages[0]  # one read never goes past the message (reader.wanted)
+                if len(message.payload) > MAX_LIBRARY_PAYLOAD:
+                    return self._refuse_read(reader, list(message.fds), f"protocol violation: payload of "
+                                             f"{len(message.payload)} bytes for request {message.request}, "
+                                             f"more than any message this engine takes ({MAX_LIBRARY_PAYLOAD})")
+                vmsg.request, vmsg.flags, vmsg.size = message.request, message.flags, len(message.payload)
+                ctypes.memmove(ctypes.addressof(vmsg.payload), message.payload, len(message.payload))
+                for i, received in enumerate(message.fds):
+                    vmsg.fds[i] = received
+                vmsg.fd_num = len(message.fds)
+                vmsg.data = None
+                return True
+
+    def _refuse_read(self, reader: vu.MessageReader, fds: list[int], reason: str) -> bool:
+        for fd in fds + reader.take_pending_fds():
+            _close(fd)
+        self._refused = self._refused or reason
+        return False
 
     def _panic(self, dev: Any, err: bytes | None) -> None:
         message = (err or b"").decode("utf-8", "replace").strip() or "libvhost-user error"
@@ -642,6 +719,29 @@ def _not_a_unix_stream(fd: int) -> str | None:
         return None
     finally:
         probe.close()
+
+
+def _wait_readable(sock: socket.socket, deadline: float) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            return bool(poller.poll(max(1, int(left * 1000))))
+        except InterruptedError:
+            continue
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
 
 
 def _close(fd: int) -> None:
