@@ -19,7 +19,6 @@ as an exception beyond this class.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import itertools
 import os
@@ -39,7 +38,7 @@ from ..logs import RateLimited
 from .device_api import VirtioDevice
 from .device_state import StateTransfer
 from .dirty_log import DirtyLog
-from .frontend_connection import FrontendConnection
+from .frontend_connection import FrontendConnection, received_fds
 from .memory import DEFAULT_MAX_GUEST_RAM, GuestMemory
 from .vring import Vring, eventfd_drain
 
@@ -302,12 +301,7 @@ class VhostUserConnection(FrontendConnection):
         except OSError as exc:
             self.close(f"socket error: {exc}", error=True)
             return False
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
+        fds = received_fds(ancdata)
         if msg_flags & socket.MSG_CTRUNC:
             _close_fds(fds)
             self.close("frontend sent more file descriptors than a message may carry", error=True)
@@ -958,11 +952,7 @@ class VhostUserConnection(FrontendConnection):
             return
         except OSError:
             data, ancdata = b"", []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                _close_fds(list(arr))
+        _close_fds(received_fds(ancdata))
         if not data:
             self._loop.remove_reader(self.backend_sock.fileno())
             self.backend_sock.close()

@@ -12,7 +12,9 @@ connection torn down is each engine's own (`_start_reading`, `_teardown`).
 
 from __future__ import annotations
 
+import array
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -110,3 +112,14 @@ class FrontendConnection:
         the config once more."""
         self._backend_retry = None
         self.config_changed()
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds a recvmsg() brought (SCM_RIGHTS), whoever must close them now."""
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds

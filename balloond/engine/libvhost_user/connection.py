@@ -34,7 +34,6 @@ the supervisor restarts.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import ctypes
 import itertools
@@ -53,7 +52,7 @@ from protocol.vhost_user import ProtocolFeature
 
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
-from ..frontend_connection import FrontendConnection
+from ..frontend_connection import FrontendConnection, received_fds
 from ..memory import DEFAULT_MAX_GUEST_RAM, check_region_file
 from . import abi
 from .memory import LibraryMemory
@@ -273,7 +272,7 @@ class LibvhostUserConnection(FrontendConnection):
                 continue
             except OSError as exc:
                 return self._refuse_read(reader, [], f"socket error: {exc}")
-            fds = _received_fds(ancdata)
+            fds = received_fds(ancdata)
             if msg_flags & socket.MSG_CTRUNC:
                 return self._refuse_read(reader, fds, "frontend sent more file descriptors than a message may carry")
             if not data:
@@ -732,16 +731,6 @@ def _wait_readable(sock: socket.socket, deadline: float) -> bool:
             return bool(poller.poll(max(1, int(left * 1000))))
         except InterruptedError:
             continue
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 def _close(fd: int) -> None:
