@@ -153,7 +153,7 @@ class LibvhostUserConnection(FrontendConnection):
             process_msg=abi.PROCESS_MSG(self._guard(self._process_msg, 0)),
             queue_set_started=abi.QUEUE_SET_STARTED(),
             queue_is_processed_in_order=abi.QUEUE_IN_ORDER(),
-            get_config=abi.GET_CONFIG(self._guard(self._get_config, -1)),
+            get_config=abi.GET_CONFIG(),  # GET_CONFIG is answered by _reply_config
             set_config=abi.SET_CONFIG(self._guard(self._set_config, -1)),
             get_shared_object=abi.GET_SHARED_OBJECT(),
         )
@@ -491,13 +491,6 @@ class LibvhostUserConnection(FrontendConnection):
         vmsg.flags = 0
         do_reply[0] = 1
         return 1
-
-    def _get_config(self, dev: Any, config: Any, length: int) -> int:
-        # Not reached (_reply_config answers GET_CONFIG); kept for the
-        # library's interface, which calls it with no offset.
-        data = self.device.read_config(0, length)
-        ctypes.memmove(config, data, min(len(data), length))
-        return 0
 
     def _set_config(self, dev: Any, data: Any, offset: int, size: int, flags: int) -> int:
         if size > 256:
