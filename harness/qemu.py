@@ -37,6 +37,10 @@ class QemuInfo:
     version: str
     generic_device: str | None  # None: no vhost-user balloon possible
     devices: frozenset[str]
+    #: ``-accel tcg,halt-poll-ns=`` is known (qemu-patches/0006): a halted
+    #: vCPU serves vhost call eventfds itself instead of waiting for the
+    #: main loop to wake it.
+    tcg_halt_poll: bool = False
 
     def has_device(self, name: str) -> bool:
         return name in self.devices
@@ -88,7 +92,23 @@ def _probe(binary: str) -> QemuInfo:
         raise SetupError(f"cannot run {binary}: {exc}; {BUILD_HINT}") from exc
     devices = frozenset(re.findall(r'^name "([^"]+)"', listing, re.M))
     generic = next((n for n in GENERIC_DEVICE_NAMES if n in devices), None)
-    return QemuInfo(Path(binary), version, generic, devices)
+    return QemuInfo(Path(binary), version, generic, devices, _knows_tcg_halt_poll(binary))
+
+
+def _knows_tcg_halt_poll(binary: str) -> bool:
+    """Whether the TCG accelerator takes ``halt-poll-ns``: start a machine-less
+    QEMU with it and quit through QMP (an unknown property ends QEMU at once
+    with an error instead)."""
+    try:
+        run = subprocess.run(
+            [binary, "-machine", "none", "-accel", "tcg,halt-poll-ns=0", "-display", "none",
+             "-nodefaults", "-qmp", "stdio"],
+            input='{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return run.returncode == 0 and "halt-poll-ns" not in run.stderr
 
 
 def find_qemu(require_vhost_user: bool = False) -> QemuInfo:

@@ -48,6 +48,14 @@ from .qmp import QmpSession
 
 DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1")
 
+#: Under TCG there is no irqfd: a vhost back-end's interrupt goes through
+#: QEMU's main loop, which then wakes the halted vCPU. With the patched
+#: QEMU a vCPU that halted only briefly last time polls the call eventfds
+#: itself for up to this long (ns) before it sleeps; the stock balloon
+#: driver's round trips (one per page migrated) then skip both wake-ups.
+#: An idle guest's halts are long, so it does not poll.
+TCG_HALT_POLL_NS = 100_000
+
 _PR_SET_PDEATHSIG = 1
 _live_vms: weakref.WeakSet[Vm] = weakref.WeakSet()
 
@@ -97,6 +105,10 @@ class Vm:
       files         extra guest files: {guest path: bytes or host path}.
       init_script   extra shell run by init before the command agent.
       accel         "tcg" (default; BALLOOND_ACCEL overrides) or "kvm".
+      halt_poll_ns  under TCG, how long a halted vCPU polls vhost call
+                    eventfds before it sleeps (default TCG_HALT_POLL_NS,
+                    BALLOOND_HALT_POLL_NS overrides; 0: never). Used when
+                    the QEMU build knows it (qemu-patches/0006).
       log_dir       where logs go (default: BALLOOND_VM_LOG_DIR or
                     $TMPDIR/balloond-vm-logs/<name>-<time>).
       qemu_args     extra QEMU arguments.
@@ -122,6 +134,7 @@ class Vm:
         files: Mapping[str, FileSource] | None = None,
         init_script: str = "",
         accel: str | None = None,
+        halt_poll_ns: int | None = None,
         log_dir: str | Path | None = None,
         name: str = "vm",
         qemu_args: Sequence[str] = (),
@@ -137,6 +150,9 @@ class Vm:
         self.cpus = cpus
         self.cmdline = list(DEFAULT_CMDLINE) + list(cmdline)
         self.accel = accel or os.environ.get("BALLOOND_ACCEL", "tcg")
+        if halt_poll_ns is None:
+            halt_poll_ns = int(os.environ.get("BALLOOND_HALT_POLL_NS", TCG_HALT_POLL_NS))
+        self.halt_poll_ns = halt_poll_ns
         self.name = name
         self.extra_qemu_args = list(qemu_args)
         self.incoming = incoming
@@ -164,6 +180,11 @@ class Vm:
         self.boot_seconds: float | None = None
 
     # ------------------------------------------------------------------ setup
+    def _accel_arg(self) -> str:
+        if self.accel == "tcg" and self.qemu.tcg_halt_poll:
+            return f"tcg,halt-poll-ns={self.halt_poll_ns}"
+        return self.accel
+
     def command_line(self, initrd: Path) -> list[str]:
         """The full QEMU command line (for logs and for debugging by hand)."""
         mem = f"memory-backend-memfd,id=mem,size={self.memory_mib}M,share=on"
@@ -174,7 +195,7 @@ class Vm:
         args = [
             str(self.qemu.binary),
             "-name", self.name,
-            "-accel", self.accel,
+            "-accel", self._accel_arg(),
             "-machine", "q35,memory-backend=mem",
             "-cpu", "max" if self.accel == "tcg" else "host",
             "-smp", str(self.cpus),
