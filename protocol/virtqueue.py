@@ -105,6 +105,18 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
 
 
+def interrupt_wanted(*, event_idx: bool, avail_flags: int, used_event: int,
+                     signalled_valid: bool, signalled_used: int, used_idx: int) -> bool:
+    """Whether the driver wants an interrupt for the used entries up to
+    `used_idx`, the last one signalled being `signalled_used` (unknown
+    unless `signalled_valid`). Without EVENT_IDX the driver's avail flags
+    say it (NO_INTERRUPT); with it, its used_event index. One rule for both
+    engines' rings, which keep that state in different places."""
+    if not event_idx:
+        return not avail_flags & VRING_AVAIL_F_NO_INTERRUPT
+    return not signalled_valid or need_event(used_event, used_idx, signalled_used)
+
+
 class GuestMemoryAccess(Protocol):
     """What chain walking needs from guest memory."""
 
@@ -375,14 +387,12 @@ class SplitQueue:
         # The used index just stored must be visible before the driver's
         # request is read, or both sides can miss each other's update.
         full_barrier()
+        wanted = interrupt_wanted(
+            event_idx=self.event_idx,
+            avail_flags=U16.unpack_from(self.avail, 0)[0],
+            used_event=U16.unpack_from(self.avail, 4 + 2 * self.num)[0] if self.event_idx else 0,
+            signalled_valid=self._signalled_valid, signalled_used=self.signalled_used, used_idx=self.used_idx)
         if self.event_idx:
-            old = self.signalled_used
-            new = self.used_idx
-            valid = self._signalled_valid
-            self.signalled_used = new
+            self.signalled_used = self.used_idx
             self._signalled_valid = True
-            if not valid:
-                return True
-            used_event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
-            return need_event(used_event, new, old)
-        return not U16.unpack_from(self.avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+        return wanted

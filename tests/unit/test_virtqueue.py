@@ -185,6 +185,27 @@ def test_need_event_matches_the_spec_formula(event, new, old):
     assert vq.need_event(event, new, old) == expected
 
 
+def test_interrupt_rule_shared_by_both_engines():
+    """interrupt_wanted is the whole decision both engines' rings make."""
+    def wanted(**kw):
+        args = dict(event_idx=True, avail_flags=0, used_event=0, signalled_valid=True, signalled_used=0,
+                    used_idx=1)
+        args.update(kw)
+        return vq.interrupt_wanted(**args)
+
+    # Without EVENT_IDX only the driver's NO_INTERRUPT flag counts.
+    assert wanted(event_idx=False, used_event=100)
+    assert not wanted(event_idx=False, avail_flags=vq.VRING_AVAIL_F_NO_INTERRUPT)
+    # With it the flag is ignored and used_event decides...
+    assert wanted(avail_flags=vq.VRING_AVAIL_F_NO_INTERRUPT, used_event=0)
+    assert not wanted(used_event=5, signalled_used=1, used_idx=3)
+    assert wanted(used_event=5, signalled_used=3, used_idx=6)
+    # ...unless nothing was signalled yet: then always.
+    assert wanted(used_event=5, signalled_valid=False, used_idx=1)
+    # Across the 16-bit wrap.
+    assert wanted(used_event=0xFFFF, signalled_used=0xFFFE, used_idx=0)
+
+
 def test_set_avail_event_writes_after_the_used_ring():
     mem = FlatMemory()
     q = make_queue(mem)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import GuestError, ProtocolError
-from protocol.virtqueue import VRING_AVAIL_F_NO_INTERRUPT, Chain, GuestMemoryAccess, Segment, full_barrier, need_event
+from protocol.virtqueue import Chain, GuestMemoryAccess, Segment, full_barrier, interrupt_wanted
 
 from ..vring import VringCounters, eventfd_signal
 from .abi import IoVec, Library, VuVirtqElement
@@ -148,15 +148,17 @@ class LibRing:
         # The used index the library just stored must be visible before
         # the driver's request is read (as SplitQueue.should_notify).
         full_barrier()
-        if not self._conn.event_idx:
-            return not ctypes.c_uint16.from_address(avail).value & VRING_AVAIL_F_NO_INTERRUPT
-        valid, old, new = bool(vq.signalled_used_valid), int(vq.signalled_used), int(vq.used_idx)
-        vq.signalled_used_valid = True
-        vq.signalled_used = new
-        if not valid:
-            return True
-        used_event = ctypes.c_uint16.from_address(avail + 4 + 2 * int(vq.vring.num)).value
-        return need_event(used_event, new, old)
+        event_idx = self._conn.event_idx
+        wanted = interrupt_wanted(
+            event_idx=event_idx,
+            avail_flags=ctypes.c_uint16.from_address(avail).value,
+            used_event=ctypes.c_uint16.from_address(avail + 4 + 2 * int(vq.vring.num)).value if event_idx else 0,
+            signalled_valid=bool(vq.signalled_used_valid), signalled_used=int(vq.signalled_used),
+            used_idx=int(vq.used_idx))
+        if event_idx:
+            vq.signalled_used_valid = True
+            vq.signalled_used = int(vq.used_idx)
+        return wanted
 
     def drop_held(self) -> int:
         """The ring stops: give every element the device still holds back to
