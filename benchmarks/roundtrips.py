@@ -27,7 +27,10 @@ driver, interleaved A C B A C B, and on each:
 For balloond it also reads the daemon's CPU time over the whole run
 (supervisor + the VM's worker, utime+stime from /proc/PID/stat), and in the
 first round the CPU the daemon uses while the guest sits idle for
---idle-seconds after all that. The summary prints medians and the ratios
+--idle-seconds after all that; QEMU's own CPU over that idle time is
+printed too, with the built-in balloon's QEMU idle as long for reference
+(the vCPU's halt polling, qemu-patches/0006, must cost an idle guest
+nothing). The summary prints medians and the ratios
 balloond/QEMU (migrations/s: higher is better; times: lower is better).
 
 For our driver it also prints the guest's own counts: pages it moved, and
@@ -66,6 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import BuiltinBalloon, VhostUserBalloon, Vm, find_kernel  # noqa: E402
 from benchmarks import polling  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
+from harness.qemu import find_qemu  # noqa: E402
+from harness.vm import TCG_HALT_POLL_NS  # noqa: E402
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +96,14 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def qemu_halt_poll() -> str:
+    """The vCPUs' halt polling the guests ran with (harness.vm)."""
+    if not find_qemu().tcg_halt_poll:
+        return "off (QEMU without qemu-patches/0006)"
+    ns = int(os.environ.get("BALLOOND_HALT_POLL_NS", TCG_HALT_POLL_NS))
+    return f"halt-poll-ns={ns}" if ns else "off"
 
 
 def balloon_migrate(vm: Vm) -> int:
@@ -205,9 +218,11 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
             out["config_reads"] = daemon.api.vm("bench")["counters"]["config_reads"]
             if idle:
                 time.sleep(2)  # let the last buffers and discards settle
-                c0, t0 = cpu(), time.monotonic()
+                c0, q0, t0 = cpu(), cpu_seconds(vm.qemu_pid), time.monotonic()
                 time.sleep(args.idle_seconds)
-                out["idle_pct"] = 100 * (cpu() - c0) / (time.monotonic() - t0)
+                elapsed = time.monotonic() - t0
+                out["idle_pct"] = 100 * (cpu() - c0) / elapsed
+                out["qemu_idle_pct"] = 100 * (cpu_seconds(vm.qemu_pid) - q0) / elapsed
             return out
     finally:
         daemon.stop()
@@ -227,6 +242,11 @@ def run_qemu(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, A
 
         out = compaction(vm, set_balloon, reached)
         out.update(to_target(args, set_balloon, reached))
+        if idle:
+            time.sleep(2)
+            q0, t0 = cpu_seconds(vm.qemu_pid), time.monotonic()
+            time.sleep(args.idle_seconds)
+            out["qemu_idle_pct"] = 100 * (cpu_seconds(vm.qemu_pid) - q0) / (time.monotonic() - t0)
         return out
 
 
@@ -266,7 +286,7 @@ def main() -> int:
         variants.append(("qemu", run_qemu))
         for i in range(args.rounds):
             for name, fn in variants:
-                r = fn(args, Path(tmp) / f"r{i}-{name}", idle=i == 0 and name == "balloond")
+                r = fn(args, Path(tmp) / f"r{i}-{name}", idle=i == 0 and name in ("balloond", "qemu"))
                 results[name].append(r)
                 extra = ""
                 if "cpu_s" in r:
@@ -325,6 +345,11 @@ def main() -> int:
               + f", by the guest's clock {med(drv, 'guest_migrations_per_s') / med(whole, 'guest_migrations_per_s'):.2f}")
     if idle:
         print(f"daemon CPU serving an idle guest for {args.idle_seconds:g}s: {idle[0]:.3f}% of a core")
+    qemu_idle = [(r["qemu_idle_pct"], q["qemu_idle_pct"]) for r, q in zip(ours, qemu)
+                 if "qemu_idle_pct" in r and "qemu_idle_pct" in q]
+    if qemu_idle:
+        print(f"QEMU CPU for that idle guest: {qemu_idle[0][0]:.2f}% of a core with balloond, "
+              f"{qemu_idle[0][1]:.2f}% with the built-in balloon (TCG {qemu_halt_poll()})")
     return 0
 
 

@@ -50,11 +50,13 @@ DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1")
 
 #: Under TCG there is no irqfd: a vhost back-end's interrupt goes through
 #: QEMU's main loop, which then wakes the halted vCPU. With the patched
-#: QEMU a vCPU that halted only briefly last time polls the call eventfds
-#: itself for up to this long (ns) before it sleeps; the stock balloon
-#: driver's round trips (one per page migrated) then skip both wake-ups.
-#: An idle guest's halts are long, so it does not poll.
-TCG_HALT_POLL_NS = 100_000
+#: QEMU a vCPU whose last halt took at most this long (ns) polls the call
+#: eventfds itself, for twice that halt, before it sleeps; the stock
+#: balloon driver's round trips then skip both wake-ups. An idle guest's
+#: halts are longer, so it does not poll. 1 ms covers a 256-page buffer's
+#: round trip (about 0.2-0.5 ms here); with 100 us most deflate buffers
+#: were still delivered by the main loop (benchmarks/roundtrips.py).
+TCG_HALT_POLL_NS = 1_000_000
 
 _PR_SET_PDEATHSIG = 1
 _live_vms: weakref.WeakSet[Vm] = weakref.WeakSet()

@@ -4,9 +4,9 @@ balloon's interrupts itself, and an idle guest does not poll.
 Why: under TCG there is no irqfd. The daemon's call eventfd wakes QEMU's
 main loop, which injects the interrupt and wakes the halted vCPU; the stock
 driver waits like that for every buffer, and compaction sends two one-page
-buffers per page it moves. With ``-accel tcg,halt-poll-ns=N`` a vCPU that
-halted only briefly last time polls the call eventfds for up to N ns before
-it sleeps, and runs their handler itself. The harness starts every TCG
+buffers per page it moves. With ``-accel tcg,halt-poll-ns=N`` a vCPU whose
+last halt took at most N ns polls the call eventfds before it sleeps, for
+twice that halt (at most N ns), and runs their handler itself. The harness starts every TCG
 guest so (harness.vm.TCG_HALT_POLL_NS), so the whole real-VM suite runs in
 this mode; this module checks that the mode is on and does what it says,
 from QEMU's own trace of each poll (``halt_poll``: the window and whether
@@ -31,9 +31,10 @@ from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm]
 
-#: A window wide enough that a daemon on a loaded CI machine still answers
-#: within it now and then: this test is about the mechanism, not its speed.
-WINDOW_NS = 1_000_000
+#: The longest poll: wide enough that a daemon on a loaded CI machine still
+#: answers within it now and then (this test is about the mechanism, not
+#: its speed).
+WINDOW_NS = 2_000_000
 #: An idle guest halts until its next timer; after such a halt the vCPU does
 #: not poll. A few short halts in a row (an interrupt handled, a timer that
 #: was already due) do start a poll each: this many per second at most.
@@ -89,7 +90,7 @@ def test_halted_vcpu_delivers_the_daemons_interrupts_and_idle_does_not_poll(make
         print(f"compaction: {run.migrated} pages moved, {len(busy)} polls, {delivered} delivered an interrupt")
         assert delivered > 0, \
             f"{len(busy)} polls while {run.migrated} balloon pages moved, none delivered an interrupt"
-        assert all(window == WINDOW_NS for window, _ in busy), "a poll with another window than asked for"
+        assert all(0 < window <= WINDOW_NS for window, _ in busy), "a poll longer than halt-poll-ns"
         assert daemon.api.vm("guest")["ballooned_bytes"] == COMPACTION_BALLOON_MIB * MIB
     finally:
         daemon.stop()
