@@ -70,7 +70,7 @@ from harness import BuiltinBalloon, VhostUserBalloon, Vm, find_kernel  # noqa: E
 from benchmarks import polling  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 from harness.qemu import find_qemu  # noqa: E402
-from harness.vm import TCG_HALT_POLL_NS  # noqa: E402
+from harness.vm import default_halt_poll_ns  # noqa: E402
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def qemu_halt_poll() -> str:
     """The vCPUs' halt polling the guests ran with (harness.vm)."""
     if not find_qemu().tcg_halt_poll:
         return "off (QEMU without qemu-patches/0006)"
-    ns = int(os.environ.get("BALLOOND_HALT_POLL_NS", TCG_HALT_POLL_NS))
+    ns = default_halt_poll_ns()
     return f"halt-poll-ns={ns}" if ns else "off"
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from .channel import CommandChannel
 from .devices import Balloon, VhostUserBalloon
-from .errors import GuestError, GuestTimeout
+from .errors import GuestError, GuestTimeout, SetupError
 from .guest import FileSource, GuestImage, InitramfsSpec, Kernel, find_kernel
 from .qemu import QemuInfo, find_qemu
 from .qmp import QmpSession
@@ -57,6 +57,16 @@ DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1")
 #: round trip (about 0.2-0.5 ms here); with 100 us most deflate buffers
 #: were still delivered by the main loop (benchmarks/roundtrips.py).
 TCG_HALT_POLL_NS = 1_000_000
+
+
+
+def default_halt_poll_ns() -> int:
+    """TCG_HALT_POLL_NS, or BALLOOND_HALT_POLL_NS when set."""
+    value = os.environ.get("BALLOOND_HALT_POLL_NS", str(TCG_HALT_POLL_NS))
+    if not value.isdigit() or int(value) >= 1 << 32:
+        raise SetupError(f"BALLOOND_HALT_POLL_NS={value!r}: expected nanoseconds, 0 to 4294967295")
+    return int(value)
+
 
 _PR_SET_PDEATHSIG = 1
 _live_vms: weakref.WeakSet[Vm] = weakref.WeakSet()
@@ -152,9 +162,7 @@ class Vm:
         self.cpus = cpus
         self.cmdline = list(DEFAULT_CMDLINE) + list(cmdline)
         self.accel = accel or os.environ.get("BALLOOND_ACCEL", "tcg")
-        if halt_poll_ns is None:
-            halt_poll_ns = int(os.environ.get("BALLOOND_HALT_POLL_NS", TCG_HALT_POLL_NS))
-        self.halt_poll_ns = halt_poll_ns
+        self.halt_poll_ns = default_halt_poll_ns() if halt_poll_ns is None else halt_poll_ns
         self.name = name
         self.extra_qemu_args = list(qemu_args)
         self.incoming = incoming
