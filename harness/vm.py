@@ -59,7 +59,6 @@ DEFAULT_CMDLINE = ("console=ttyS0", "panic=-1")
 TCG_HALT_POLL_NS = 1_000_000
 
 
-
 def default_halt_poll_ns() -> int:
     """TCG_HALT_POLL_NS, or BALLOOND_HALT_POLL_NS when set."""
     value = os.environ.get("BALLOOND_HALT_POLL_NS", str(TCG_HALT_POLL_NS))
@@ -489,7 +488,7 @@ class Vm:
         Returns QEMU's exit status.
         """
         if self._proc is None:
-            return 0
+            return self._finish()  # never started: only its socket directory to remove
         if self._proc.poll() is None and self._channel is not None and not self._channel.closed:
             try:
                 # Reply markers may never arrive: the guest goes away.

@@ -8,9 +8,9 @@ buffers per page it moves. With ``-accel tcg,halt-poll-ns=N`` a vCPU whose
 last halt took at most N ns polls the call eventfds before it sleeps, for
 twice that halt (at most N ns), and runs their handler itself. The harness
 starts every TCG guest so (harness.vm.TCG_HALT_POLL_NS), so the whole
-real-VM suite runs in this mode; this module checks that the mode is on and does what it says,
-from QEMU's own trace of each poll (``halt_poll``: the window and whether
-an interrupt was delivered). Its speed is benchmarks/roundtrips.py's to
+real-VM suite runs in this mode; this module checks that the mode is on and
+does what it says, from QEMU's own trace of each poll (``halt_poll``: the
+window and whether an interrupt was delivered). Its speed is benchmarks/roundtrips.py's to
 show, against QEMU's built-in balloon in the same run.
 """
 
@@ -54,7 +54,10 @@ def test_the_project_qemu_starts_tcg_guests_with_halt_polling(tmp_path):
     qemu = find_qemu(require_vhost_user=True)
     assert qemu.tcg_halt_poll, f"{qemu.binary} does not take -accel tcg,halt-poll-ns (qemu-patches/0006)"
     vm = Vm("6.1", accel="tcg", log_dir=tmp_path / "vm")
-    line = vm.command_line(tmp_path / "initrd")
+    try:
+        line = vm.command_line(tmp_path / "initrd")
+    finally:
+        vm.close()
     assert line[line.index("-accel") + 1] == f"tcg,halt-poll-ns={TCG_HALT_POLL_NS}"
 
 
