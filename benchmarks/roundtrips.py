@@ -98,6 +98,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def idle_cpu_pct(seconds: float, *cpu_readers: Callable[[], float]) -> list[float]:
+    """Let the last buffers and discards settle, then the share of a core
+    each reader's CPU seconds grew by over `seconds` of an idle guest."""
+    time.sleep(2)
+    before, t0 = [read() for read in cpu_readers], time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return [100 * (read() - b) / elapsed for read, b in zip(cpu_readers, before)]
+
+
 def qemu_halt_poll() -> str:
     """The vCPUs' halt polling the guests ran with (harness.vm)."""
     if not find_qemu().tcg_halt_poll:
@@ -217,12 +227,8 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
             out["cpu_s"] = cpu() - cpu0
             out["config_reads"] = daemon.api.vm("bench")["counters"]["config_reads"]
             if idle:
-                time.sleep(2)  # let the last buffers and discards settle
-                c0, q0, t0 = cpu(), cpu_seconds(vm.qemu_pid), time.monotonic()
-                time.sleep(args.idle_seconds)
-                elapsed = time.monotonic() - t0
-                out["idle_pct"] = 100 * (cpu() - c0) / elapsed
-                out["qemu_idle_pct"] = 100 * (cpu_seconds(vm.qemu_pid) - q0) / elapsed
+                out["idle_pct"], out["qemu_idle_pct"] = idle_cpu_pct(
+                    args.idle_seconds, cpu, lambda: cpu_seconds(vm.qemu_pid))
             return out
     finally:
         daemon.stop()
@@ -243,10 +249,7 @@ def run_qemu(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, A
         out = compaction(vm, set_balloon, reached)
         out.update(to_target(args, set_balloon, reached))
         if idle:
-            time.sleep(2)
-            q0, t0 = cpu_seconds(vm.qemu_pid), time.monotonic()
-            time.sleep(args.idle_seconds)
-            out["qemu_idle_pct"] = 100 * (cpu_seconds(vm.qemu_pid) - q0) / (time.monotonic() - t0)
+            out["qemu_idle_pct"], = idle_cpu_pct(args.idle_seconds, lambda: cpu_seconds(vm.qemu_pid))
         return out
 
 
