@@ -4,8 +4,9 @@ the reference, same guest, same run.
 balloond serves a VM with its own vhost-user engine ("pure", the default)
 or with QEMU's libvhost-user through ctypes (`--engine libvhost-user`); the
 balloon logic above them is the same code. Each round boots the same guest
-(1 GiB, Linux 6.1 by default, stock virtio_balloon, page_poison=1 so free
-page reporting does not race the measurement) once per variant, interleaved
+(1 GiB, Linux 6.1 by default, stock virtio_balloon; balloond offering only
+what the built-in device offers and the guest booted as `same_work` says)
+once per variant, interleaved
 (the order rotates from round to round), and on each times
 --repeats changes of the balloon to --target-mib and back to 0:
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import BuiltinBalloon, VhostUserBalloon, Vm  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 from benchmarks.roundtrips import cpu_seconds, poll  # noqa: E402
+from benchmarks.same_work import BALLOOND_ARGS, GUEST_CMDLINE, balloond_at  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -70,11 +72,11 @@ def changes(args: argparse.Namespace, vm: Vm, set_balloon: Callable[[int], None]
 
 def run_engine(args: argparse.Namespace, workdir: Path, engine: str) -> dict[str, list[float]]:
     daemon = DaemonProcess(workdir / "daemon", vms=("bench",), log_level="warning",
-                           extra_args=["--engine", engine, "--no-deflate-on-oom"])
+                           extra_args=["--engine", engine, *BALLOOND_ARGS])
     daemon.start()
     try:
         with Vm(args.kernel, memory_mib=MEMORY_MIB, balloon=VhostUserBalloon(daemon.sockets["bench"]),
-                load_balloon=True, cmdline=["page_poison=1"], log_dir=workdir / "vm", name=engine) as vm:
+                load_balloon=True, cmdline=list(GUEST_CMDLINE), log_dir=workdir / "vm", name=engine) as vm:
             poll(lambda: daemon.api.vm("bench")["running"], 120, "the device to start")
             worker = (daemon.api.vm("bench").get("worker") or {}).get("pid")
             pids = [daemon.pid] + ([worker] if worker else [])
@@ -85,8 +87,7 @@ def run_engine(args: argparse.Namespace, workdir: Path, engine: str) -> dict[str
                 raise SystemExit(f"the VM's worker does not run on the {engine} engine")
 
             def reached(nbytes: int) -> bool:
-                v = daemon.api.vm("bench")
-                return v["actual_bytes"] == nbytes and v["pending_discard_bytes"] == 0
+                return balloond_at(daemon.api, "bench", nbytes)
 
             return changes(args, vm, lambda n: daemon.api.set_target("bench", n), reached,
                            lambda: sum(cpu_seconds(p) for p in pids))
@@ -97,7 +98,7 @@ def run_engine(args: argparse.Namespace, workdir: Path, engine: str) -> dict[str
 def run_qemu(args: argparse.Namespace, workdir: Path) -> dict[str, list[float]]:
     ram = MEMORY_MIB * MIB
     with Vm(args.kernel, memory_mib=MEMORY_MIB, balloon=BuiltinBalloon(), load_balloon=True,
-            cmdline=["page_poison=1"], log_dir=workdir / "vm", name="qemu") as vm:
+            cmdline=list(GUEST_CMDLINE), log_dir=workdir / "vm", name="qemu") as vm:
         poll(lambda: vm.qmp("query-balloon")["actual"] == ram, 120, "the balloon driver")
         return changes(args, vm, lambda n: vm.qmp("balloon", value=ram - n),
                        lambda n: vm.qmp("query-balloon")["actual"] == ram - n, lambda: 0.0)

@@ -4,8 +4,9 @@ balloond against QEMU's built-in virtio-balloon, same guest, same run.
 Linux's stock virtio_balloon waits for every buffer: each balloon page that
 compaction moves is two synchronous round trips (inflate the new page on one
 ring, deflate the old one on the other), each 256-PFN inflate or deflate
-buffer one. Each round boots the same guest (512 MiB, Linux 6.1 by default,
-page_poison=1 so free page reporting does not race) with (A) balloond and
+buffer one. Each round boots the same guest (512 MiB, Linux 6.1 by default;
+balloond offering only what the built-in device offers by default, and the
+guest booted as `same_work` says) with (A) balloond and
 the stock driver, (C) balloond and our driver (guest-driver/, loaded with
 its migrate extension and split migrations: a compaction batch's departing
 pages in one buffer, their destinations told later, many per buffer; left
@@ -20,8 +21,9 @@ driver, interleaved A C B A C B, and on each:
      host (the command's round trip to the guest included) and by the
      guest's clock (the compactions alone);
   3. deflates, then times inflating to --target-mib and deflating back to 0,
-     --to-target-repeats times (config `actual`: our API's actual_bytes,
-     QEMU's query-balloon, read every 20 ms); the summary's times are
+     --to-target-repeats times (config `actual`: our API's actual_bytes
+     from the daemon's last report, QEMU's query-balloon, read every
+     20 ms); the summary's times are
      medians over every change timed.
 
 For balloond it also reads the daemon's CPU time over the whole run
@@ -68,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm, find_kernel  # noqa: E402
 from benchmarks import polling  # noqa: E402
+from benchmarks.same_work import BALLOOND_ARGS, GUEST_CMDLINE, balloond_at  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 from harness.qemu import find_qemu  # noqa: E402
 from harness.vm import default_halt_poll_ns  # noqa: E402
@@ -189,12 +192,12 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
     with the migrate extension on, and split migrations unless `split` is
     false); `config_cache`: QEMU's config-cache property."""
     daemon = DaemonProcess(workdir / "daemon", vms=("bench",),
-                           extra_args=["--no-deflate-on-oom", *args.daemon_args], log_level="warning")
+                           extra_args=[*BALLOOND_ARGS, *args.daemon_args], log_level="warning")
     daemon.start()
     try:
         with Vm(args.kernel, memory_mib=MEMORY_MIB,
                 balloon=VhostUserBalloon(daemon.sockets["bench"], config_cache=config_cache),
-                load_balloon=driver is None, modules=[driver] if driver else [], cmdline=["page_poison=1"],
+                load_balloon=driver is None, modules=[driver] if driver else [], cmdline=list(GUEST_CMDLINE),
                 log_dir=workdir / ("driver" if driver else "ours"), name="driver" if driver else "ours") as vm:
             if driver is not None:
                 vm.sh(f"insmod /lib/modules/{DRIVER}.ko migrate_ext=1 migrate_split={int(split)}")
@@ -208,8 +211,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
                 return sum(cpu_seconds(p) for p in pids)
 
             def reached(nbytes: int) -> bool:
-                v = daemon.api.vm("bench")
-                return v["actual_bytes"] == nbytes and v["pending_discard_bytes"] == 0
+                return balloond_at(daemon.api, "bench", nbytes)
 
             def set_balloon(nbytes: int) -> None:
                 daemon.api.set_target("bench", nbytes)
@@ -236,7 +238,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
 
 def run_qemu(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, Any]:
     with Vm(args.kernel, memory_mib=MEMORY_MIB, balloon=BuiltinBalloon(), load_balloon=True,
-            cmdline=["page_poison=1"], log_dir=workdir / "qemu", name="qemu") as vm:
+            cmdline=list(GUEST_CMDLINE), log_dir=workdir / "qemu", name="qemu") as vm:
         ram = MEMORY_MIB * MIB
         poll(lambda: vm.qmp("query-balloon")["actual"] == ram, 120, "the balloon driver")
 

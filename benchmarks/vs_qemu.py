@@ -9,9 +9,10 @@ driven over QMP — asks both for the same balloon, and measures
   * the host memory returned: the drop in the guest-RAM memfd's allocated
     blocks between just before the target was set and once it was reached.
 
-then deflates and measures the way back. Both guests boot with page_poison=1
-(every free page dirty, and free page reporting frees nothing) and without
-deflate-on-oom, so both devices see the same work. Rounds alternate the two
+then deflates and measures the way back. balloond offers only what the
+built-in device offers by default, both guests boot with page_poison=1 and
+the daemon is watched from its last report (`same_work` says why), so both
+devices see the same work. Rounds alternate the two
 so drift on a shared machine hits both; the summary prints medians and the
 ratio ours/QEMU (time: lower is better; memory: higher is better).
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm  # noqa: E402
 from benchmarks.polling import poll  # noqa: E402
+from benchmarks.same_work import BALLOOND_ARGS, GUEST_CMDLINE, balloond_at  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 
 MIB = 1 << 20
@@ -37,23 +39,22 @@ MIB = 1 << 20
 
 def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     daemon = DaemonProcess(workdir / "daemon", vms=("bench",),
-                           extra_args=["--no-deflate-on-oom", "--stats-interval", "0", *args.daemon_args],
+                           extra_args=[*BALLOOND_ARGS, *args.daemon_args],
                            log_level="warning")
     daemon.start()
     try:
         with Vm(args.kernel, memory_mib=args.memory_mib, balloon=VhostUserBalloon(daemon.sockets["bench"]),
-                load_balloon=True, cmdline=["page_poison=1"], log_dir=workdir / "ours", name="ours") as vm:
+                load_balloon=True, cmdline=list(GUEST_CMDLINE), log_dir=workdir / "ours", name="ours") as vm:
             poll(lambda: daemon.api.vm("bench")["running"], 60, "the device to start")
             target = args.target_mib * MIB
             before = vm.memfd_allocated_bytes()
             daemon.api.set_target("bench", target)
             # Reached means the guest reports the balloon AND the host got the
             # memory: the daemon may defer discards by a few milliseconds.
-            t_in = poll(lambda: (v := daemon.api.vm("bench"))["actual_bytes"] == target
-                        and v["pending_discard_bytes"] == 0, 600, "inflation")
+            t_in = poll(lambda: balloond_at(daemon.api, "bench", target), 600, "inflation")
             freed = before - vm.memfd_allocated_bytes()
             daemon.api.set_target("bench", 0)
-            t_out = poll(lambda: daemon.api.vm("bench")["actual_bytes"] == 0, 600, "deflation")
+            t_out = poll(lambda: balloond_at(daemon.api, "bench", 0), 600, "deflation")
             return {"inflate_s": t_in, "freed": freed, "deflate_s": t_out}
     finally:
         daemon.stop()
@@ -61,7 +62,7 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
 
 def run_qemu(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     with Vm(args.kernel, memory_mib=args.memory_mib, balloon=BuiltinBalloon(), load_balloon=True,
-            cmdline=["page_poison=1"], log_dir=workdir / "qemu", name="qemu") as vm:
+            cmdline=list(GUEST_CMDLINE), log_dir=workdir / "qemu", name="qemu") as vm:
         ram = args.memory_mib * MIB
         target = args.target_mib * MIB
         poll(lambda: vm.qmp("query-balloon")["actual"] == ram, 60, "the balloon driver")
