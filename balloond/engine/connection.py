@@ -260,8 +260,7 @@ class VhostUserConnection(FrontendConnection):
             self._safe_device_call(self.device.stopped)
         self._safe_device_call(self.device.disconnected)
         self.memory.close()
-        if self.state_transfer is not None:
-            self.state_transfer.cancel("the frontend went away")
+        self._cancel_state_transfer("the frontend went away")
         if self.dirty_log is not None:
             self.dirty_log.close()
             self.dirty_log = None
@@ -836,18 +835,12 @@ class VhostUserConnection(FrontendConnection):
     def _active_log(self) -> DirtyLog | None:
         return self.dirty_log if self.logging else None
 
-    def _set_logging(self, on: bool) -> None:
-        """VHOST_F_LOG_ALL turned on or off: every ring logs its used-ring
-        writes (those whose SET_VRING_ADDR asked for it) while it is on."""
-        if on == self.logging:
-            return
-        self.logging = on
+    def _logging_changed(self, on: bool) -> None:
+        """Every ring logs its used-ring writes (those whose SET_VRING_ADDR
+        asked for it) while VHOST_F_LOG_ALL is on."""
         self.log.info("dirty logging " + ("on" if on else "off"), log_bytes=self.dirty_log.size if self.dirty_log else 0)
         for vring in self.vrings.values():
             vring.set_log(self._active_log())
-        changed = getattr(self.device, "logging_changed", None)
-        if changed is not None:
-            self._safe_device_call(changed, on)
 
     def _set_log_base(self, d: vu.DecodedRequest) -> bytes:
         base: vu.LogBase = d.payload  # type: ignore[assignment]
@@ -866,51 +859,11 @@ class VhostUserConnection(FrontendConnection):
         return vu.encode_u64(0)
 
     def _set_device_state_fd(self, d: vu.DecodedRequest) -> bytes:
-        """Start a save or load of the device's state through a pipe; the
-        reply says whether it is accepted (bit 8: no fd of ours in return)."""
         request: vu.DeviceStateFd = d.payload  # type: ignore[assignment]
-        if self.state_transfer is not None:
-            self.state_transfer.cancel("a new transfer started")
-            self.state_transfer = None
-        save: Callable[[], bytes] | None = getattr(self.device, "save_state", None)
-        load: Callable[[bytes], None] | None = getattr(self.device, "load_state", None)
-        refused = None
-        if not self._has_protocol(ProtocolFeature.DEVICE_STATE):
-            refused = "DEVICE_STATE not negotiated"
-        elif request.phase != vu.STATE_PHASE_STOPPED:
-            refused = f"unknown transfer phase {request.phase}"
-        elif request.direction not in (vu.STATE_DIRECTION_SAVE, vu.STATE_DIRECTION_LOAD):
-            refused = f"unknown transfer direction {request.direction}"
-        elif save is None or load is None:
-            refused = "the device keeps no state to transfer"
-        if refused is not None:
-            _close_fds([request.fd])
-            self.log.warning("device state transfer refused", reason=refused)
-            return vu.encode_u64(vu.VRING_NOFD_MASK | 1)
-        assert save is not None and load is not None
-        if request.direction == vu.STATE_DIRECTION_SAVE:
-            data = self._safe_device_call(save)
-            if not isinstance(data, bytes):
-                _close_fds([request.fd])
-                return vu.encode_u64(vu.VRING_NOFD_MASK | 1)
-            self.state_transfer = StateTransfer(self._loop, request.fd, data=data)
-            self.log.info("device state save started", state_bytes=len(data))
-        else:
-            self.state_transfer = StateTransfer(self._loop, request.fd, on_loaded=load)
-            self.log.info("device state load started")
-        return vu.encode_u64(vu.VRING_NOFD_MASK)
+        return vu.encode_u64(self._start_state_transfer(request, self._has_protocol(ProtocolFeature.DEVICE_STATE)))
 
     def _check_device_state(self, d: vu.DecodedRequest) -> bytes:
-        transfer, self.state_transfer = self.state_transfer, None
-        if transfer is None:
-            self.log.warning("CHECK_DEVICE_STATE without a transfer")
-            return vu.encode_u64(1)
-        result = transfer.check()
-        if result:
-            self.log.error("device state transfer failed", reason=result, bytes=transfer.transferred)
-            return vu.encode_u64(1)
-        self.log.info("device state transfer done", saved=transfer.saving, bytes=transfer.transferred)
-        return vu.encode_u64(0)
+        return vu.encode_u64(self._check_state_transfer())
 
     # ======================================================== config space
 

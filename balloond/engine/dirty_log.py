@@ -53,6 +53,34 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.syscall.restype = ctypes.c_long
 
 
+def check_log_file(fd: int, size: int, offset: int) -> None:
+    """What a log must be before it is mapped, by this engine or by
+    libvhost-user: 1 byte to MAX_LOG_BYTES, page-aligned, within its file,
+    and that file sealed against shrinking (sealed here if it is not yet).
+    Raises FrontendError; `fd` stays the caller's."""
+    if not 0 < size <= MAX_LOG_BYTES:
+        raise FrontendError(f"dirty log of {size:#x} bytes (1 to {MAX_LOG_BYTES:#x} accepted)")
+    if offset % mmap.ALLOCATIONGRANULARITY:
+        raise FrontendError(f"dirty log offset {offset:#x} is not page-aligned")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not seals & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        file_size = os.fstat(fd).st_size
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+            raise FrontendError("dirty log file cannot be sealed against shrinking") from None
+        raise FrontendError(f"dirty log fd unusable: {exc}") from None
+    if offset + size > file_size:
+        raise FrontendError(f"dirty log [{offset:#x}, {offset + size:#x}) lies beyond its file ({file_size:#x})")
+
+
+def log_covers(size: int, gpa: int, length: int) -> bool:
+    """Whether a log of `size` bytes has a bit for every page of
+    guest-physical [gpa, gpa + length)."""
+    return length <= 0 or (gpa + length - 1) // LOG_PAGE // 8 < size
+
+
 def _futex_or_bit(address: int, bit: int) -> None:
     """Atomically `*(u32 *)address |= 1 << bit` (FUTEX_WAKE_OP, waking nobody)."""
     op = ((_FUTEX_OP_OR | _FUTEX_OP_OPARG_SHIFT) << 28) | (_FUTEX_OP_CMP_EQ << 24) | (bit << 12)
@@ -73,21 +101,7 @@ class DirtyLog:
         (closed here, mapped or not). Raises FrontendError for a log that
         is empty, too large, beyond its file or cannot be sealed."""
         try:
-            if not 0 < size <= MAX_LOG_BYTES:
-                raise FrontendError(f"dirty log of {size:#x} bytes (1 to {MAX_LOG_BYTES:#x} accepted)")
-            if offset % mmap.ALLOCATIONGRANULARITY:
-                raise FrontendError(f"dirty log offset {offset:#x} is not page-aligned")
-            try:
-                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-                if not seals & fcntl.F_SEAL_SHRINK:
-                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-                file_size = os.fstat(fd).st_size
-            except OSError as exc:
-                if exc.errno in (errno.EPERM, errno.EINVAL, errno.EBUSY):
-                    raise FrontendError("dirty log file cannot be sealed against shrinking") from None
-                raise FrontendError(f"dirty log fd unusable: {exc}") from None
-            if offset + size > file_size:
-                raise FrontendError(f"dirty log [{offset:#x}, {offset + size:#x}) lies beyond its file ({file_size:#x})")
+            check_log_file(fd, size, offset)
             try:
                 self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
             except (OSError, ValueError, OverflowError) as exc:
@@ -123,6 +137,12 @@ class DirtyLog:
                 continue
             _futex_or_bit(self._base + word, page & 31)
             self.pages_marked += 1
+
+    @property
+    def address(self) -> int:
+        """Where the log is mapped in this process (libvhost-user marks its
+        own writes there, through the same mapping)."""
+        return self._base
 
     def is_marked(self, gpa: int) -> bool:
         page = gpa // LOG_PAGE

@@ -26,8 +26,13 @@ from balloond.services.cli import render_detail
 from harness.daemon import DaemonProcess
 from protocol.balloon import BalloonConfig
 from tests import wire
+from tests.daemon.conftest import ENGINES
 from tests.frontend import FRONTEND_PROTOCOL_FEATURES, PAGE_SIZE, GuestRam, TestFrontend
 from tests.wire import ProtocolFeature, Request
+
+#: Both engines migrate the same way (the shared device state requests; the
+#: dirty log kept by each engine's own rings).
+DAEMON_ENGINES = ENGINES
 
 MIGRATING = FRONTEND_PROTOCOL_FEATURES | wire.bits(ProtocolFeature.LOG_SHMFD, ProtocolFeature.DEVICE_STATE)
 F_LOG_ALL = 26

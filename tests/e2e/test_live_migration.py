@@ -38,9 +38,13 @@ import pytest
 from harness import VhostUserBalloon, Vm
 from harness.daemon import DaemonProcess
 from harness.ram_sampler import PeakAllocation
+from tests.e2e.conftest import ENGINES, assert_served_by
 from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm]
+
+#: Both engines migrate a VM: the tests that take the module's `daemon` run once per engine.
+E2E_ENGINES = ENGINES
 
 GUEST_MIB = 1024
 BALLOON_MIB = 384
@@ -82,11 +86,14 @@ def balloonctl(daemon: DaemonProcess, *args: str) -> str:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path):
-    proc = DaemonProcess(tmp_path / "daemon", vms=("src", "dst"), log_level="info")
+def daemon(tmp_path: Path, engine: str):
+    """One daemon serving both ends on `engine`."""
+    args = [] if engine == "pure" else ["--engine", engine]
+    proc = DaemonProcess(tmp_path / "daemon", vms=("src", "dst"), extra_args=args, log_level="info")
     proc.start()
     yield proc
     proc.stop()
+    assert_served_by(proc, engine)
 
 
 def source(make_vm, daemon: DaemonProcess) -> tuple[Vm, int]:

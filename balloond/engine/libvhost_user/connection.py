@@ -22,9 +22,10 @@ the rings and the memory table, and calls back. This class is the glue:
   identity, files sealed and sized, the guest-RAM cap), GET_VRING_BASE (the
   device stops the ring first, and chains it still holds are handed back
   with vu_queue_rewind so the reported base does not count them),
-  GET_FEATURES (answered without VHOST_F_LOG_ALL: QEMU then blocks
-  migration, which this engine does not support), ring indices the
-  library would not check, and requests it would answer with exit().
+  SET_LOG_BASE (checked like the pure engine's log, mapped here, handed to
+  the library), the device state requests (FrontendConnection's, shared
+  with the pure engine), ring indices the library would not check, and
+  requests it would answer with exit().
 
 A protocol error makes the library "panic" (`_panic`): the connection
 closes and QEMU reconnects. An assertion inside the library aborts the
@@ -49,10 +50,12 @@ from protocol import vhost_user as vu
 from protocol.balloon import Feature
 from protocol.errors import FrontendError
 from protocol.vhost_user import ProtocolFeature
+from protocol.virtqueue import used_ring_size
 
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
 from ..frontend_connection import FrontendConnection, received_fds
+from ..dirty_log import DirtyLog, log_covers
 from ..memory import DEFAULT_MAX_GUEST_RAM, check_region_file
 from . import abi
 from .memory import LibraryMemory
@@ -70,7 +73,7 @@ MAX_LIBRARY_PAYLOAD = ctypes.sizeof(abi.VhostUserPayload)
 # Request numbers (libvhost-user.h, the vhost-user spec).
 NONE, GET_FEATURES, SET_FEATURES = 0, 1, 2
 RESET_OWNER, RESET_DEVICE = 4, 34
-SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
+SET_MEM_TABLE, SET_LOG_BASE = 5, 6
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL = 12, 13
 SET_VRING_ENABLE = 18
@@ -79,27 +82,24 @@ VRING_NOFD = 1 << 8
 #: The largest queue the library serves (its VIRTQUEUE_MAX_SIZE).
 MAX_QUEUE_NUM = 1024
 GET_CONFIG, SET_CONFIG = 24, 25
-POSTCOPY_ADVISE, POSTCOPY_LISTEN, POSTCOPY_END = 28, 29, 30
 GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
 ADD_MEM_REG, REM_MEM_REG = 37, 38
+SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE = 42, 43
 _RING_INDEXED = (SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE, SET_VRING_ENABLE)
-#: Refused: migration (dirty log, postcopy) and inflight tracking are not supported by this engine.
-_REFUSED = {
-    SET_LOG_BASE: "dirty logging (migration) is not supported by the libvhost-user engine",
-    SET_LOG_FD: "dirty logging (migration) is not supported by the libvhost-user engine",
-    POSTCOPY_ADVISE: "postcopy migration is not supported by the libvhost-user engine",
-    POSTCOPY_LISTEN: "postcopy migration is not supported by the libvhost-user engine",
-    POSTCOPY_END: "postcopy migration is not supported by the libvhost-user engine",
-}
 
 #: Protocol features offered: what QEMU's generic device needs and this
-#: engine wires to the device (the library would also offer LOG_SHMFD,
-#: HOST_NOTIFIER, INBAND_NOTIFICATIONS and, with userfaultfd, PAGEFAULT).
+#: engine wires to the device, as the pure engine does (the library would
+#: also offer HOST_NOTIFIER, INBAND_NOTIFICATIONS and, with userfaultfd,
+#: PAGEFAULT). LOG_SHMFD and DEVICE_STATE, with VHOST_F_LOG_ALL, are live
+#: migration: the library keeps the dirty log of its used-ring writes, the
+#: device's state goes through the pipe QEMU hands over (FrontendConnection).
 OFFERED_PROTOCOL_FEATURES = vu.feature_mask(
     ProtocolFeature.REPLY_ACK,
     ProtocolFeature.BACKEND_REQ,
     ProtocolFeature.CONFIG,
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    ProtocolFeature.LOG_SHMFD,
+    ProtocolFeature.DEVICE_STATE,
 )
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, SET_BACKEND_REQ_FD = 15, 16, 21
 
@@ -188,9 +188,12 @@ class LibvhostUserConnection(FrontendConnection):
         self.acks_requested = 0
         self._backend_retry: asyncio.TimerHandle | None = None
         self._resume: set[int] = set()
-        # What VirtualMachine reads of any engine (migration is not supported here).
+        #: Migration (FrontendConnection): the state transfer under way or
+        #: last done, whether VHOST_F_LOG_ALL is on, and the dirty log (the
+        #: library marks its writes in it too: `_set_log_base`).
         self.state_transfer = None
         self.logging = False
+        self.dirty_log: DirtyLog | None = None
         device.attach(self)
 
     # ================================================================ running
@@ -208,6 +211,7 @@ class LibvhostUserConnection(FrontendConnection):
             self._safe_device_call(self.device.stopped)
         # The device flushes its discards while the library's mappings exist.
         self._safe_device_call(self.device.disconnected)
+        self._cancel_state_transfer("the frontend went away")
         for ring in self.vrings.values():
             ring.free_all()
         if self.memory is not None:
@@ -215,8 +219,12 @@ class LibvhostUserConnection(FrontendConnection):
             self.memory = None
         if self._initialised:
             self._initialised = False
+            self._detach_log()  # ours to unmap (below), not the library's
             self.lib.vu_deinit(self.dev_ref)  # unmaps, closes the socket and the ring fds
             self._reader.close()
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
         for fd in list(self._watches):
             self._loop.remove_reader(fd)
         self._watches.clear()
@@ -328,12 +336,13 @@ class LibvhostUserConnection(FrontendConnection):
         self._hung_up = True
         return 1
 
-    def _validate(self, vmsg: Any, do_reply: Any) -> int | None:
+    def _validate(self, vmsg: Any, do_reply: Any) -> int | vu.DecodedRequest | None:
         """The framing and payload checks the pure engine makes
         (protocol.vhost_user, shared, not rewritten): a malformed message
         closes the connection, an unknown or unsupported request is refused
-        with a NACK and the connection kept, as with the pure engine. None:
-        the message is well formed."""
+        with a NACK and the connection kept, as with the pure engine (an
+        int: the message is handled). Else the request, decoded (None: the
+        library's end of file)."""
         request, flags = vmsg.request & 0xFFFFFFFF, vmsg.flags
         if request == NONE and vmsg.size == 0 and flags == 0:
             return None  # end of file (see _process_msg)
@@ -345,7 +354,7 @@ class LibvhostUserConnection(FrontendConnection):
         if message.need_reply:
             self.acks_requested += 1
         try:
-            vu.decode_request(message)
+            decoded = vu.decode_request(message)
         except vu.UnsupportedRequest as exc:
             for i in range(fd_num):
                 _close(vmsg.fds[i])
@@ -356,16 +365,16 @@ class LibvhostUserConnection(FrontendConnection):
             return 1
         except FrontendError as exc:
             return self._refuse(f"protocol violation: {exc}", vmsg)
-        return None
+        return decoded
 
     def _process_msg(self, dev: Any, msg_ptr: Any, do_reply: Any) -> int:
         """Called by the library for each message before it handles it;
         non-zero: handled here (do_reply says whether a reply is to go)."""
         vmsg = msg_ptr.contents
         request = vmsg.request
-        handled = self._validate(vmsg, do_reply)
-        if handled is not None:
-            return handled
+        decoded = self._validate(vmsg, do_reply)
+        if isinstance(decoded, int):
+            return decoded
         # The library decided whether to acknowledge before calling us; its
         # own replies (GET_VRING_BASE, ...) would keep the request's
         # NEED_REPLY bit, the pure engine's are exactly VERSION|REPLY.
@@ -376,8 +385,6 @@ class LibvhostUserConnection(FrontendConnection):
             # The library's reader returns an empty message (request 0) at
             # end of file, and would exit() the process for it.
             return self._hang_up(vmsg)
-        if request in _REFUSED:
-            return self._refuse(_REFUSED[request], vmsg)
         if request == GET_FEATURES:
             return _reply_u64(vmsg, do_reply, self._offered_features())
         if request == GET_PROTOCOL_FEATURES:
@@ -392,6 +399,9 @@ class LibvhostUserConnection(FrontendConnection):
             if not 0 < num <= MAX_QUEUE_NUM or num & (num - 1):
                 return self._refuse(f"protocol violation in SET_VRING_NUM: queue {vmsg.payload.state.index}: "
                                     f"size {num} is not a power of two up to {MAX_QUEUE_NUM}", vmsg)
+            problem = self._unlogged_ring(vmsg.payload.state.index, self._log_size, num=num)
+            if problem is not None:
+                return self._refuse(f"protocol violation in SET_VRING_NUM: {problem}", vmsg)
         if request == SET_VRING_ENABLE and vmsg.payload.state.num not in (0, 1):
             return self._refuse(f"protocol violation in SET_VRING_ENABLE: SET_VRING_ENABLE with {vmsg.payload.state.num}",
                                 vmsg)
@@ -415,6 +425,22 @@ class LibvhostUserConnection(FrontendConnection):
             return 0
         if request in (GET_INFLIGHT_FD, SET_INFLIGHT_FD):
             return self._refuse("inflight tracking is not offered", vmsg)
+        if request == SET_LOG_BASE:
+            assert decoded is not None
+            return self._set_log_base(vmsg, do_reply, decoded.payload)  # type: ignore[arg-type]
+        if request == SET_VRING_ADDR:
+            addr: vu.VringAddr = decoded.payload  # type: ignore[union-attr,assignment]
+            problem = self._unlogged_ring(addr.index, self._log_size, log_guest_addr=addr.log_guest_addr)
+            if problem is not None:
+                return self._refuse(f"protocol violation in SET_VRING_ADDR: {problem}", vmsg)
+        if request == SET_DEVICE_STATE_FD:
+            assert decoded is not None
+            vmsg.fd_num = 0  # the pipe end is ours now (closed there if refused)
+            value = self._start_state_transfer(decoded.payload,  # type: ignore[arg-type]
+                                               self._has_protocol(ProtocolFeature.DEVICE_STATE))
+            return _reply_u64(vmsg, do_reply, value)
+        if request == CHECK_DEVICE_STATE:
+            return _reply_u64(vmsg, do_reply, self._check_state_transfer())
         if request == SET_MEM_TABLE:
             return self._before_mem_table(vmsg)
         if request == ADD_MEM_REG:
@@ -432,6 +458,8 @@ class LibvhostUserConnection(FrontendConnection):
             for ring in self.vrings.values():
                 ring.vq.enable = 0
             return 1
+        if request == RESET_OWNER:
+            self._detach_log()  # the library would unmap it; `_reconcile` puts it back
         if request == RESET_OWNER or (request == SET_VRING_ENABLE and not vmsg.payload.state.num):
             self._stop_all()  # the library disables the rings
         return 0
@@ -455,12 +483,86 @@ class LibvhostUserConnection(FrontendConnection):
         vmsg.fd_num = 0  # ours now (the library closes it at the end)
         return 1
 
+    # =========================================================== migration
+
+    def _set_log_base(self, vmsg: Any, do_reply: Any, base: vu.LogBase) -> int:
+        """SET_LOG_BASE, handled here: the log is a `DirtyLog`, checked and
+        its file sealed as on the pure engine, and handed to the library
+        (VuDev.log_table), which marks its used-ring writes there while
+        VHOST_F_LOG_ALL is on; the binding marks what the library leaves out
+        (`_log_used_ring`). The library's own handler would put a failed
+        mapping in place (and crash at the first mark) and answer with the
+        log's size where the pure engine answers 0. Every ring's used ring
+        must lie within the log: the library asserts that at each mark, and
+        the assertion would end the worker."""
+        vmsg.fd_num = 0  # the fd is ours now (DirtyLog closes it)
+        if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
+            _close(base.fd)
+            return self._refuse("protocol violation: SET_LOG_BASE without LOG_SHMFD negotiated", vmsg)
+        try:
+            log = DirtyLog(base.fd, base.size, base.offset)
+        except FrontendError as exc:
+            return self._refuse(f"protocol violation in SET_LOG_BASE: {exc}", vmsg)
+        for index in self.vrings:
+            problem = self._unlogged_ring(index, base.size)
+            if problem is not None:
+                log.close()
+                return self._refuse(f"protocol violation in SET_LOG_BASE: {problem}", vmsg)
+        # The new log is in place before the old one goes (QEMU releases the
+        # old one after our reply).
+        old, self.dirty_log = self.dirty_log, log
+        self._attach_log()
+        if old is not None:
+            old.close()
+        self.log.info("dirty log mapped", log_bytes=base.size)
+        return _reply_u64(vmsg, do_reply, 0)
+
+    def _attach_log(self) -> None:
+        """Point the library at the binding's log (or at none). The library
+        unmaps its log_table itself at RESET_OWNER and vu_deinit: it is
+        detached first (`_detach_log`), so only DirtyLog ever unmaps it."""
+        log = self.dirty_log
+        self.dev.log_table = log.address if log is not None else None
+        self.dev.log_size = log.size if log is not None else 0
+
+    def _detach_log(self) -> None:
+        self.dev.log_table = None
+        self.dev.log_size = 0
+
+    def _log_used_ring(self, ring: LibRing) -> None:
+        """While logging, mark the whole used ring as the pure engine does:
+        the library marks the elements, the index and the flags it writes,
+        but not avail_event (vring_set_avail_event), which a pop writes."""
+        log, vring = self.dirty_log, ring.vq.vring
+        if self.logging and log is not None and vring.num:
+            log.mark(vring.log_guest_addr, used_ring_size(vring.num, True))
+
+    @property
+    def _log_size(self) -> int:
+        return self.dirty_log.size if self.dirty_log is not None else 0
+
+    def _unlogged_ring(self, index: int, log_bytes: int, *, num: int | None = None,
+                       log_guest_addr: int | None = None) -> str | None:
+        """Why ring `index`'s used ring (with `num` or `log_guest_addr` about
+        to change) would lie beyond a log of `log_bytes` (0: no log), or None."""
+        vring = self.vrings[index].vq.vring
+        num = vring.num if num is None else num
+        addr = vring.log_guest_addr if log_guest_addr is None else log_guest_addr
+        if not log_bytes or not num or log_covers(log_bytes, addr, used_ring_size(num, True)):
+            return None
+        return f"queue {index}: used ring at {addr:#x} lies beyond the dirty log ({log_bytes:#x} bytes)"
+
+    def _logging_changed(self, on: bool) -> None:
+        self.log.info("dirty logging " + ("on" if on else "off"),
+                      log_bytes=self.dirty_log.size if self.dirty_log is not None else 0)
+        if on:
+            for ring in self.vrings.values():
+                self._log_used_ring(ring)
+
     # ============================================================ features
 
     def _offered_features(self) -> int:
-        # No VHOST_F_LOG_ALL: QEMU then refuses to migrate the VM (the
-        # library's dirty log is not wired to the device here).
-        return self.device.features | F_PROTOCOL_FEATURES
+        return self.device.features | F_PROTOCOL_FEATURES | F_LOG_ALL
 
     def _get_features(self, dev: Any) -> int:
         return self.device.features
@@ -469,6 +571,7 @@ class LibvhostUserConnection(FrontendConnection):
         self.acked_features = features & ~F_PROTOCOL_FEATURES & ~F_LOG_ALL
         self.log.info("features negotiated", features=self.acked_features)
         self.device.set_features(self.acked_features)
+        self._set_logging(bool(features & F_LOG_ALL))
 
     @property
     def event_idx(self) -> bool:
@@ -598,6 +701,8 @@ class LibvhostUserConnection(FrontendConnection):
 
     def _reconcile(self) -> None:
         """Tell the device what the message just handled changed."""
+        if self.dirty_log is not None and self.dev.log_table != self.dirty_log.address:
+            self._attach_log()
         if self._memory_dirty:
             self._memory_dirty = False
             self._rebuild_memory()
@@ -627,6 +732,7 @@ class LibvhostUserConnection(FrontendConnection):
         if not (ring.reported_live and ring.enabled) or self.close_reason is not None:
             return
         self._safe_device_call(self.device.queue_kicked, ring)
+        self._log_used_ring(ring)
         if self.dev.broken or self.broken_reason is not None:
             # A bad chain: the library gave up on the connection.
             self._loop.call_soon(self._close_broken)
