@@ -164,6 +164,31 @@ class Chain:
         return bytes(out)
 
 
+def available(avail: memoryview, last_avail: int, num: int) -> int:
+    """Chains the guest has made available past `last_avail` in the avail
+    ring `avail` of a queue of `num`. Raises GuestError when the avail index
+    is more than a queue ahead: nothing on that ring can be trusted until
+    the driver resets it.
+
+    Looks up to three more times before declaring the ring broken: a 16-bit
+    store by another process to shared memory has been seen to read back
+    torn on some virtualised hosts, and a stalled ring costs more than a
+    second load."""
+    count = (U16.unpack_from(avail, 2)[0] - last_avail) & 0xFFFF
+    if count > num:
+        for _ in range(3):
+            count = (U16.unpack_from(avail, 2)[0] - last_avail) & 0xFFFF
+            if count <= num:
+                return count
+        raise GuestError(f"avail index moved {count} entries ahead of a queue of {num}")
+    return count
+
+
+def avail_head(avail: memoryview, last_avail: int, num: int) -> int:
+    """The head index in the avail slot of `last_avail` (unchecked)."""
+    return U16.unpack_from(avail, 4 + 2 * (last_avail % num))[0]
+
+
 def walk_chain(
     desc_table: memoryview,
     queue_size: int,
@@ -291,26 +316,15 @@ class SplitQueue:
         return U16.unpack_from(self.avail, 2)[0]
 
     def pending(self) -> int:
-        """Chains the guest has made available and the device not yet taken."""
-        count = (self.avail_idx() - self.last_avail) & 0xFFFF
-        if count > self.num:
-            # Look twice before declaring the ring broken: a 16-bit store by
-            # another process to shared memory has been seen to read back
-            # torn on some virtualised hosts, and a stalled ring costs more
-            # than a second load.
-            for _ in range(3):
-                count = (self.avail_idx() - self.last_avail) & 0xFFFF
-                if count <= self.num:
-                    return count
-            raise GuestError(f"avail index moved {count} entries ahead of a queue of {self.num}")
-        return count
+        """Chains the guest has made available and the device not yet taken
+        (GuestError: the avail index is nonsense, see `available`)."""
+        return available(self.avail, self.last_avail, self.num)
 
     def pop_head(self) -> int | None:
         """The next available head index, or None when the ring is empty."""
         if not self.pending():
             return None
-        slot = self.last_avail % self.num
-        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        head = avail_head(self.avail, self.last_avail, self.num)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return head
 
