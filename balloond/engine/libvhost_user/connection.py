@@ -734,7 +734,8 @@ class LibvhostUserConnection(FrontendConnection):
         self._safe_device_call(self.device.queue_kicked, ring)
         self._log_used_ring(ring)
         if self.dev.broken or self.broken_reason is not None:
-            # A bad chain: the library gave up on the connection.
+            # The library gave up on the connection (bad chains are vetted
+            # before it pops them, LibRing._vet; what it still refuses).
             self._loop.call_soon(self._close_broken)
             return
         if ring.pending() and ring.index not in self._resume:
