@@ -50,9 +50,11 @@ class TrackerCounters:
         return dict(self.__dict__)
 
 
-class _Bitmap:
+class FrameBitmap:
     """`nbits` bits, stored as lazily allocated chunks; a missing chunk reads
-    as zeros. Byte offsets (as in a flat bytearray) are the interface."""
+    as zeros. Byte offsets (as in a flat bytearray) are the interface. The
+    tracker keeps one per RAM range, the journal one over all frame numbers
+    (`FrameSet`)."""
 
     __slots__ = ("nbits", "chunks")
 
@@ -154,7 +156,7 @@ class _Bitmap:
 class _Range:
     first: int
     count: int
-    bits: _Bitmap = field(repr=False)
+    bits: FrameBitmap = field(repr=False)
 
 
 class PfnTracker:
@@ -169,7 +171,7 @@ class PfnTracker:
         # Stock-driver migration detection: a 1-frame inflate immediately
         # followed by a 1-frame deflate is how Linux reports a compaction move.
         self._single_inflate: int | None = None
-        self._parked: dict[tuple[int, int], _Bitmap] = {}
+        self._parked: dict[tuple[int, int], FrameBitmap] = {}
         self.resize(ranges)
 
     # ----------------------------------------------------------- layout
@@ -181,7 +183,7 @@ class PfnTracker:
         are dropped from the balloon).
         """
         old = self._ranges
-        new = [_Range(first, count, _Bitmap(count)) for first, count in sorted(ranges) if count > 0]
+        new = [_Range(first, count, FrameBitmap(count)) for first, count in sorted(ranges) if count > 0]
         for a, b in zip(new, new[1:]):
             if a.first + a.count > b.first:
                 raise ValueError("guest RAM ranges overlap")
@@ -322,26 +324,13 @@ class PfnTracker:
     # ----------------------------------------------------------- updates
 
     def _fast_runs(self, pfns: list[int]) -> list[tuple[_Range, int, int]] | None:
-        """`pfns` as a few (range, first offset, count) runs, if they are
-        that: the common shape of a driver's buffer (the page allocator hands
-        out neighbouring frames: Linux's stock driver fills most 256-frame
-        buffers with one run), updated a byte at a time but for the partial
-        bytes at each run's edges. None for scattered frames, duplicates or
-        frames outside RAM (the per-frame path counts those)."""
-        if len(pfns) < 64:
+        """`pfns` as a few (range, first offset, count) runs (`runs_of`),
+        updated a byte at a time but for the partial bytes at each run's
+        edges. None for scattered frames, duplicates or frames outside RAM
+        (the per-frame path counts those)."""
+        runs = runs_of(pfns)
+        if runs is None:
             return None
-        ordered = sorted(pfns)
-        runs: list[tuple[int, int]] = []
-        start = prev = ordered[0]
-        limit = len(pfns) // 16
-        for pfn in ordered[1:]:
-            if pfn != prev + 1:
-                if pfn == prev or len(runs) >= limit:
-                    return None
-                runs.append((start, prev - start + 1))
-                start = pfn
-            prev = pfn
-        runs.append((start, prev - start + 1))
         out = []
         for first, count in runs:
             hit = self._locate(first)
@@ -399,7 +388,7 @@ class PfnTracker:
         keep = changed.append
         invalid = repeated = 0
         first = span = 0
-        bits: _Bitmap | None = None
+        bits: FrameBitmap | None = None
         chunks: dict[int, bytearray] = {}
         for pfn in pfns:
             off = pfn - first
@@ -509,10 +498,33 @@ class PfnTracker:
         self._parked.clear()
         held = self.count
         for r in self._ranges:
-            r.bits = _Bitmap(r.count)
+            r.bits = FrameBitmap(r.count)
         self.count = 0
         self._single_inflate = None
         return held
+
+
+def runs_of(pfns: list[int]) -> list[tuple[int, int]] | None:
+    """`pfns` as (first, count) runs, ascending, if they are a few: the
+    common shape of a driver's buffer (the page allocator hands out
+    neighbouring frames: Linux's stock driver fills nearly every 256-frame
+    buffer with one run). None for fewer than 64 frames, for more than one
+    run per 16 frames, and for a frame given twice."""
+    if len(pfns) < 64:
+        return None
+    ordered = sorted(pfns)
+    runs: list[tuple[int, int]] = []
+    start = prev = ordered[0]
+    limit = len(pfns) // 16
+    for pfn in ordered[1:]:
+        if pfn != prev + 1:
+            if pfn == prev or len(runs) >= limit:
+                return None
+            runs.append((start, prev - start + 1))
+            start = pfn
+        prev = pfn
+    runs.append((start, prev - start + 1))
+    return runs
 
 
 _NONZERO = re.compile(rb"[^\x00]+")

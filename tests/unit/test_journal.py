@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 
 import pytest
 
@@ -279,6 +280,48 @@ def test_frameset_matches_a_set():
     ref.discard(8)
     fs.discard(12345)
     assert list(fs) == sorted(ref) and len(fs) == len(ref) and 10**9 in fs and 8 not in fs
+
+
+def test_frameset_batches_match_a_set():
+    """Batches as a driver sends them (a run, a reversed run, a run with a
+    hole, scattered frames) take the run path or the per-frame one; either
+    way the set and its count are a set's, and a snapshot's runs add on top
+    of what is there."""
+    rng = random.Random(7)
+    fs, ref = FrameSet(), set()
+    for _ in range(400):
+        start = rng.randrange(0, 1 << 20)
+        shape = rng.choice(["run", "reversed", "holed", "scattered", "present"])
+        if shape == "scattered":
+            batch = [rng.randrange(0, 1 << 20) for _ in range(256)]
+        elif shape == "present" and ref:
+            first = min(ref)
+            batch = list(range(first, first + 256))
+        else:
+            batch = list(range(start, start + 256))
+            if shape == "reversed":
+                batch.reverse()
+            elif shape == "holed":
+                del batch[100]
+        if rng.random() < 0.5:
+            fs.update(batch)
+            ref.update(batch)
+        else:
+            fs.difference_update(batch)
+            ref.difference_update(batch)
+        if rng.random() < 0.05:
+            fs.add_run(start, 5000)
+            ref.update(range(start, start + 5000))
+        assert len(fs) == len(ref)
+    assert list(fs) == sorted(ref)
+
+
+def test_frameset_leaves_out_frames_no_machine_has():
+    fs = FrameSet()
+    fs.update([5, -1, 1 << 60])
+    fs.add(1 << 64)
+    fs.add_run((1 << 52) - 2, 10)
+    assert list(fs) == [5, (1 << 52) - 2, (1 << 52) - 1] and len(fs) == 3
 
 
 def test_the_journal_lock_is_one_process_s_at_a_time(tmp_path):
