@@ -6,12 +6,10 @@ unknown requests without dropping the connection, and leaks no fd. At the
 ring level it treats a bad chain as the pure engine does (the binding vets
 each chain with the pure engine's rules before the library pops it): bad
 descriptors, head indices, avail index jumps and indirect abuse are
-returned or skipped and counted, and the ring goes on.
-
-Not here: ring addresses outside RAM and a memory table shrunk under
-running rings. The library gives up on the connection when it cannot map
-a ring (QEMU reconnects), where the pure engine leaves the ring stopped;
-test_daemon_libvhost_user.py pins that difference.
+returned or skipped and counted, and the ring goes on. Ring addresses
+outside guest RAM, given or left behind by a smaller memory table, are kept
+from the library (it would give up on the connection): the ring waits
+stopped, as on the pure engine.
 """
 
 from __future__ import annotations
@@ -28,8 +26,10 @@ from tests.daemon.test_daemon_hostile import (  # noqa: F401  (collected here on
     test_indirect_abuse,
     test_indirect_without_the_feature,
     test_looping_and_broken_chains,
+    test_memory_table_shrinking_under_a_running_device,
     test_pfns_outside_ram_are_refused,
     test_rejected_chain_keeps_the_ring_alive,
+    test_ring_addresses_outside_ram,
     test_protocol_violation_drops_only_that_connection,
     test_protocol_violations_leak_no_fds,
     test_unknown_request_is_refused_without_dropping,

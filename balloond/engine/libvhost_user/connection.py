@@ -50,7 +50,7 @@ from protocol import vhost_user as vu
 from protocol.balloon import Feature
 from protocol.errors import FrontendError
 from protocol.vhost_user import ProtocolFeature
-from protocol.virtqueue import used_ring_size
+from protocol.virtqueue import avail_ring_size, desc_table_size, used_ring_size
 
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
@@ -433,6 +433,7 @@ class LibvhostUserConnection(FrontendConnection):
             problem = self._unlogged_ring(addr.index, self._log_size, log_guest_addr=addr.log_guest_addr)
             if problem is not None:
                 return self._refuse(f"protocol violation in SET_VRING_ADDR: {problem}", vmsg)
+            return self._before_ring_addresses(addr)
         if request == SET_DEVICE_STATE_FD:
             assert decoded is not None
             vmsg.fd_num = 0  # the pipe end is ours now (closed there if refused)
@@ -642,6 +643,14 @@ class LibvhostUserConnection(FrontendConnection):
             problem = self._check_region(table.regions[i], vmsg.fds[i])
             if problem is not None:
                 return self._refuse(problem, vmsg)
+        # A ring the new table does not cover (even a running one) is kept
+        # from the library's remapping, which would give up on the connection.
+        new = [(table.regions[i].userspace_addr, table.regions[i].memory_size) for i in range(count)]
+        for ring in self.vrings.values():
+            vq = ring.vq
+            if vq.vring.desc and _untranslated((vq.vra.desc_user_addr, vq.vra.avail_user_addr,
+                                                vq.vra.used_user_addr), int(vq.vring.num), new) is not None:
+                self._unmap_ring(ring, (vq.vra.desc_user_addr, vq.vra.avail_user_addr, vq.vra.used_user_addr))
         self._before_memory_change()
         for fd, _ in self._region_fds.values():
             _close(fd)
@@ -689,6 +698,52 @@ class LibvhostUserConnection(FrontendConnection):
 
     # =============================================================== rings
 
+    def _before_ring_addresses(self, addr: vu.VringAddr) -> int:
+        """SET_VRING_ADDR: addresses that do not translate in the memory
+        table are kept from the library, which would give up on the
+        connection; the ring is `unmapped` (it forgets its old addresses and
+        cannot go live) until good ones come or a memory table in which
+        these translate (`_map_unmapped_rings`), as a pure engine's ring
+        maps its addresses when it starts. 0: the library takes the message."""
+        ring = self.vrings[addr.index]
+        areas = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+        regions = [(r.qva, r.size) for r in self._library_regions()]
+        problem = _untranslated(areas, int(ring.vq.vring.num), regions)
+        if problem is None:
+            ring.unmapped = None
+            return 0
+        self._unmap_ring(ring, areas)
+        self.limited.warning("ring addresses outside guest RAM: the ring stays stopped", queue=addr.index,
+                             reason=problem)
+        return 1
+
+    def _library_regions(self) -> list[Any]:
+        dev = self.dev
+        return [dev.regions[i] for i in range(dev.nregions)] if dev.regions else []
+
+    def _unmap_ring(self, ring: LibRing, areas: tuple[int, int, int]) -> None:
+        ring.unmapped = areas
+        vring = ring.vq.vring
+        vring.desc = vring.avail = vring.used = None
+
+    def _map_unmapped_rings(self) -> None:
+        """After a memory change: rings whose addresses translate now are
+        mapped as the library maps a ring (its map_ring)."""
+        regions = self._library_regions()
+        for ring in self.vrings.values():
+            if ring.unmapped is None:
+                continue
+            num = int(ring.vq.vring.num)
+            if _untranslated(ring.unmapped, num, [(r.qva, r.size) for r in regions]) is not None:
+                continue
+            host = []
+            for qva in ring.unmapped:
+                r = next(r for r in regions if r.qva <= qva < r.qva + r.size)
+                host.append(qva - r.qva + r.mmap_addr + r.mmap_offset)
+            vring = ring.vq.vring
+            vring.desc, vring.avail, vring.used = host
+            ring.unmapped = None
+
     def _before_ring_stop(self, index: int) -> None:
         """GET_VRING_BASE: stop the device and the ring before the library
         reads the base, and give back the chains the device holds."""
@@ -706,6 +761,7 @@ class LibvhostUserConnection(FrontendConnection):
         if self._memory_dirty:
             self._memory_dirty = False
             self._rebuild_memory()
+            self._map_unmapped_rings()
         for ring in self.vrings.values():
             if ring.reported_live and not ring.live:
                 ring.reported_live = False  # the library dropped it (e.g. a new kick fd)
@@ -793,6 +849,17 @@ class LibvhostUserConnection(FrontendConnection):
             self._loop.call_soon(self._close_broken)
             return False
         return True
+
+def _untranslated(areas: tuple[int, int, int], num: int, regions: list[tuple[int, int]]) -> str | None:
+    """Which of a ring's areas (frontend addresses of the descriptor table,
+    avail ring and used ring of a queue of `num`) lies outside every region
+    (frontend address, size), or None if each lies within one."""
+    sizes = (desc_table_size(num), avail_ring_size(num, True), used_ring_size(num, True))
+    for start, size, what in zip(areas, sizes, ("descriptor table", "avail ring", "used ring")):
+        if not any(qva <= start and start + size <= qva + length for qva, length in regions):
+            return f"{what} at {start:#x} lies outside guest RAM"
+    return None
+
 
 def _reply_u64(vmsg: Any, do_reply: Any, value: int) -> int:
     """Answer the message here with a u64; flags are set to exactly

@@ -72,6 +72,13 @@ class LibRing:
         #: Whether the device was told this ring is live (queue_started).
         self.reported_live = False
         self._base = 0
+        #: The frontend addresses of the ring's areas (descriptor table,
+        #: avail and used rings) when they do not translate in the memory
+        #: table: the binding keeps them from the library, which would give
+        #: up on the connection. The ring is configured but cannot go live
+        #: until they translate (LibvhostUserConnection._map_unmapped_rings)
+        #: or good ones come, as on the pure engine.
+        self.unmapped: tuple[int, int, int] | None = None
 
     @property
     def vq(self) -> Any:
@@ -98,7 +105,7 @@ class LibRing:
     def configured(self) -> bool:
         """Addresses and a kick fd given (the library started it)."""
         vq = self.vq
-        return bool(vq.vring.desc and vq.started)
+        return bool((vq.vring.desc or self.unmapped is not None) and vq.started)
 
     @property
     def last_avail(self) -> int:
