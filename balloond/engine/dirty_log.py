@@ -54,10 +54,10 @@ _libc.syscall.restype = ctypes.c_long
 
 
 def check_log_file(fd: int, size: int, offset: int) -> None:
-    """What a log must be before it is mapped, by this engine or by
-    libvhost-user: 1 byte to MAX_LOG_BYTES, page-aligned, within its file,
-    and that file sealed against shrinking (sealed here if it is not yet).
-    Raises FrontendError; `fd` stays the caller's."""
+    """What a log must be before it is mapped: 1 byte to MAX_LOG_BYTES,
+    page-aligned, within its file, and that file sealed against shrinking
+    (sealed here if it is not yet). Raises FrontendError; `fd` stays the
+    caller's."""
     if not 0 < size <= MAX_LOG_BYTES:
         raise FrontendError(f"dirty log of {size:#x} bytes (1 to {MAX_LOG_BYTES:#x} accepted)")
     if offset % mmap.ALLOCATIONGRANULARITY:
@@ -73,12 +73,6 @@ def check_log_file(fd: int, size: int, offset: int) -> None:
         raise FrontendError(f"dirty log fd unusable: {exc}") from None
     if offset + size > file_size:
         raise FrontendError(f"dirty log [{offset:#x}, {offset + size:#x}) lies beyond its file ({file_size:#x})")
-
-
-def log_covers(size: int, gpa: int, length: int) -> bool:
-    """Whether a log of `size` bytes has a bit for every page of
-    guest-physical [gpa, gpa + length)."""
-    return length <= 0 or (gpa + length - 1) // LOG_PAGE // 8 < size
 
 
 def _futex_or_bit(address: int, bit: int) -> None:
@@ -137,12 +131,6 @@ class DirtyLog:
                 continue
             _futex_or_bit(self._base + word, page & 31)
             self.pages_marked += 1
-
-    @property
-    def address(self) -> int:
-        """Where the log is mapped in this process (libvhost-user marks its
-        own writes there, through the same mapping)."""
-        return self._base
 
     def is_marked(self, gpa: int) -> bool:
         page = gpa // LOG_PAGE

@@ -22,8 +22,8 @@ the rings and the memory table, and calls back. This class is the glue:
   identity, files sealed and sized, the guest-RAM cap), GET_VRING_BASE (the
   device stops the ring first, and chains it still holds are handed back
   with vu_queue_rewind so the reported base does not count them),
-  SET_LOG_BASE (checked like the pure engine's log, mapped here, handed to
-  the library), the device state requests (FrontendConnection's, shared
+  SET_LOG_BASE (the pure engine's DirtyLog, kept and marked by the binding,
+  not by the library), the device state requests (FrontendConnection's, shared
   with the pure engine), ring indices the library would not check, and
   requests it would answer with exit().
 
@@ -55,7 +55,7 @@ from protocol.virtqueue import avail_ring_size, desc_table_size, used_ring_size
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
 from ..frontend_connection import FrontendConnection, received_fds
-from ..dirty_log import DirtyLog, log_covers
+from ..dirty_log import DirtyLog
 from ..memory import DEFAULT_MAX_GUEST_RAM, check_region_file
 from . import abi
 from .memory import LibraryMemory
@@ -189,8 +189,8 @@ class LibvhostUserConnection(FrontendConnection):
         self._backend_retry: asyncio.TimerHandle | None = None
         self._resume: set[int] = set()
         #: Migration (FrontendConnection): the state transfer under way or
-        #: last done, whether VHOST_F_LOG_ALL is on, and the dirty log (the
-        #: library marks its writes in it too: `_set_log_base`).
+        #: last done, whether VHOST_F_LOG_ALL is on, and the dirty log (kept
+        #: by the binding, not the library: `_set_log_base`).
         self.state_transfer = None
         self.logging = False
         self.dirty_log: DirtyLog | None = None
@@ -219,7 +219,6 @@ class LibvhostUserConnection(FrontendConnection):
             self.memory = None
         if self._initialised:
             self._initialised = False
-            self._detach_log()  # ours to unmap (below), not the library's
             self.lib.vu_deinit(self.dev_ref)  # unmaps, closes the socket and the ring fds
             self._reader.close()
         if self.dirty_log is not None:
@@ -399,9 +398,6 @@ class LibvhostUserConnection(FrontendConnection):
             if not 0 < num <= MAX_QUEUE_NUM or num & (num - 1):
                 return self._refuse(f"protocol violation in SET_VRING_NUM: queue {vmsg.payload.state.index}: "
                                     f"size {num} is not a power of two up to {MAX_QUEUE_NUM}", vmsg)
-            problem = self._unlogged_ring(vmsg.payload.state.index, self._log_size, num=num)
-            if problem is not None:
-                return self._refuse(f"protocol violation in SET_VRING_NUM: {problem}", vmsg)
         if request == SET_VRING_ENABLE and vmsg.payload.state.num not in (0, 1):
             return self._refuse(f"protocol violation in SET_VRING_ENABLE: SET_VRING_ENABLE with {vmsg.payload.state.num}",
                                 vmsg)
@@ -430,9 +426,6 @@ class LibvhostUserConnection(FrontendConnection):
             return self._set_log_base(vmsg, do_reply, decoded.payload)  # type: ignore[arg-type]
         if request == SET_VRING_ADDR:
             addr: vu.VringAddr = decoded.payload  # type: ignore[union-attr,assignment]
-            problem = self._unlogged_ring(addr.index, self._log_size, log_guest_addr=addr.log_guest_addr)
-            if problem is not None:
-                return self._refuse(f"protocol violation in SET_VRING_ADDR: {problem}", vmsg)
             return self._before_ring_addresses(addr)
         if request == SET_DEVICE_STATE_FD:
             assert decoded is not None
@@ -459,8 +452,6 @@ class LibvhostUserConnection(FrontendConnection):
             for ring in self.vrings.values():
                 ring.vq.enable = 0
             return 1
-        if request == RESET_OWNER:
-            self._detach_log()  # the library would unmap it; `_reconcile` puts it back
         if request == RESET_OWNER or (request == SET_VRING_ENABLE and not vmsg.payload.state.num):
             self._stop_all()  # the library disables the rings
         return 0
@@ -487,15 +478,15 @@ class LibvhostUserConnection(FrontendConnection):
     # =========================================================== migration
 
     def _set_log_base(self, vmsg: Any, do_reply: Any, base: vu.LogBase) -> int:
-        """SET_LOG_BASE, handled here: the log is a `DirtyLog`, checked and
-        its file sealed as on the pure engine, and handed to the library
-        (VuDev.log_table), which marks its used-ring writes there while
-        VHOST_F_LOG_ALL is on; the binding marks what the library leaves out
-        (`_log_used_ring`). The library's own handler would put a failed
-        mapping in place (and crash at the first mark) and answer with the
-        log's size where the pure engine answers 0. Every ring's used ring
-        must lie within the log: the library asserts that at each mark, and
-        the assertion would end the worker."""
+        """SET_LOG_BASE, handled here: the log is the pure engine's
+        `DirtyLog` (checked, its file sealed against shrinking, mapped), and
+        the binding marks every used-ring write in it (`log_used_ring`), as
+        the pure engine does. The library is never given the log: it would
+        not mark its avail_event writes, and it asserts that every mark
+        lies within the log, which would end the worker where the pure
+        engine counts and drops such a mark. Its own handler would also have
+        put a failed mapping in place and answered with the log's size
+        where the pure engine answers 0."""
         vmsg.fd_num = 0  # the fd is ours now (DirtyLog closes it)
         if not self._has_protocol(ProtocolFeature.LOG_SHMFD):
             _close(base.fd)
@@ -504,61 +495,27 @@ class LibvhostUserConnection(FrontendConnection):
             log = DirtyLog(base.fd, base.size, base.offset)
         except FrontendError as exc:
             return self._refuse(f"protocol violation in SET_LOG_BASE: {exc}", vmsg)
-        for index in self.vrings:
-            problem = self._unlogged_ring(index, base.size)
-            if problem is not None:
-                log.close()
-                return self._refuse(f"protocol violation in SET_LOG_BASE: {problem}", vmsg)
         # The new log is in place before the old one goes (QEMU releases the
         # old one after our reply).
         old, self.dirty_log = self.dirty_log, log
-        self._attach_log()
         if old is not None:
             old.close()
         self.log.info("dirty log mapped", log_bytes=base.size)
         return _reply_u64(vmsg, do_reply, 0)
 
-    def _attach_log(self) -> None:
-        """Point the library at the binding's log (or at none). The library
-        unmaps its log_table itself at RESET_OWNER and vu_deinit: it is
-        detached first (`_detach_log`), so only DirtyLog ever unmaps it."""
-        log = self.dirty_log
-        self.dev.log_table = log.address if log is not None else None
-        self.dev.log_size = log.size if log is not None else 0
-
-    def _detach_log(self) -> None:
-        self.dev.log_table = None
-        self.dev.log_size = 0
-
-    def _log_used_ring(self, ring: LibRing) -> None:
-        """While logging, mark the whole used ring as the pure engine does:
-        the library marks the elements, the index and the flags it writes,
-        but not avail_event (vring_set_avail_event), which a pop writes."""
+    def log_used_ring(self, ring: LibRing) -> None:
+        """While logging, mark ring's whole used ring, as the pure engine
+        does after every used-ring write (elements, index, avail_event)."""
         log, vring = self.dirty_log, ring.vq.vring
         if self.logging and log is not None and vring.num:
             log.mark(vring.log_guest_addr, used_ring_size(vring.num, True))
-
-    @property
-    def _log_size(self) -> int:
-        return self.dirty_log.size if self.dirty_log is not None else 0
-
-    def _unlogged_ring(self, index: int, log_bytes: int, *, num: int | None = None,
-                       log_guest_addr: int | None = None) -> str | None:
-        """Why ring `index`'s used ring (with `num` or `log_guest_addr` about
-        to change) would lie beyond a log of `log_bytes` (0: no log), or None."""
-        vring = self.vrings[index].vq.vring
-        num = vring.num if num is None else num
-        addr = vring.log_guest_addr if log_guest_addr is None else log_guest_addr
-        if not log_bytes or not num or log_covers(log_bytes, addr, used_ring_size(num, True)):
-            return None
-        return f"queue {index}: used ring at {addr:#x} lies beyond the dirty log ({log_bytes:#x} bytes)"
 
     def _logging_changed(self, on: bool) -> None:
         self.log.info("dirty logging " + ("on" if on else "off"),
                       log_bytes=self.dirty_log.size if self.dirty_log is not None else 0)
         if on:
             for ring in self.vrings.values():
-                self._log_used_ring(ring)
+                self.log_used_ring(ring)
 
     # ============================================================ features
 
@@ -756,8 +713,6 @@ class LibvhostUserConnection(FrontendConnection):
 
     def _reconcile(self) -> None:
         """Tell the device what the message just handled changed."""
-        if self.dirty_log is not None and self.dev.log_table != self.dirty_log.address:
-            self._attach_log()
         if self._memory_dirty:
             self._memory_dirty = False
             self._rebuild_memory()
@@ -788,7 +743,7 @@ class LibvhostUserConnection(FrontendConnection):
         if not (ring.reported_live and ring.enabled) or self.close_reason is not None:
             return
         self._safe_device_call(self.device.queue_kicked, ring)
-        self._log_used_ring(ring)
+        self.log_used_ring(ring)  # a pass's pops write avail_event
         if self.dev.broken or self.broken_reason is not None:
             # The library gave up on the connection (bad chains are vetted
             # before it pops them, LibRing._vet; what it still refuses).

@@ -147,6 +147,7 @@ class LibRing:
         new = (old + 1) & 0xFFFF
         U16.pack_into(used, 2, new)  # after the element (x86-64 stores are ordered)
         vq.used_idx = new
+        self._conn.log_used_ring(self)
         since_signalled = (new - int(vq.signalled_used)) & 0xFFFF
         if since_signalled == 0 or since_signalled >= 0x8000:  # the library's (int16_t) test
             vq.signalled_used_valid = False
@@ -250,6 +251,7 @@ class LibRing:
             return
         self._lib.vu_queue_push(self._conn.dev_ref, self._vq, ptr, written)
         self._lib.free(ptr)
+        self._conn.log_used_ring(self)
 
     def notify(self) -> None:
         """Interrupt the guest if it wants one for what was just used (see
