@@ -43,7 +43,8 @@ from tests.e2e.waiting import MIB, wait_for
 
 pytestmark = [pytest.mark.vm]
 
-#: Both engines migrate a VM: the tests that take the module's `daemon` run once per engine.
+#: Both engines migrate a VM: the tests that take the module's `daemon` run once per
+#: engine, and so does the restart test, which starts its own daemon.
 E2E_ENGINES = ENGINES
 
 GUEST_MIB = 1024
@@ -328,13 +329,14 @@ def test_balloon_page_moves_during_the_migration_are_not_lost(make_vm, daemon: D
         src.kill()
 
 
-def test_a_daemon_restarted_after_the_migration_restores_the_migrated_balloon(make_vm, tmp_path: Path):
+def test_a_daemon_restarted_after_the_migration_restores_the_migrated_balloon(make_vm, tmp_path: Path,
+                                                                              engine: str):
     """With --state-dir the destination's journal holds the adopted balloon
     from the first start on: a daemon killed right after the migration comes
     back with the same frames for the same QEMU (which reconnects), and the
     balloon goes on working."""
     daemon = DaemonProcess(tmp_path / "daemon", vms=("src", "dst"), log_level="info",
-                           extra_args=["--state-dir", str(tmp_path / "state")])
+                           extra_args=["--engine", engine, "--state-dir", str(tmp_path / "state")])
     daemon.start()
     try:
         src, hold = source(make_vm, daemon)
@@ -366,6 +368,7 @@ def test_a_daemon_restarted_after_the_migration_restores_the_migrated_balloon(ma
             src.kill()
     finally:
         daemon.stop()
+    assert_served_by(daemon, engine)
 
 
 class DaemonWithoutDeviceState(DaemonProcess):
