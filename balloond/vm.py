@@ -234,6 +234,7 @@ class VirtualMachine:
 
             try:
                 connection = LibvhostUserConnection(sock, device, library=abi.load(), log=self.log,
+                                                    poll_seconds=self.poll_seconds,
                                                     max_guest_ram=self.max_guest_ram)
             except abi.LibraryError as exc:
                 # Checked at start (config): only a library changed since gets here.

@@ -6,7 +6,8 @@ both rings.
 
 The daemon polls for 100 ms here (--poll-us 100000), far longer than the
 test frontend takes between a buffer coming back and the next one, so what
-is pinned is behaviour (kicks the driver had to send), not timing.
+is pinned is behaviour (kicks the driver had to send), not timing. Both
+engines poll, with the same window and loop.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import time
 import pytest
 
 from protocol.balloon import Feature, QueueRole
+from tests.daemon.conftest import ENGINES
 from tests.daemon.harness import assert_no_guest_errors
 
 POLL_SECONDS = 0.1
+
+DAEMON_ENGINES = ENGINES
 
 
 @pytest.fixture(scope="module")

@@ -47,9 +47,9 @@ E2E_ENGINES = ENGINES
 BALLOON = COMPACTION_BALLOON_MIB * MIB
 DRIVERS = ("stock", "extension", "fallback")
 #: Three, so that a median is one round's figure: with two it was their mean,
-#: and one round with our driver on libvhost-user (no polling window, so
-#: slower round trips and more compactions finding balloon_lock busy) had
-#: 314 failed migrations against 4 in the other: a median of 159.
+#: and one round with our driver on libvhost-user (then without a polling
+#: window, so slower round trips and more compactions finding balloon_lock
+#: busy) had 314 failed migrations against 4 in the other: a median of 159.
 ROUNDS = 3
 #: Ours must move at least this share of the stock driver's count. Both are
 #: capped by the holes compaction can fill, so equal drivers tie on average,

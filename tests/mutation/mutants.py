@@ -87,17 +87,17 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "kicks-never-rearmed",
-        "balloond/engine/connection.py",
-        "        vring.queue.enable_kicks()\n        if self._has_pending(vring):",
-        "        pass  # mutant: kicks stay off after polling\n        if self._has_pending(vring):",
+        "balloond/engine/polling.py",
+        "        self._set_kicks(vring, True)\n        if self._ring_pending(vring):",
+        "        pass  # mutant: kicks stay off after polling\n        if self._ring_pending(vring):",
         (DAEMON_BALLOON,),
         "after polling, the device never asks the guest to kick again",
     ),
     Mutant(
         "no-look-after-rearm",
-        "balloond/engine/connection.py",
-        "        vring.queue.enable_kicks()\n        if self._has_pending(vring):",
-        "        vring.queue.enable_kicks()\n        if False:  # mutant: the race window is not closed",
+        "balloond/engine/polling.py",
+        "        self._set_kicks(vring, True)\n        if self._ring_pending(vring):",
+        "        self._set_kicks(vring, True)\n        if False:  # mutant: the race window is not closed",
         # The window is a few instructions wide: the daemon tests hit it only
         # now and then, so the unit test of the engine's order of steps leads.
         ("tests/unit/test_engine_sleep.py", DAEMON_QUEUES, DAEMON_BALLOON),

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from balloond.engine import connection as engine
-from balloond.engine.connection import MAX_ADAPTIVE_POLL_SECONDS, RUN_GAP_SECONDS, VhostUserConnection
+from balloond.engine import polling as engine
+from balloond.engine.connection import VhostUserConnection
+from balloond.engine.polling import MAX_ADAPTIVE_POLL_SECONDS, RUN_GAP_SECONDS
 from balloond.engine.vring import Vring
 
 POLL = 200e-6  # --poll-us 200, the default

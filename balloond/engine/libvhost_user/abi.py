@@ -319,6 +319,7 @@ class Library:
         self.vu_queue_rewind = _fn(lib.vu_queue_rewind, c_bool, dev, vq, c_uint)
         self.vu_queue_notify = _fn(lib.vu_queue_notify, None, dev, vq)
         self.vu_queue_empty = _fn(lib.vu_queue_empty, c_bool, dev, vq)
+        self.vu_queue_set_notification = _fn(lib.vu_queue_set_notification, None, dev, vq, c_int)
         self.vu_config_change_msg = _fn(lib.vu_config_change_msg, None, dev)
         self.vu_request_to_string = _fn(lib.vu_request_to_string, c_char_p, c_uint)
         libc = ctypes.CDLL(None)

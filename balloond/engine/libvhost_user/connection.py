@@ -5,6 +5,8 @@ the rings and the memory table, and calls back. This class is the glue:
 
 - the library's watches (the kick eventfds) become the event loop's
   readers, and the frontend's socket is a reader that calls vu_dispatch;
+- a kicked ring is polled as on the pure engine (`PollingConnection`, the
+  same window and loop), once the library's kick callback has returned;
 - its device callbacks (features, config space) go to the `VirtioDevice`;
 - after every message the engine compares the library's rings and memory
   with what it last told the device, and tells the device what changed
@@ -54,9 +56,10 @@ from protocol.virtqueue import avail_ring_size, desc_table_size, used_ring_size
 
 from ...logs import RateLimited
 from ..device_api import VirtioDevice
-from ..frontend_connection import FrontendConnection, received_fds
+from ..frontend_connection import received_fds
 from ..dirty_log import DirtyLog
 from ..memory import DEFAULT_MAX_GUEST_RAM, check_region_file
+from ..polling import PollingConnection
 from . import abi
 from .memory import LibraryMemory
 from .ring import LibRing
@@ -109,7 +112,7 @@ F_LOG_ALL = 1 << vu.F_LOG_ALL
 _connection_ids = itertools.count(1)
 
 
-class LibvhostUserConnection(FrontendConnection):
+class LibvhostUserConnection(PollingConnection):
     """Serves one frontend with libvhost-user; the interface `VirtualMachine`
     uses of `VhostUserConnection` (run, open, vrings, counters)."""
 
@@ -120,6 +123,7 @@ class LibvhostUserConnection(FrontendConnection):
         *,
         library: abi.Library,
         log: Any = None,
+        poll_seconds: float = 0.0,
         max_guest_ram: int = DEFAULT_MAX_GUEST_RAM,
     ) -> None:
         self.id = next(_connection_ids)
@@ -130,6 +134,9 @@ class LibvhostUserConnection(FrontendConnection):
         self.max_guest_ram = max_guest_ram
         self._loop = asyncio.get_running_loop()
         self._closed: asyncio.Future[str] = self._loop.create_future()
+        self._init_polling(poll_seconds)
+        #: Rings the library's kick callback named, polled once it returns (`_watch_fired`).
+        self._kicked: list[int] = []
         self.close_reason: str | None = None
         #: Set by the library's panic callback: the connection is broken.
         self.broken_reason: str | None = None
@@ -187,7 +194,6 @@ class LibvhostUserConnection(FrontendConnection):
         #: Requests the frontend asked to have acknowledged (NEED_REPLY).
         self.acks_requested = 0
         self._backend_retry: asyncio.TimerHandle | None = None
-        self._resume: set[int] = set()
         #: Migration (FrontendConnection): the state transfer under way or
         #: last done, whether VHOST_F_LOG_ALL is on, and the dirty log (kept
         #: by the binding, not the library: `_set_log_base`).
@@ -249,7 +255,12 @@ class LibvhostUserConnection(FrontendConnection):
     def _readable(self) -> None:
         if self.close_reason is not None:
             return
-        ok = self.lib.vu_dispatch(self.dev_ref)
+        served = self.messages
+        self._request_starts()
+        try:
+            ok = self.lib.vu_dispatch(self.dev_ref)
+        finally:
+            self._request_done()
         self.messages += 1
         if self._refused is not None:
             self.close(self._refused, error=not self._hung_up)
@@ -259,6 +270,8 @@ class LibvhostUserConnection(FrontendConnection):
             self.close(reason, error=self.broken_reason is not None)
             return
         self._reconcile()
+        self._poll_kicked()
+        self._poll_after_requests(served)
 
     def _read_msg(self, dev: Any, fd: int, msg_ptr: Any) -> bool:
         """The library's read_msg: one whole message into *msg_ptr, framed
@@ -733,30 +746,47 @@ class LibvhostUserConnection(FrontendConnection):
             # added meanwhile (its kicks went unserved) is looked at now.
             for ring in configured:
                 self._service(ring)
+                self._sleep(ring)
 
     def _queue_handler(self, dev: Any, index: int) -> None:
-        ring = self.vrings[index]
-        ring.counters.kicks += 1
-        self._service(ring)
+        """The library's kick callback: the ring is polled once the callback
+        has returned to the binding (`_watch_fired`), not from inside the
+        library, since a poll also serves the frontend's requests."""
+        self.vrings[index].counters.kicks += 1
+        self._kicked.append(index)
 
     def _service(self, ring: LibRing) -> None:
-        if not (ring.reported_live and ring.enabled) or self.close_reason is not None:
+        if not (ring.reported_live and ring.enabled) or self.close_reason is not None or self._broken:
             return
         self._safe_device_call(self.device.queue_kicked, ring)
         self.log_used_ring(ring)  # a pass's pops write avail_event
-        if self.dev.broken or self.broken_reason is not None:
+        if self._broken:
             # The library gave up on the connection (bad chains are vetted
             # before it pops them, LibRing._vet; what it still refuses).
             self._loop.call_soon(self._close_broken)
-            return
-        if ring.pending() and ring.index not in self._resume:
-            # The pass stopped at its bound: the rest after the loop's other callbacks.
-            self._resume.add(ring.index)
-            self._loop.call_soon(self._continue, ring)
 
-    def _continue(self, ring: LibRing) -> None:
-        self._resume.discard(ring.index)
-        self._service(ring)
+    @property
+    def _broken(self) -> bool:
+        return bool(self.dev.broken) or self.broken_reason is not None
+
+    # ==================================================== polling's hooks
+
+    def _ring_live(self, ring: LibRing) -> bool:
+        return ring.reported_live and ring.live and not self._broken
+
+    def _ring_pending(self, ring: LibRing) -> bool:
+        return not self._broken and ring.pending()
+
+    def _set_kicks(self, ring: LibRing, on: bool) -> None:
+        if ring.live and not self._broken:
+            ring.set_kicks(on)
+            self.log_used_ring(ring)
+
+    def _request_fd(self) -> int:
+        return self._sock_fd
+
+    def _requests_wanted(self) -> bool:
+        return True
 
     def _close_broken(self) -> None:
         self.close(self.broken_reason or "libvhost-user broke the connection", error=True)
@@ -781,8 +811,18 @@ class LibvhostUserConnection(FrontendConnection):
             return
         cb, condition, data = watch
         cb(self.dev_ref, condition, data)
-        if self.dev.broken or self.broken_reason is not None:
+        if self._broken:
             self._close_broken()
+            return
+        self._poll_kicked()
+
+    def _poll_kicked(self) -> None:
+        """Poll the rings the library's kick callback named (`_queue_handler`)."""
+        kicked, self._kicked = self._kicked, []
+        for index in kicked:
+            ring = self.vrings[index]
+            if self.open and ring.reported_live and ring.enabled:
+                self._poll(ring)
 
     # ====================================================== backend channel
 

@@ -245,6 +245,22 @@ class LibRing:
                 return False
         return not self._lib.vu_queue_empty(self._conn.dev_ref, self._vq)
 
+    def set_kicks(self, on: bool) -> None:
+        """Ask the driver for kicks (on), or tell it they are not needed while
+        the binding polls the ring. The library's vu_queue_set_notification
+        does both without EVENT_IDX (the used ring's NO_NOTIFY flag); with
+        it, turning them off only stops the library's pops from moving
+        avail_event, and the driver would still kick once past its last
+        value, so the binding moves it 32K buffers ahead, as the pure engine
+        does. Turning them on sets avail_event to the avail index (the
+        library's barrier follows); the caller then looks at the ring once
+        more."""
+        vq = self.vq
+        self._lib.vu_queue_set_notification(self._conn.dev_ref, self._vq, int(on))
+        if not on and self._conn.event_idx and vq.vring.used:
+            U16.pack_into((ctypes.c_char * 2).from_address(vq.vring.used + 4 + 8 * int(vq.vring.num)), 0,
+                          (int(vq.last_avail_idx) + 0x7FFF) & 0xFFFF)
+
     def push(self, head: int, written: int) -> None:
         ptr = self._elements.pop(head, None)
         if ptr is None:
