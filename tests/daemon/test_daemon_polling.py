@@ -18,7 +18,7 @@ import pytest
 
 from protocol.balloon import Feature, QueueRole
 from tests.daemon.conftest import ENGINES
-from tests.daemon.harness import assert_no_guest_errors
+from tests.daemon.harness import assert_no_guest_errors, worker
 
 POLL_SECONDS = 0.1
 
@@ -77,3 +77,37 @@ def test_stats_ring_is_not_polled_with_the_balloon_rings(daemon, connect):
     kicks = stats.kicks
     fe.answer_stats()
     assert stats.kicks == kicks + 1
+
+
+def test_a_request_that_comes_with_a_kick_leaves_the_daemon_serving(daemon, connect):
+    """A kick and a request that wake the daemon together: the kick's poll
+    reads and serves the request too, and the event loop's own callback
+    for the socket, run after it in the same pass, finds nothing to read.
+    It must not wait for a message there (libvhost-user's socket is
+    blocking): the daemon would hear nothing more until the frontend's next
+    request, and a guest waiting for its buffer sends none. The kick comes
+    first (the order that leaves the socket's callback stale); each round
+    then checks that a buffer with a kick alone is still served."""
+    fe = connect()
+    first = fe.first_free_pfn
+    inflate = fe.queue(QueueRole.INFLATE)
+    pid = worker(daemon, "vm0")["pid"]
+    plain_kick = inflate.kick
+
+    def kick_then_request(force: bool = False) -> bool:
+        kicked = plain_kick(force)
+        fe.set_actual(0)  # QEMU's config write: read by the kick's poll, acknowledged
+        return kicked
+
+    for i in range(10):
+        time.sleep(POLL_SECONDS * 2)  # the window is over: the kick wakes the daemon
+        inflate.kick = kick_then_request  # type: ignore[method-assign]
+        try:
+            fe.inflate([first + 2 * i], timeout=5)
+        finally:
+            inflate.kick = plain_kick  # type: ignore[method-assign]
+        time.sleep(POLL_SECONDS * 2)
+        fe.inflate([first + 2 * i + 1], timeout=3)  # a kick alone
+    assert daemon.api.pfn_set("vm0") == set(range(first, first + 20))
+    assert worker(daemon, "vm0")["pid"] == pid and worker(daemon, "vm0")["restarts"] == 0
+    assert_no_guest_errors(daemon, "vm0")

@@ -149,6 +149,8 @@ class LibvhostUserConnection(PollingConnection):
         #: The binding's own handle on the socket, for _read_msg (the library
         #: closes its fd at vu_deinit).
         self._reader = socket.socket(fileno=os.dup(self._sock_fd))
+        self._request_poller = select.poll()
+        self._request_poller.register(self._sock_fd, select.POLLIN)
         self.dev = abi.VuDev()
         self.dev_ref = ctypes.pointer(self.dev)
         # ctypes callbacks must outlive every call the library makes.
@@ -254,6 +256,11 @@ class LibvhostUserConnection(PollingConnection):
 
     def _readable(self) -> None:
         if self.close_reason is not None:
+            return
+        if not self._request_poller.poll(0):
+            # The socket is blocking (the library reads whole messages): a
+            # poll loop run by an earlier callback of the same event-loop
+            # pass may have read the message this callback was for.
             return
         served = self.messages
         self._request_starts()
