@@ -23,7 +23,7 @@ driver, interleaved A C B A C B, and on each:
   3. deflates, then times inflating to --target-mib and deflating back to 0,
      --to-target-repeats times (config `actual`: our API's actual_bytes
      from the daemon's last report, QEMU's query-balloon, read every
-     20 ms); the summary's times are
+     20 ms); each round's line shows every change, the summary's times are
      medians over every change timed.
 
 For balloond it also reads the daemon's CPU time over the whole run
@@ -144,6 +144,13 @@ def compaction(vm: Vm, set_balloon: Callable[[int], None], reached: Callable[[in
     guest_s = max(end - start, 0.01)
     return {"migrations": migrations, "compact_s": seconds, "migrations_per_s": migrations / seconds,
             "guest_compact_s": guest_s, "guest_migrations_per_s": migrations / guest_s}
+
+
+def changes(seconds: list[float]) -> str:
+    """Every change of a round, in order: a single deflate takes one of two
+    quite different times on either device, and a median of nine hides
+    which mode a run was in."""
+    return " ".join(f"{x:.2f}" for x in seconds)
 
 
 def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
@@ -305,8 +312,8 @@ def main() -> int:
                               f"{r['guest_ext_arrivals']} arrivals; fallback pairs {r['guest_fallback_pairs']})")
                 print(f"round {i + 1}/{args.rounds} {name:8}: {r['migrations']:6d} migrations in "
                       f"{r['compact_s']:6.2f}s = {r['migrations_per_s']:7.0f}/s  (in the guest {r['guest_compact_s']:.3f}s = "
-                      f"{r['guest_migrations_per_s']:.0f}/s)  inflate {r['inflate_s']:6.2f}s  "
-                      f"deflate {r['deflate_s']:6.2f}s{extra}", flush=True)
+                      f"{r['guest_migrations_per_s']:.0f}/s)  inflate {changes(r['inflate_all'])}s  "
+                      f"deflate {changes(r['deflate_all'])}s{extra}", flush=True)
 
     def med(rows: list[dict[str, Any]], key: str) -> float:
         """Median over rounds; for times to target, over every change timed."""
