@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
-from benchmarks.roundtrips import cpu_seconds, poll  # noqa: E402
+from benchmarks.roundtrips import cpu_seconds, each_change, poll  # noqa: E402
 from benchmarks.same_work import BALLOOND_ARGS, GUEST_CMDLINE, balloond_at  # noqa: E402
 
 MIB = 1 << 20
@@ -130,8 +130,8 @@ def main() -> int:
                     results[name].setdefault(key, []).extend(values)
                 cpu = "" if name == "qemu" else f"  daemon CPU {statistics.median(r['cpu_per_gib']):.3f} s/GiB"
                 print(f"round {i + 1}/{args.rounds} {name:14}: inflate "
-                      + " ".join(f"{x:.2f}" for x in r["inflate_s"]) + " s  deflate "
-                      + " ".join(f"{x:.2f}" for x in r["deflate_s"]) + " s  freed "
+                      + each_change(r["inflate_s"]) + " s  deflate "
+                      + each_change(r["deflate_s"]) + " s  freed "
                       + " ".join(f"{x / MIB:.0f}" for x in r["freed"]) + f" MiB{cpu}", flush=True)
 
     def med(name: str, key: str) -> float:

@@ -146,7 +146,7 @@ def compaction(vm: Vm, set_balloon: Callable[[int], None], reached: Callable[[in
             "guest_compact_s": guest_s, "guest_migrations_per_s": migrations / guest_s}
 
 
-def changes(seconds: list[float]) -> str:
+def each_change(seconds: list[float]) -> str:
     """Every change of a round, in order: a single deflate takes one of two
     quite different times on either device, and a median of nine hides
     which mode a run was in."""
@@ -312,8 +312,8 @@ def main() -> int:
                               f"{r['guest_ext_arrivals']} arrivals; fallback pairs {r['guest_fallback_pairs']})")
                 print(f"round {i + 1}/{args.rounds} {name:8}: {r['migrations']:6d} migrations in "
                       f"{r['compact_s']:6.2f}s = {r['migrations_per_s']:7.0f}/s  (in the guest {r['guest_compact_s']:.3f}s = "
-                      f"{r['guest_migrations_per_s']:.0f}/s)  inflate {changes(r['inflate_all'])}s  "
-                      f"deflate {changes(r['deflate_all'])}s{extra}", flush=True)
+                      f"{r['guest_migrations_per_s']:.0f}/s)  inflate {each_change(r['inflate_all'])}s  "
+                      f"deflate {each_change(r['deflate_all'])}s{extra}", flush=True)
 
     def med(rows: list[dict[str, Any]], key: str) -> float:
         """Median over rounds; for times to target, over every change timed."""
