@@ -8,7 +8,8 @@ has the target too), the QMP link and its discard guard (whose verdict is
 forwarded). It never maps guest memory.
 
 Restarts: a worker that dies (any signal, any exit) or goes silent for
-`timeout` seconds (then SIGKILLed) is logged with how it ended and started
+`timeout` seconds of the supervisor's own running time (then SIGKILLed;
+heartbeat.py) is logged with how it ended and started
 again after a delay that doubles from 0.1 s to 10 s, back to 0.1 s once a
 worker has served for 60 s. Only that VM is concerned.
 
@@ -53,6 +54,7 @@ from .channel import (
     encode,
     read_frame,
 )
+from .heartbeat import Heartbeat
 from .process import WorkerSpec, worker_main
 
 FIRST_DELAY = 0.1
@@ -233,28 +235,39 @@ class WorkerVm:
         return reason or describe_exit(code)
 
     async def _read(self, reader: asyncio.StreamReader) -> str | None:
-        """Take the worker's messages; return why it must be killed, or None at its end of stream."""
+        """Take the worker's messages; return why it must be killed, or None
+        at its end of stream. Hung is judged by `Heartbeat` (heartbeat.py):
+        only silence the supervisor was running to hear counts."""
         self._last_report = b""  # a new worker: its first report is taken whatever it says
         self._adoptions = 0
+        loop = asyncio.get_running_loop()
+        heartbeat = Heartbeat(loop, self.timeout, on_away=self._was_away)
+        taking = asyncio.ensure_future(self._take(reader, heartbeat))
         try:
-            async with asyncio.timeout(None) as deadline:  # one timer moved per message, not a task made
-                return await self._take(reader, deadline)
-        except TimeoutError:
+            await asyncio.wait((taking, heartbeat.hung), return_when=asyncio.FIRST_COMPLETED)
+            if taking.done():
+                return taking.result()
             return f"no heartbeat for {self.timeout:.1f} s"
+        finally:
+            heartbeat.close()
+            taking.cancel()
 
-    async def _take(self, reader: asyncio.StreamReader, deadline: asyncio.Timeout) -> str | None:
+    def _was_away(self, late: float) -> None:
+        self.log.warning("the supervisor did not run at the worker's heartbeat deadline; "
+                         "the worker gets another full timeout", late_s=round(late, 3), worker=self.pid)
+
+    async def _take(self, reader: asyncio.StreamReader, heartbeat: Heartbeat) -> str | None:
         """_read's loop. A report whose bytes equal the last one's (an idle
         worker's heartbeat) is not decoded again: with 64 workers, decoding
         was a tenth of the supervisor's time under load."""
-        loop = asyncio.get_running_loop()
         while True:
-            deadline.reschedule(loop.time() + self.timeout)
             try:
                 body = await read_frame(reader)
             except ChannelError as exc:
                 return f"malformed message: {exc}"
             except OSError:  # ECONNRESET: it died with our messages unread; its exit says how
                 return None
+            heartbeat.beat()
             if body is None:
                 return None
             if body == self._last_report:

@@ -2,7 +2,8 @@
 a memfd shrunk under its mapping) or hangs (SIGSTOP) is restarted, and only
 that VM notices; the API stays responsive and the other VM carries on. With
 --state-dir the restarted worker restores the balloon for the same frontend
-reconnecting (as QEMU's reconnect-ms does). `--vm-isolation none` still
+reconnecting (as QEMU's reconnect-ms does). A supervisor that was itself
+stopped past the timeout kills no worker. `--vm-isolation none` still
 serves every VM from the one process."""
 
 from __future__ import annotations
@@ -137,6 +138,37 @@ def test_b_a_hung_worker_is_killed_and_restarted(workers):
         fe.start()
         fe.inflate([fe.first_free_pfn])
         d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == PAGE)
+
+
+@pytest.mark.parametrize("stopped", ["supervisor", "supervisor-and-workers"])
+def test_b_a_supervisor_stopped_past_the_timeout_keeps_its_workers(workers, stopped):
+    """The supervisor (alone, or with its workers, as on a suspended or
+    paused host) does not run for three timeouts. When it runs again it has
+    heard nothing, but not because a worker hung: every worker lives on, and
+    a frontend connected before is served on the same connection."""
+    d = workers
+    with TestFrontend(d.sockets["vm0"]) as fe:
+        fe.start()
+        fe.inflate([fe.first_free_pfn])
+        d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == PAGE)
+        before = {vm: worker(d, vm) for vm in ("vm0", "vm1")}
+        since = d.log_size()
+        assert d.proc is not None
+        pids = [d.proc.pid] + ([w["pid"] for w in before.values()] if stopped != "supervisor" else [])
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(3 * TIMEOUT)
+        finally:
+            for pid in reversed(pids):
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(2 * TIMEOUT)  # a worker wrongly judged would be restarted by now
+        assert {vm: worker(d, vm) for vm in ("vm0", "vm1")} == before
+        fe.inflate([fe.first_free_pfn + 1])  # the same connection, the same worker
+        d.wait_vm("vm0", lambda s: s["ballooned_bytes"] == 2 * PAGE)
+    aways = [r for r in d.log_records(since) if r.get("event", "").startswith("the supervisor did not run")]
+    assert {r["vm"] for r in aways} == {"vm0", "vm1"} and all(r["late_s"] > 0.5 for r in aways)
+    assert not any(r.get("event") == "worker ended; starting another" for r in d.log_records(since))
 
 
 def test_c_sigbus_from_a_shrunk_memfd_kills_only_that_worker(workers):

@@ -49,11 +49,11 @@ class FakeWorker:
         self.writer.write(encode(Status(ServingStatus(guest_ram_bytes=64 * MIB, **serving), request_id, applied)))
 
 
-async def running_vm(sent_before_start: int = 0) -> tuple[WorkerVm, FakeWorker, asyncio.Task]:
+async def running_vm(sent_before_start: int = 0, timeout: float = 5.0) -> tuple[WorkerVm, FakeWorker, asyncio.Task]:
     spec = WorkerSpec(name="vm0", socket="/nonexistent", settings=DeviceSettings(), poll_seconds=0.0,
                       state_dir=None, target_pages=None, discard_inhibit=None, log_format="text",
                       log_level="warning")
-    vm = WorkerVm(spec, socket.socket(socket.AF_UNIX), context=None)  # type: ignore[arg-type]
+    vm = WorkerVm(spec, socket.socket(socket.AF_UNIX), context=None, timeout=timeout)  # type: ignore[arg-type]
     for _ in range(sent_before_start):  # no worker yet: each goes into the next worker's spec
         vm.set_stats_interval(2)
     assert vm.sent == sent_before_start
@@ -213,8 +213,7 @@ def test_a_report_repeated_is_a_heartbeat_not_decoded_again(monkeypatch):
     monkeypatch.setattr(supervisor, "decode", lambda body, allowed: decoded.append(body) or real(body, allowed))
 
     async def go():
-        vm, worker, reading = await running_vm()
-        vm.timeout = 0.3
+        vm, worker, reading = await running_vm(timeout=0.3)
         assert len(decoded) == 1  # running_vm's first report
         decoded.clear()
         for _ in range(8):  # 0.8 s of the same report: alive all along
