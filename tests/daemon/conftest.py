@@ -134,7 +134,13 @@ def daemon_health(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if not proc.alive:
         pytest.fail(f"balloond died:\n{proc.log_tail()}")
-    bugs = bug_records(proc.log_records(start))
+    records = proc.log_records(start)
+    # Some tests end workers on purpose; for one that fails, a worker that
+    # ended is often the reason (its frontend then waits for nothing).
+    for r in records:
+        if r.get("event") == "worker ended; starting another":
+            print(f"during this test vm {r.get('vm')}'s worker ended: {r.get('reason')} ({r.get('timestamp')})")
+    bugs = bug_records(records)
     if bugs:
         pytest.fail(f"balloond logged {len(bugs)} internal error(s); first: {bugs[0]}")
 
