@@ -397,6 +397,9 @@ class DriverQueue:
         #: Linux driver would sleep for ever on such a queue.
         self.strict_interrupts = True
         self.kicks = 0
+        #: Used elements whose head the driver had not made available (or
+        #: already had back): a device bug, or a test's own raw chains.
+        self.unknown_used = 0
         self.rekicks = 0
         self.missed_interrupts = 0
         self.glitches = 0  # impossible used indices read (and read again)
@@ -512,6 +515,17 @@ class DriverQueue:
     def in_flight(self) -> int:
         return len(self._chains)
 
+    def ring_state(self) -> str:
+        """Both sides' indexes as the shared memory holds them now: what a
+        test that waited in vain reports, to tell a lost kick (buffers
+        waiting, the device asking for a kick at an index already passed)
+        from a device that is gone."""
+        asked = (f"avail_event {self.read_avail_event()}" if self.event_idx
+                 else f"used flags {wire.read_u16(self.used, wire.RING_FLAGS):#x}")
+        return (f"avail idx {self.read_avail_idx()}, used idx {self.read_used_idx()}, last used {self.last_used}, "
+                f"{asked}, last kick check at {self._kicked_at}, in flight {self.in_flight()}, kicks {self.kicks}, "
+                f"used heads not in flight {self.unknown_used}, misread indexes {self.glitches}")
+
     # ----------------------------------------------------------- kicking
 
     def kick_needed(self) -> bool:
@@ -575,6 +589,7 @@ class DriverQueue:
             self.last_used = (self.last_used + 1) & 0xFFFF
             chain = self._chains.pop(head, None)
             if chain is None:
+                self.unknown_used += 1
                 out.append(Used(head, length, None))
                 continue
             indices, slot, token = chain
@@ -605,7 +620,8 @@ class DriverQueue:
                 break
             now = time.monotonic()
             if now >= deadline or self.call_fd is None:
-                raise TimeoutError(f"queue {self.index}: {len(got)} of {count} chains used after {timeout:.1f}s")
+                raise TimeoutError(f"queue {self.index}: {len(got)} of {count} chains used after {timeout:.1f}s "
+                                   f"({self.ring_state()})")
             slice_end = deadline
             if self.rekick_after is not None:
                 slice_end = min(slice_end, last_progress + self.rekick_after)
@@ -1256,23 +1272,26 @@ class TestFrontend:
         # collection, and counting them would end the wait too early or never.
         outstanding: set[int] = set()
         buffers = 0
-        for start in range(0, len(arr), per_buffer):
-            while not free:
+        try:
+            for start in range(0, len(arr), per_buffer):
+                while not free:
+                    for used in q.wait(1, timeout):
+                        if used.token in outstanding:
+                            free.append(used.token)
+                            outstanding.discard(used.token)
+                slot = free.pop()
+                chunk = raw[start * 4 : (start + per_buffer) * 4]
+                off = self.ram.offset(slot, len(chunk))
+                mem[off : off + len(chunk)] = chunk
+                q.put_avail(q.add([(slot, len(chunk), False)], slot))
+                q.kick()
+                outstanding.add(slot)
+                buffers += 1
+            while outstanding:
                 for used in q.wait(1, timeout):
-                    if used.token in outstanding:
-                        free.append(used.token)
-                        outstanding.discard(used.token)
-            slot = free.pop()
-            chunk = raw[start * 4 : (start + per_buffer) * 4]
-            off = self.ram.offset(slot, len(chunk))
-            mem[off : off + len(chunk)] = chunk
-            q.put_avail(q.add([(slot, len(chunk), False)], slot))
-            q.kick()
-            outstanding.add(slot)
-            buffers += 1
-        while outstanding:
-            for used in q.wait(1, timeout):
-                outstanding.discard(used.token)
+                    outstanding.discard(used.token)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; this call: {buffers} buffers sent, {len(outstanding)} not back") from None
         return buffers
 
     def inflate(
