@@ -55,6 +55,9 @@ class EngineCounters:
     #: NEED_REPLY). QEMU waits for each such answer holding its big lock;
     #: with config-cache=on its config writes do not ask (qemu-patches/0005).
     acks_requested: int = 0
+    #: Rings found with buffers waiting and no kick to wake the daemon,
+    #: served by its periodic look (engine/polling.py, LOST_KICK_CHECK_SECONDS).
+    lost_kicks: int = 0
 
 
 @dataclass

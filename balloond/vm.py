@@ -92,6 +92,7 @@ def compose_status(status: VmStatus, serving: ServingStatus, qmp: Any, guard: An
         status.counters["calls_skipped"] = serving.engine.calls_skipped
         status.counters["backend_full"] = serving.engine.backend_full
         status.counters["acks_requested"] = serving.engine.acks_requested
+        status.counters["lost_kicks"] = serving.engine.lost_kicks
     return status
 
 
@@ -370,6 +371,7 @@ class VirtualMachine:
             calls_skipped=sum(v.counters.calls_skipped for v in connection.vrings.values()),
             backend_full=connection.backend_full,
             acks_requested=connection.acks_requested,
+            lost_kicks=connection.lost_kicks,
         )
 
     def status(self) -> VmStatus:

@@ -74,6 +74,19 @@ TURNAROUND_MARGIN = 1.5
 #: its own is given up) and kicks go back on: the guest's next buffer wakes
 #: the daemon, as a sleeper.
 PREEMPTED_SECONDS = 0.0005
+#: How often (seconds) a connection looks for a buffer left waiting while
+#: it sleeps with the guest's kicks on. Every way out of a poll window turns
+#: kicks on and looks at the ring once more, so such a buffer means a kick
+#: was lost somewhere between the guest and this loop; the guest's driver
+#: would wait for it for ever, holding its balloon lock. A ring found with
+#: the same buffers waiting at two looks in a row (one look could meet a
+#: kick still on its way) is served then, counted (`lost_kicks`) and
+#: logged: a lost kick costs the guest at most two intervals, and the
+#: operator sees that it happened. Buffers the device leaves waiting on
+#: purpose (before it starts) are not taken: only a pass that served some
+#: counts. One timer per connection; an idle guest's rings are empty and
+#: the look is a few index reads.
+LOST_KICK_CHECK_SECONDS = 1.0
 
 
 class PollingConnection(FrontendConnection):
@@ -104,6 +117,10 @@ class PollingConnection(FrontendConnection):
         self._run_buffer_at = float("-inf")
         self._polling = False
         self._resuming: set[int] = set()  # rings with a _resume scheduled
+        #: Buffers found waiting on a sleeping ring with no kick to wake us (see LOST_KICK_CHECK_SECONDS).
+        self.lost_kicks = 0
+        self._waiting_at: dict[int, int] = {}  # ring -> last_avail when buffers were last seen waiting
+        self._lost_kick_timer = self._loop.call_later(LOST_KICK_CHECK_SECONDS, self._look_for_lost_kicks)
 
     def _poll_after_requests(self, served_before: int) -> None:
         """Requests were just read from the event loop: one in the middle of
@@ -264,6 +281,29 @@ class PollingConnection(FrontendConnection):
         if self._ring_pending(vring):
             self._set_kicks(vring, False)
             self._continue_later(vring)
+
+    def _look_for_lost_kicks(self) -> None:
+        """The periodic look of LOST_KICK_CHECK_SECONDS."""
+        if not self.open:
+            return
+        self._lost_kick_timer = self._loop.call_later(LOST_KICK_CHECK_SECONDS, self._look_for_lost_kicks)
+        waiting_at: dict[int, int] = {}
+        for index, ring in list(self.vrings.items()):
+            if not self.open:
+                return
+            if (self._polling or index in self._resuming or not ring.enabled
+                    or not self._ring_live(ring) or not self._ring_pending(ring)):
+                continue
+            position = ring.last_avail
+            if self._waiting_at.get(index) != position:
+                waiting_at[index] = position  # maybe a kick on its way: look again next time
+                continue
+            self._poll(ring)
+            if ring.last_avail != position:  # servable, so only a kick was missing
+                self.lost_kicks += 1
+                self.limited.warning("buffers waited without a kick; serving them", queue=index,
+                                     waited_s=2 * LOST_KICK_CHECK_SECONDS, lost_kicks=self.lost_kicks)
+        self._waiting_at = waiting_at
 
     def _continue_later(self, vring: Any) -> None:
         """Serve the ring again from the event loop, after everyone else."""

@@ -53,6 +53,8 @@ _DEVICE_COUNTERS = (
     "backend_full",
     # requests the frontend wanted acknowledged (REPLY_ACK)
     "acks_requested",
+    # buffers found waiting with no kick and served by the periodic look
+    "lost_kicks",
 )
 
 

@@ -111,3 +111,35 @@ def test_a_request_that_comes_with_a_kick_leaves_the_daemon_serving(daemon, conn
     assert daemon.api.pfn_set("vm0") == set(range(first, first + 20))
     assert worker(daemon, "vm0")["pid"] == pid and worker(daemon, "vm0")["restarts"] == 0
     assert_no_guest_errors(daemon, "vm0")
+
+
+@pytest.mark.lost_kick_expected
+def test_a_buffer_left_waiting_without_a_kick_is_served_and_counted(daemon, connect):
+    """The daemon sleeps with kicks asked for, and the driver's buffer comes
+    with no kick (lost somewhere on its way): the periodic look finds it
+    waiting twice in a row, serves it, counts it and says so, where
+    without the look the guest would wait for ever. A buffer kicked as it
+    should be is never counted."""
+    fe = connect()
+    first = fe.first_free_pfn
+    q = fe.queue(QueueRole.INFLATE)
+    fe.inflate([first])  # kicked
+    since = daemon.log_size()
+    time.sleep(POLL_SECONDS * 5)  # the window is over: the ring sleeps, kicks asked for
+    assert daemon.api.vm("vm0")["counters"]["lost_kicks"] == 0
+    used = q.read_used_idx()
+    slot = fe._pfn_slot_gpas(QueueRole.INFLATE)[0]
+    fe.ram.write(slot, (first + 1).to_bytes(4, "little"))
+    q.put_avail(q.add([(slot, 4, False)], slot))  # and no kick
+    start = time.monotonic()
+    daemon.wait_for(lambda: q.read_used_idx() != used, 5.0, "the buffer left without a kick to be served")
+    took = time.monotonic() - start
+    assert 0.9 <= took <= 3.0, f"served {took:.2f} s after it was made available"  # two looks, 1 s apart
+    q.get_used()
+    state = daemon.api.vm("vm0")
+    assert state["counters"]["lost_kicks"] == 1
+    assert daemon.api.pfn_set("vm0") == {first, first + 1}
+    assert any(r.get("event") == "buffers waited without a kick; serving them" and r.get("queue") == 0
+               for r in daemon.log_records(since))
+    fe.inflate([first + 2])  # kicked again as asked: served at once, not counted
+    assert daemon.api.vm("vm0")["counters"]["lost_kicks"] == 1
