@@ -120,7 +120,7 @@ class PollingConnection(FrontendConnection):
         #: Buffers found waiting on a sleeping ring with no kick to wake us (see LOST_KICK_CHECK_SECONDS).
         self.lost_kicks = 0
         self._waiting_at: dict[int, int] = {}  # ring -> last_avail when buffers were last seen waiting
-        self._lost_kick_timer = self._loop.call_later(LOST_KICK_CHECK_SECONDS, self._look_for_lost_kicks)
+        self._loop.call_later(LOST_KICK_CHECK_SECONDS, self._look_for_lost_kicks)  # stops once closed
 
     def _poll_after_requests(self, served_before: int) -> None:
         """Requests were just read from the event loop: one in the middle of
@@ -286,12 +286,12 @@ class PollingConnection(FrontendConnection):
         """The periodic look of LOST_KICK_CHECK_SECONDS."""
         if not self.open:
             return
-        self._lost_kick_timer = self._loop.call_later(LOST_KICK_CHECK_SECONDS, self._look_for_lost_kicks)
+        self._loop.call_later(LOST_KICK_CHECK_SECONDS, self._look_for_lost_kicks)  # stops once closed
         waiting_at: dict[int, int] = {}
         for index, ring in list(self.vrings.items()):
             if not self.open:
                 return
-            if (self._polling or index in self._resuming or not ring.enabled
+            if (index in self._resuming or not ring.enabled
                     or not self._ring_live(ring) or not self._ring_pending(ring)):
                 continue
             position = ring.last_avail
