@@ -90,7 +90,12 @@ MUTANTS: tuple[Mutant, ...] = (
         "balloond/engine/polling.py",
         "        self._set_kicks(vring, True)\n        if self._ring_pending(vring):",
         "        pass  # mutant: kicks stay off after polling\n        if self._ring_pending(vring):",
-        (DAEMON_BALLOON,),
+        # The lost-kick look serves the unkicked buffers a second or two
+        # late, so traffic tests pass, slowly; what tells is the order of
+        # steps before sleeping, and the look counting a buffer the driver
+        # did not kick because it was never asked to.
+        ("tests/unit/test_engine_sleep.py",
+         "tests/daemon/test_daemon_polling.py::test_a_buffer_left_waiting_without_a_kick_is_served_and_counted"),
         "after polling, the device never asks the guest to kick again",
     ),
     Mutant(
