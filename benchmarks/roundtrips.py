@@ -9,7 +9,8 @@ balloond offering only what the built-in device offers by default, and the
 guest booted as `same_work` says) with (A) balloond and
 the stock driver, (C) balloond and our driver (guest-driver/, loaded with
 its migrate extension and split migrations: a compaction batch's departing
-pages in one buffer, their destinations told later, many per buffer; left
+pages in one buffer, their destinations told later, many per buffer; and
+with the extension, inflate and deflate buffers of 1024 PFNs; left
 out with --no-our-driver) and (B) QEMU's `virtio-balloon-pci` with the stock
 driver, interleaved A C B A C B, and on each:
 

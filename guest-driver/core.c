@@ -96,7 +96,7 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 	struct page *page, *tmp;
 	unsigned int n = 0;
 
-	want = min_t(unsigned int, want, BD_PFNS_PER_BATCH);
+	want = min_t(unsigned int, want, vb->batch);
 	if (!bd_alloc_batch(vb, want, &fresh, balloon_page_alloc))
 		return 0;
 
@@ -140,7 +140,7 @@ unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 	size_t got;
 
 	mutex_lock(&vb->balloon_lock);
-	want = min3(want, (unsigned int)BD_PFNS_PER_BATCH, vb->num_pages);
+	want = min3(want, vb->batch, vb->num_pages);
 
 	/* Rules i and ii: the core takes the pages off the list and clears
 	 * page->private under balloon_pages_lock; it also counts
@@ -289,7 +289,7 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 	struct page *page, *tmp;
 	unsigned int n = 0;
 
-	want = min_t(unsigned int, want, BD_PFNS_PER_BATCH);
+	want = min_t(unsigned int, want, vb->batch);
 	if (!bd_alloc_batch(vb, want, &fresh, balloon_page_alloc))
 		return 0;
 
@@ -317,7 +317,7 @@ unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 	size_t got;
 
 	mutex_lock(&vb->balloon_lock);
-	want = min3(want, (unsigned int)BD_PFNS_PER_BATCH, vb->num_pages);
+	want = min3(want, vb->batch, vb->num_pages);
 
 	/* Takes pages off the list and finalizes them; counts
 	 * BALLOON_DEFLATE itself.  Isolated pages are not on the list. */

@@ -145,6 +145,7 @@ static int bd_stats_show(struct seq_file *m, void *unused)
 #endif
 	seq_printf(m, "ext_negotiated: %s\n", vb->use_ext ? "yes" : "no");
 	seq_printf(m, "ext_split: %s\n", vb->use_split ? "yes" : "no");
+	seq_printf(m, "batch: %u\n", vb->batch);
 	seq_printf(m, "stats_vq: %s\n", vb->stats_vq ? "yes" : "no");
 	seq_printf(m, "deflate_on_oom: %s\n", vb->deflate_on_oom ? "yes" : "no");
 	seq_printf(m, "must_tell_host: %s\n", vb->must_tell_host ? "yes" : "no");

@@ -245,10 +245,10 @@ static void bd_size_work_fn(struct work_struct *work)
 		return;
 
 	if (target > cur) {
-		want = min_t(u32, target - cur, BD_PFNS_PER_BATCH);
+		want = min_t(u32, target - cur, vb->batch);
 		done = bd_inflate(vb, want);
 	} else {
-		want = min_t(u32, cur - target, BD_PFNS_PER_BATCH);
+		want = min_t(u32, cur - target, vb->batch);
 		done = bd_deflate(vb, want);
 	}
 	bd_queue_size_work(vb, done < want ? HZ / 5 : 0);
@@ -521,6 +521,7 @@ static int bd_probe(struct virtio_device *vdev)
 	vdev->priv = vb;
 	vb->vdev = vdev;
 	vb->use_ext = virtio_has_feature(vdev, BALLOOND_F_MIGRATE_VQ);
+	vb->batch = vb->use_ext ? BALLOOND_PFNS_PER_BUFFER : BD_PFNS_STOCK;
 	vb->use_split = vb->use_ext &&
 		virtio_has_feature(vdev, BALLOOND_F_MIGRATE_SPLIT);
 	vb->deflate_on_oom =

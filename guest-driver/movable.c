@@ -344,7 +344,7 @@ unsigned int bd_inflate(struct balloond *vb, unsigned int want)
 	struct page *page, *tmp;
 	unsigned int n = 0;
 
-	want = min_t(unsigned int, want, BD_PFNS_PER_BATCH);
+	want = min_t(unsigned int, want, vb->batch);
 	if (!bd_alloc_batch(vb, want, &fresh, bd_alloc_page))
 		return 0;
 
@@ -380,7 +380,7 @@ unsigned int bd_deflate(struct balloond *vb, unsigned int want)
 	/* Only known pages are taken below; pending arrivals become known
 	 * (and their frames the host's) first, so nothing is left behind. */
 	bd_flush_arrivals(vb);
-	want = min3(want, (unsigned int)BD_PFNS_PER_BATCH, vb->num_pages);
+	want = min3(want, vb->batch, vb->num_pages);
 
 	spin_lock(&vb->pages_lock);
 	list_for_each_entry_safe(page, tmp, &vb->pages, lru) {

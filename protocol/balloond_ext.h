@@ -7,7 +7,8 @@
  * the new page followed by a deflate of the old one, two synchronous round
  * trips, and the host cannot tell a migration from two unrelated requests.
  * This extension adds one device-specific feature bit and one virtqueue that
- * carries migrations as single {old, new} records, batched.
+ * carries migrations as single {old, new} records, batched; a device that
+ * offers it also takes larger inflate and deflate buffers (below).
  *
  * This header is the one definition of the wire format; protocol/extension.py
  * mirrors it and tests/unit/test_extension_header.py keeps the two in agreement.
@@ -69,5 +70,16 @@ struct balloond_migration {
 
 /* The most records a driver puts in one buffer (one 4 KiB page of records). */
 #define BALLOOND_MIGRATIONS_PER_BUFFER	256
+
+/*
+ * Larger inflate and deflate buffers.  A device that offers
+ * BALLOOND_F_MIGRATE_VQ also accepts, on the standard inflate and deflate
+ * queues, buffers of up to this many PFNs (one 4 KiB page of __le32).
+ * Linux's own driver sends at most 256 and waits for each buffer, so a
+ * balloon change costs one round trip per MiB; a driver that negotiated
+ * the extension may send four times as many per buffer and wait a quarter
+ * as often.  Nothing else about the queues changes.
+ */
+#define BALLOOND_PFNS_PER_BUFFER	1024
 
 #endif /* BALLOOND_EXT_H */

@@ -56,12 +56,13 @@ from .migration_state import MigrationState
 from .releaser import MemoryReleaser, releasable_region
 from .tracker import PfnTracker
 
-#: Largest inflate/deflate/stats/migrate buffer accepted (Linux uses 1 KiB
-#: for PFNs; a full migrate buffer is 4 KiB); a larger one is a guest error.
-#: It bounds the work one kick can ask of the daemon, which serves every VM
-#: from one thread: at 64 KiB a 128-entry queue of maximal buffers took 5 s
-#: of Python per kick (found by fuzzing).
-MAX_BUFFER_BYTES = 4 * 1024
+#: Largest inflate/deflate/stats/migrate buffer accepted; a larger one is a
+#: guest error. Linux's own driver sends 1 KiB of PFNs; the extension lets a
+#: driver send 4 KiB of them (`ext.PFNS_PER_BUFFER`), and a full migrate
+#: buffer is 4 KiB too. It bounds the work one kick can ask of the VM's
+#: worker: at 64 KiB a 128-entry queue of maximal buffers took 5 s of Python
+#: per kick (found by fuzzing).
+MAX_BUFFER_BYTES = max(ext.PFNS_PER_BUFFER * 4, ext.MIGRATIONS_PER_BUFFER * ext.MIGRATION_SIZE)
 
 #: Queues whose buffers move frames into or out of the balloon: the ones the
 #: journal follows, and the ones a driver uses one buffer after the other,

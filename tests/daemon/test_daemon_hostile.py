@@ -431,6 +431,33 @@ def test_indirect_abuse(daemon, victim):
     assert fe.first_free_pfn + 400 in daemon.api.pfn_set("vm0")
 
 
+def test_a_buffer_the_extension_allows_is_taken_whole_and_a_larger_one_refused(daemon, victim):
+    """A driver that negotiated the extension may send ext.PFNS_PER_BUFFER
+    frames in one inflate buffer (balloond_ext.h), four times Linux's 256:
+    such a buffer is taken whole. One frame more is refused whole, as any
+    buffer over the limit: a cut-off prefix could pass for a valid buffer."""
+    fe = victim
+    frames = list(range(fe.first_free_pfn + 2000, fe.first_free_pfn + 2000 + ext.PFNS_PER_BUFFER + 1))
+    assert frames[-1] < fe.sentinel[0]
+    buf, rest = fe.aux_gpa(QueueRole.INFLATE), fe.aux_gpa(QueueRole.DEFLATE)
+    assert ext.PFNS_PER_BUFFER * 4 == PAGE  # one page of the frontend's memory holds it
+    fe.ram.write(buf, struct.pack(f"<{ext.PFNS_PER_BUFFER}I", *frames[:-1]))
+    fe.ram.write(rest, struct.pack("<I", frames[-1]))
+    errors = counters(daemon)["guest_errors"]
+
+    head = raw_chain(fe, QueueRole.INFLATE, [(buf, PAGE, VRING_DESC_F_NEXT, 1), (rest, 4, 0, 0)])
+    wait_errors(daemon, errors + 1)
+    assert returned(fe, QueueRole.INFLATE, head) is not None
+    assert daemon.api.pfn_set("vm0") == set(fe.ballooned)
+
+    head = raw_chain(fe, QueueRole.INFLATE, [(buf, PAGE, 0, 0)])
+    assert returned(fe, QueueRole.INFLATE, head) is not None
+    assert daemon.api.pfn_set("vm0") == set(fe.ballooned) | set(frames[:-1])
+    assert counters(daemon)["guest_errors"] == errors + 1
+    fe.deflate(frames[:-1])
+    assert daemon.api.pfn_set("vm0") == set(fe.ballooned)
+
+
 def test_indirect_without_the_feature(daemon, connect, bystander):
     fe = connect(start=False)
     fe.start(fe.choose_features(drop=[Feature.RING_INDIRECT_DESC]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from tests.daemon.test_daemon_hostile import (  # noqa: F401  (collected here on the other engine)
     bystander,
+    test_a_buffer_the_extension_allows_is_taken_whole_and_a_larger_one_refused,
     test_avail_index_jump_then_recovery,
     test_descriptor_outside_ram,
     test_disable_enable_without_get_vring_base,

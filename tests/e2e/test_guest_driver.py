@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from harness import VhostUserBalloon, find_kernel
+from protocol import extension as wire
 from harness.daemon import DaemonProcess
 from harness.scenarios import settle_percpu_lists
 from tests.e2e.conftest import ENGINES, KERNEL_SERIES
@@ -115,12 +116,21 @@ def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, 
           "while ! grep -q READY /tmp/frag.log; do sleep 0.2; done", timeout=300)
     resident_before = vm.memfd_allocated_bytes()
     balloon = 96 * MIB
+    buffers_before = daemon.api.vm("guest")["counters"]["inflate_buffers"]
     daemon.api.set_target("guest", balloon)
     wait_for("the balloon to reach its target",
              lambda: (v := daemon.api.vm("guest"))["actual_bytes"] == balloon and v["ballooned_bytes"] == balloon)
     wait_for("pending discards", lambda: daemon.api.vm("guest")["pending_discard_bytes"] == 0, 10)
     freed_by_inflate = resident_before - vm.memfd_allocated_bytes()
     assert freed_by_inflate >= 0.95 * balloon
+    # With the extension the driver fills buffers of wire.PFNS_PER_BUFFER
+    # frames, without it the stock 256: more than 256 frames per buffer on
+    # average is only possible with the larger ones.
+    batch = wire.PFNS_PER_BUFFER if ext else 256
+    assert int(guest_stats(vm)["batch"]) == batch
+    buffers = daemon.api.vm("guest")["counters"]["inflate_buffers"] - buffers_before
+    per_buffer = balloon // 4096 / buffers
+    assert (per_buffer > 256) == ext and per_buffer <= batch, f"{buffers} inflate buffers for {balloon // 4096} frames"
 
     vm.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
     # The fragmenter's pages go to per-CPU free lists first, where
@@ -273,7 +283,7 @@ def test_reading_the_frames_never_waits_for_an_absent_host(make_vm, tmp_path, ke
                  lambda: vm.sh("cat /tmp/pfns.done 2>/dev/null; true").strip() == "0", 30)
         listed = int(vm.sh("wc -l < /tmp/pfns").strip())
         # The balloon's frames but, at most, the buffer in flight.
-        assert held - 256 <= listed <= held, f"listed {listed} frames of {held}"
+        assert held - wire.PFNS_PER_BUFFER <= listed <= held, f"listed {listed} frames of {held}"
         assert int(guest_stats(vm)["pages"]) == held, "the guest's balloon moved without the daemon"
         daemon.start()
         wait_for("the balloon to fill", lambda: daemon.api.vm("guest")["ballooned_bytes"] == target)

@@ -27,6 +27,7 @@ int main(void) {
     printf("PFN_RETURN=%llu\n", (unsigned long long)BALLOOND_PFN_RETURN);
     printf("PFN_SHIFT=%d\n", BALLOOND_PFN_SHIFT);
     printf("MIGRATIONS_PER_BUFFER=%d\n", BALLOOND_MIGRATIONS_PER_BUFFER);
+    printf("PFNS_PER_BUFFER=%d\n", BALLOOND_PFNS_PER_BUFFER);
     printf("MIGRATION_SIZE=%zu\n", sizeof(struct balloond_migration));
     printf("OFFSET_OLD_PFN=%zu\n", offsetof(struct balloond_migration, old_pfn));
     printf("OFFSET_NEW_PFN=%zu\n", offsetof(struct balloond_migration, new_pfn));
@@ -52,6 +53,7 @@ def test_constants_agree(c_values):
     assert c_values["F_MIGRATE_VQ"] == ext.F_MIGRATE_VQ == Feature.BALLOOND_MIGRATE_VQ
     assert c_values["PFN_SHIFT"] == ext.PFN_SHIFT == PFN_SHIFT
     assert c_values["MIGRATIONS_PER_BUFFER"] == ext.MIGRATIONS_PER_BUFFER
+    assert c_values["PFNS_PER_BUFFER"] == ext.PFNS_PER_BUFFER
     assert c_values["F_MIGRATE_SPLIT"] == ext.F_MIGRATE_SPLIT == Feature.BALLOOND_MIGRATE_SPLIT
     assert c_values["PFN_NONE"] == ext.PFN_NONE
     assert c_values["PFN_RETURN"] == ext.PFN_RETURN
