@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -317,6 +318,24 @@ def check_selection(mutant: Mutant) -> None:
             raise ValueError(f"{mutant.name}: select test files, not the folder {path}")
 
 
+def run_in_own_group(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run pytest in a process group of its own, and end the whole group
+    however the run ends: a run stopped at its timeout would otherwise
+    leave the daemons its tests started running, beside every later test."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.returncode is None:
+            proc.communicate()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def run_mutant(mutant: Mutant, *, timeout: float = 900.0, python: str = sys.executable,
                commit: str | None = None) -> Outcome:
     check_selection(mutant)
@@ -338,7 +357,7 @@ def run_mutant(mutant: Mutant, *, timeout: float = 900.0, python: str = sys.exec
                 "-o", "addopts=--strict-markers", *mutant.tests]
         start = time.monotonic()
         try:
-            proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = run_in_own_group(argv, cwd=root, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Outcome(mutant, False, -1, time.monotonic() - start, f"no verdict within {timeout:.0f}s")
         seconds = time.monotonic() - start

@@ -7,9 +7,24 @@ runs the tests named for it there, which must fail.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import threading
+import time
+
 import pytest
 
-from tests.mutation.mutants import MUTANTS, REPO, Mutant, check_applies, check_selection, failing_nodeid, run_mutant
+from tests.mutation.mutants import (
+    MUTANTS,
+    REPO,
+    Mutant,
+    check_applies,
+    check_selection,
+    failing_nodeid,
+    run_in_own_group,
+    run_mutant,
+)
 
 ids = [m.name for m in MUTANTS]
 
@@ -25,6 +40,45 @@ def test_failing_nodeid_keeps_spaces_of_parameter_ids() -> None:
     assert failing_nodeid(line) == "tests/unit/test_journal.py::test_drop[other5-rings5-inflate ring is at 0]"
     assert failing_nodeid("ERROR tests/x.py::test_y") == "tests/x.py::test_y"
     assert failing_nodeid("1 failed in 2.0s") is None
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_run_past_its_timeout_leaves_no_process_behind(tmp_path) -> None:
+    """A mutant's tests start daemons; a run stopped at its timeout must
+    not leave them running beside the tests that come after it."""
+    pidfile = tmp_path / "child"
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            run_in_own_group(["sh", "-c", f"sleep 3600 & echo $! > {pidfile}; wait"], cwd=tmp_path,
+                             env=dict(os.environ), timeout=1)
+            outcome.append("returned")
+        except subprocess.TimeoutExpired:
+            outcome.append("timed out")
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(10)  # a run that waited for its children would still be here
+    pid = int(pidfile.read_text())
+    try:
+        assert outcome == ["timed out"]
+        deadline = time.monotonic() + 5
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(pid), "the run's child outlived it"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    done = run_in_own_group(["sh", "-c", "echo out; exit 3"], cwd=tmp_path, env=dict(os.environ), timeout=5)
+    assert (done.returncode, done.stdout) == (3, "out\n")
 
 
 @pytest.mark.slow
