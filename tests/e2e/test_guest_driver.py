@@ -208,9 +208,14 @@ def test_deflating_and_unloading_while_compaction_moves_balloon_pages(make_vm, d
     wait_for("the balloon to reach its target",
              lambda: (v := daemon.api.vm("guest"))["actual_bytes"] == 96 * MIB and v["ballooned_bytes"] == 96 * MIB)
     before = daemon.api.vm("guest")["migrations"]
-    # holes for compaction to fill, then compaction without pause
+    # holes for compaction to fill, then compaction without pause; the holes
+    # must have left the per-CPU free lists first (see settle_percpu_lists:
+    # on 6.12 a compaction started at once may find none and move nothing)
     vm.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
+    settle_percpu_lists(vm)
     vm.sh("(while :; do echo 1 > /proc/sys/vm/compact_memory; done) > /dev/null 2>&1 & echo $! > /tmp/compact.pid")
+    wait_for("compaction to move balloon pages", lambda: int(guest_stats(vm)["migrated"]) > 0, 120)
+    moved_before_deflating = int(guest_stats(vm)["migrated"])
     # Small steps, so the deflates fall among the compaction's moves. While
     # compaction runs, the daemon's count may lag the guest's by the moves
     # not yet told (split migrations tell a move's destination late), so the
@@ -225,7 +230,8 @@ def test_deflating_and_unloading_while_compaction_moves_balloon_pages(make_vm, d
              lambda: daemon.api.vm("guest")["ballooned_bytes"] == 64 * MIB, 60)
     vm.sh("(while :; do echo 1 > /proc/sys/vm/compact_memory; done) > /dev/null 2>&1 & echo $! > /tmp/compact.pid")
     stats = guest_stats(vm)
-    assert int(stats["migrated"]) > 0, f"compaction moved no balloon page while deflating: {stats}"
+    assert int(stats["migrated"]) > moved_before_deflating, \
+        f"compaction moved no balloon page while deflating ({moved_before_deflating} before): {stats}"
     vm.sh(f"rmmod {MODULE}", timeout=300)
     wait_for("the daemon's set to empty", lambda: daemon.api.pfns("guest")["count"] == 0, 60)
     vm.sh("kill $(cat /tmp/compact.pid)")

@@ -38,6 +38,7 @@ import pytest
 from harness import VhostUserBalloon, Vm
 from harness.daemon import DaemonProcess
 from harness.ram_sampler import PeakAllocation
+from harness.scenarios import settle_percpu_lists
 from tests.e2e.conftest import ENGINES, assert_served_by
 from tests.e2e.waiting import MIB, wait_for
 
@@ -274,6 +275,7 @@ def test_balloon_page_moves_during_the_migration_are_not_lost(make_vm, daemon: D
     daemon.api.set_target("src", balloon_mib * MIB)
     wait_for("the source to reach its balloon", lambda: balloon_reached(daemon, "src", balloon_mib), 300)
     src.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
+    settle_percpu_lists(src)  # the holes off the per-CPU lists, where compaction can fill them
     src.sh("(while :; do echo 1 > /proc/sys/vm/compact_memory; sleep 0.05; done) > /dev/null 2>&1 & "
            "echo $! > /tmp/compact.pid")
 
