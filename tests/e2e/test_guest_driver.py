@@ -38,6 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE = "balloond_balloon"
 
 
+#: PFNs per inflate/deflate buffer of Linux's own driver
+#: (VIRTIO_BALLOON_ARRAY_PFNS_MAX), which ours keeps to without the extension.
+STOCK_PFNS_PER_BUFFER = 256
+
 #: The driver's page layers and the make variables that select them.
 LAYERS = {"movable-ops": [], "balloon-core": ["BALLOOND_BALLOON_CORE=1"]}
 
@@ -124,13 +128,13 @@ def test_compaction_moves_balloon_pages_and_the_daemon_follows(make_vm, daemon, 
     freed_by_inflate = resident_before - vm.memfd_allocated_bytes()
     assert freed_by_inflate >= 0.95 * balloon
     # With the extension the driver fills buffers of wire.PFNS_PER_BUFFER
-    # frames, without it the stock 256: more than 256 frames per buffer on
-    # average is only possible with the larger ones.
-    batch = wire.PFNS_PER_BUFFER if ext else 256
+    # frames, without it the stock STOCK_PFNS_PER_BUFFER: more than that per
+    # buffer on average is only possible with the larger ones.
+    batch = wire.PFNS_PER_BUFFER if ext else STOCK_PFNS_PER_BUFFER
     assert int(guest_stats(vm)["batch"]) == batch
     buffers = daemon.api.vm("guest")["counters"]["inflate_buffers"] - buffers_before
     per_buffer = balloon // 4096 / buffers
-    assert (per_buffer > 256) == ext and per_buffer <= batch, f"{buffers} inflate buffers for {balloon // 4096} frames"
+    assert (per_buffer > STOCK_PFNS_PER_BUFFER) == ext and per_buffer <= batch, f"{buffers} inflate buffers for {balloon // 4096} frames"
 
     vm.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
     # The fragmenter's pages go to per-CPU free lists first, where
@@ -214,8 +218,9 @@ def test_deflating_and_unloading_while_compaction_moves_balloon_pages(make_vm, d
     vm.sh("kill $(cat /tmp/frag.pid); sleep 0.5")
     settle_percpu_lists(vm)
     vm.sh("(while :; do echo 1 > /proc/sys/vm/compact_memory; done) > /dev/null 2>&1 & echo $! > /tmp/compact.pid")
-    wait_for("compaction to move balloon pages", lambda: int(guest_stats(vm)["migrated"]) > 0, 120)
-    moved_before_deflating = int(guest_stats(vm)["migrated"])
+    # the count once it is above 0 (wait_for returns the first truthy value)
+    moved_before_deflating = wait_for("compaction to move balloon pages",
+                                      lambda: int(guest_stats(vm)["migrated"]), 120)
     # Small steps, so the deflates fall among the compaction's moves. While
     # compaction runs, the daemon's count may lag the guest's by the moves
     # not yet told (split migrations tell a move's destination late), so the
