@@ -26,6 +26,11 @@ driver, interleaved A C B A C B, and on each:
      from the daemon's last report, QEMU's query-balloon, read every
      20 ms); each round's line shows every change, the summary's times are
      medians over every change timed.
+  4. with the stock driver (either device), inflates and deflates once
+     more, not timed, with the guest kernel's function-graph tracer on the
+     driver's fill_balloon, leak_balloon and tell_host
+     (benchmarks/guest_trace.py): per buffer, the guest's whole call and
+     its wait for the device inside it, as the guest sees them.
 
 For balloond it also reads the daemon's CPU time over the whole run
 (supervisor + the VM's worker, utime+stime from /proc/PID/stat), and in the
@@ -71,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm, find_kernel  # noqa: E402
 from benchmarks import polling  # noqa: E402
+from benchmarks.guest_trace import DriverCalls, trace_guest  # noqa: E402
 from benchmarks.same_work import BALLOOND_ARGS, GUEST_CMDLINE, balloond_at  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 from harness.qemu import find_qemu  # noqa: E402
@@ -147,6 +153,15 @@ def compaction(vm: Vm, set_balloon: Callable[[int], None], reached: Callable[[in
             "guest_compact_s": guest_s, "guest_migrations_per_s": migrations / guest_s}
 
 
+def guest_view(calls: DriverCalls) -> str:
+    """One round's traced change as the guest saw it: medians per buffer (µs)."""
+    def us(name: str) -> str:
+        value = calls.median(name)
+        return "-" if value is None else f"{value:.0f}"
+    return (f"guest per buffer: inflate {us('inflate')} µs (waiting {us('inflate_waits')}), "
+            f"deflate {us('deflate')} µs (waiting {us('deflate_waits')})")
+
+
 def each_change(seconds: list[float]) -> str:
     """Every change of a round, in order: a single deflate takes one of two
     quite different times on either device, and a median of nine hides
@@ -155,10 +170,12 @@ def each_change(seconds: list[float]) -> str:
 
 
 def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
-              reached: Callable[[int], bool]) -> dict[str, Any]:
+              reached: Callable[[int], bool], stock_driver: Vm | None = None) -> dict[str, Any]:
     """Step 3: empty the balloon, then time inflating to the target and back,
     --to-target-repeats times: one change is a few tenths of a second, read
-    every 20 ms, so a single one per boot says little."""
+    every 20 ms, so a single one per boot says little. With `stock_driver`
+    (a guest running Linux's virtio_balloon) one more change, not timed,
+    traced in the guest (benchmarks/guest_trace.py)."""
     set_balloon(0)
     poll(lambda: reached(0), 600, "the balloon to empty")
     target = args.target_mib * MIB
@@ -172,8 +189,18 @@ def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
         set_balloon(0)
         poll(lambda: reached(0), 600, "deflation")
         deflates.append(time.monotonic() - t0)
-    return {"inflate_s": statistics.median(inflates), "deflate_s": statistics.median(deflates),
-            "inflate_all": inflates, "deflate_all": deflates}
+    out: dict[str, Any] = {"inflate_s": statistics.median(inflates), "deflate_s": statistics.median(deflates),
+                           "inflate_all": inflates, "deflate_all": deflates}
+    if stock_driver is not None:
+        # Once more, untimed, with the guest's tracer on the stock driver.
+        def change() -> None:
+            set_balloon(target)
+            poll(lambda: reached(target), 600, "inflation (traced)")
+            set_balloon(0)
+            poll(lambda: reached(0), 600, "deflation (traced)")
+
+        out["guest"] = trace_guest(stock_driver, change)
+    return out
 
 
 DRIVER = "balloond_balloon"
@@ -233,7 +260,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, idle: bool, driver: Path |
                 for key in ("migrated", "ext_records", "ext_buffers", "ext_departures", "ext_arrivals",
                             "fallback_pairs"):
                     out[f"guest_{key}"] = guest.get(key, 0) - guest0.get(key, 0)
-            out.update(to_target(args, set_balloon, reached))
+            out.update(to_target(args, set_balloon, reached, stock_driver=vm if driver is None else None))
             out["cpu_s"] = cpu() - cpu0
             out["config_reads"] = daemon.api.vm("bench")["counters"]["config_reads"]
             if idle:
@@ -257,7 +284,7 @@ def run_qemu(args: argparse.Namespace, workdir: Path, idle: bool) -> dict[str, A
             return vm.qmp("query-balloon")["actual"] == ram - nbytes
 
         out = compaction(vm, set_balloon, reached)
-        out.update(to_target(args, set_balloon, reached))
+        out.update(to_target(args, set_balloon, reached, stock_driver=vm))
         if idle:
             out["qemu_idle_pct"], = idle_cpu_pct(args.idle_seconds, lambda: cpu_seconds(vm.qemu_pid))
         return out
@@ -311,6 +338,8 @@ def main() -> int:
                     extra += (f"  guest moved {r['guest_migrated']} (extension records {r['guest_ext_records']} "
                               f"in {r['guest_ext_buffers']} buffers: {r['guest_ext_departures']} departures, "
                               f"{r['guest_ext_arrivals']} arrivals; fallback pairs {r['guest_fallback_pairs']})")
+                if "guest" in r:
+                    extra += "  " + guest_view(r["guest"])
                 print(f"round {i + 1}/{args.rounds} {name:8}: {r['migrations']:6d} migrations in "
                       f"{r['compact_s']:6.2f}s = {r['migrations_per_s']:7.0f}/s  (in the guest {r['guest_compact_s']:.3f}s = "
                       f"{r['guest_migrations_per_s']:.0f}/s)  inflate {each_change(r['inflate_all'])}s  "
@@ -340,6 +369,20 @@ def main() -> int:
             c = med(drv, key)
             line += f"{c / b if b else float('inf'):13.2f}"
         print(line)
+    a, b = DriverCalls(), DriverCalls()
+    for r in ours:
+        a.extend(r["guest"])
+    for r in qemu:
+        b.extend(r["guest"])
+    for key, label in (("inflate_waits", "inflate wait per buffer (µs)"),
+                       ("inflate", "inflate call per buffer (µs)"),
+                       ("deflate_waits", "deflate wait per buffer (µs)"),
+                       ("deflate", "deflate call per buffer (µs)")):
+        x, y = a.median(key), b.median(key)
+        if x is not None and y is not None:
+            print(f"{'guest: ' + label:30}{x:10.0f}" + (f"{'-':>10}" if drv else "") + f"{y:10.0f}{x / y:15.2f}")
+    print("  (guest: the stock driver's fill_balloon/leak_balloon per buffer of up to 256 pages, and its wait\n"
+          "   for the device in them, timed by the guest's tracer in one more change per round, medians of every call)")
     print(f"daemon CPU per run (supervisor + worker): balloond {med(ours, 'cpu_s'):.2f}s"
           + (f", driver {med(drv, 'cpu_s'):.2f}s" if drv else ""))
     idle = [r["idle_pct"] for r in ours if "idle_pct" in r]
