@@ -95,6 +95,11 @@ def parse_function_graph(text: str) -> DriverCalls:
     return calls
 
 
+class TraceUnavailable(Exception):
+    """The guest kernel has no tracer, or the driver's functions are not
+    traceable (inlined, renamed)."""
+
+
 class Guest(Protocol):
     def sh(self, cmd: str, timeout: float = ...) -> str: ...
 
@@ -102,9 +107,14 @@ class Guest(Protocol):
 def trace_guest(vm: Guest, change: Callable[[], None]) -> DriverCalls:
     """Run `change` (which returns once the balloon is where it asked) with
     the guest's function-graph tracer on the stock driver's three functions;
-    the tracer is off again afterwards, whatever happened."""
+    the tracer is off again afterwards, whatever happened. TraceUnavailable
+    before `change` runs if the guest cannot trace the driver."""
     functions = " ".join((WORK, DEFLATE, WAIT))
-    vm.sh(f"grep -q ' {TRACEFS} ' /proc/mounts || mount -t tracefs nodev {TRACEFS}; cd {TRACEFS} && "
+    missing = vm.sh(f"grep -q ' {TRACEFS} ' /proc/mounts || mount -t tracefs nodev {TRACEFS}; cd {TRACEFS} && "
+                    f"for f in {functions}; do grep -q \"^$f \" available_filter_functions || echo $f; done").split()
+    if missing:
+        raise TraceUnavailable(f"the guest kernel cannot trace {', '.join(missing)}")
+    vm.sh(f"cd {TRACEFS} && "
           f"echo 0 > tracing_on && echo nop > current_tracer && echo '{functions}' > set_ftrace_filter && "
           f"echo {BUFFER_KB} > buffer_size_kb && echo function_graph > current_tracer && "
           "echo > trace && echo 1 > tracing_on")

@@ -28,9 +28,11 @@ driver, interleaved A C B A C B, and on each:
      medians over every change timed.
   4. with the stock driver (either device), inflates and deflates once
      more, not timed, with the guest kernel's function-graph tracer on the
-     driver's fill_balloon, leak_balloon and tell_host
-     (benchmarks/guest_trace.py): per buffer, the guest's whole call and
-     its wait for the device inside it, as the guest sees them.
+     driver's work item (one buffer and the write of `actual` after it),
+     leak_balloon and tell_host (benchmarks/guest_trace.py): per buffer,
+     the guest's whole call and its wait for the device inside it, as the
+     guest sees them (left out, with the reason, where the guest's kernel
+     cannot trace them).
 
 For balloond it also reads the daemon's CPU time over the whole run
 (supervisor + the VM's worker, utime+stime from /proc/PID/stat), and in the
@@ -76,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import BuiltinBalloon, VhostUserBalloon, Vm, find_kernel  # noqa: E402
 from benchmarks import polling  # noqa: E402
-from benchmarks.guest_trace import DriverCalls, trace_guest  # noqa: E402
+from benchmarks.guest_trace import DriverCalls, TraceUnavailable, trace_guest  # noqa: E402
 from benchmarks.same_work import BALLOOND_ARGS, GUEST_CMDLINE, balloond_at  # noqa: E402
 from harness.daemon import DaemonProcess  # noqa: E402
 from harness.qemu import find_qemu  # noqa: E402
@@ -199,7 +201,10 @@ def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
             set_balloon(0)
             poll(lambda: reached(0), 600, "deflation (traced)")
 
-        out["guest"] = trace_guest(stock_driver, change)
+        try:
+            out["guest"] = trace_guest(stock_driver, change)
+        except TraceUnavailable as exc:
+            out["guest_unavailable"] = str(exc)
     return out
 
 
@@ -340,6 +345,8 @@ def main() -> int:
                               f"{r['guest_ext_arrivals']} arrivals; fallback pairs {r['guest_fallback_pairs']})")
                 if "guest" in r:
                     extra += "  " + guest_view(r["guest"])
+                if "guest_unavailable" in r:
+                    extra += f"  (no guest trace: {r['guest_unavailable']})"
                 print(f"round {i + 1}/{args.rounds} {name:8}: {r['migrations']:6d} migrations in "
                       f"{r['compact_s']:6.2f}s = {r['migrations_per_s']:7.0f}/s  (in the guest {r['guest_compact_s']:.3f}s = "
                       f"{r['guest_migrations_per_s']:.0f}/s)  inflate {each_change(r['inflate_all'])}s  "
@@ -371,9 +378,9 @@ def main() -> int:
         print(line)
     a, b = DriverCalls(), DriverCalls()
     for r in ours:
-        a.extend(r["guest"])
+        a.extend(r.get("guest", DriverCalls()))
     for r in qemu:
-        b.extend(r["guest"])
+        b.extend(r.get("guest", DriverCalls()))
     for key, label in (("inflate_waits", "inflate wait per buffer (µs)"),
                        ("inflate", "inflate call per buffer (µs)"),
                        ("deflate_waits", "deflate wait per buffer (µs)"),
@@ -381,8 +388,9 @@ def main() -> int:
         x, y = a.median(key), b.median(key)
         if x is not None and y is not None:
             print(f"{'guest: ' + label:30}{x:10.0f}" + (f"{'-':>10}" if drv else "") + f"{y:10.0f}{x / y:15.2f}")
-    print("  (guest: the stock driver's fill_balloon/leak_balloon per buffer of up to 256 pages, and its wait\n"
-          "   for the device in them, timed by the guest's tracer in one more change per round, medians of every call)")
+    if a.deflate and b.deflate:
+        print("  (guest: the stock driver's work item per buffer of up to 256 pages, and its wait for the device\n"
+              "   in it, timed by the guest's tracer in one more change per round, medians of every call)")
     print(f"daemon CPU per run (supervisor + worker): balloond {med(ours, 'cpu_s'):.2f}s"
           + (f", driver {med(drv, 'cpu_s'):.2f}s" if drv else ""))
     idle = [r["idle_pct"] for r in ours if "idle_pct" in r]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.guest_trace import DriverCalls, parse_function_graph, trace_guest
+from benchmarks.guest_trace import DriverCalls, TraceUnavailable, parse_function_graph, trace_guest
 
 HEADER = """\
 # tracer: function_graph
@@ -88,8 +88,8 @@ def test_tracing_is_on_only_around_the_change_and_off_after_a_failure():
     guest = FakeGuest(DEFLATE)
     seen: list[int] = []
     calls = trace_guest(guest, lambda: seen.append(len(guest.commands)))
-    assert seen == [1]  # the change ran after the tracer was set up
-    assert "update_balloon_size_func leak_balloon tell_host" in guest.commands[0]
+    assert seen == [2]  # the change ran after the check and the tracer's set-up
+    assert "'update_balloon_size_func leak_balloon tell_host' > set_ftrace_filter" in guest.commands[1]
     assert guest.commands[-1].endswith("echo > set_ftrace_filter")
     assert calls.deflate == [4100.8]
 
@@ -100,3 +100,12 @@ def test_tracing_is_on_only_around_the_change_and_off_after_a_failure():
     with pytest.raises(RuntimeError):
         trace_guest(guest, fails)
     assert "echo nop > current_tracer" in guest.commands[-1]
+
+
+def test_a_guest_that_cannot_trace_the_driver_is_told_before_the_change():
+    guest = FakeGuest(DEFLATE)
+    guest.sh = lambda cmd, timeout=60.0: "leak_balloon\n" if "available_filter_functions" in cmd else ""
+    ran: list[bool] = []
+    with pytest.raises(TraceUnavailable, match="leak_balloon"):
+        trace_guest(guest, lambda: ran.append(True))
+    assert ran == []
