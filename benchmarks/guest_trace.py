@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 #: The stock driver's work item, one buffer of up to 256 pages in either
@@ -49,8 +49,8 @@ class DriverCalls:
     deflate_waits: list[float] = field(default_factory=list)  # tell_host inside a deflating one
 
     def extend(self, other: DriverCalls) -> None:
-        for name in ("inflate", "deflate", "inflate_waits", "deflate_waits"):
-            getattr(self, name).extend(getattr(other, name))
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
 
     def median(self, name: str) -> float | None:
         values: list[float] = getattr(self, name)

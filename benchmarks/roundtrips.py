@@ -178,28 +178,26 @@ def to_target(args: argparse.Namespace, set_balloon: Callable[[int], None],
     every 20 ms, so a single one per boot says little. With `stock_driver`
     (a guest running Linux's virtio_balloon) one more change, not timed,
     traced in the guest (benchmarks/guest_trace.py)."""
-    set_balloon(0)
-    poll(lambda: reached(0), 600, "the balloon to empty")
+    def reach(nbytes: int, what: str) -> float:
+        """Ask for `nbytes` and wait until the balloon is there: seconds, the request included."""
+        t0 = time.monotonic()
+        set_balloon(nbytes)
+        poll(lambda: reached(nbytes), 600, what)
+        return time.monotonic() - t0
+
+    reach(0, "the balloon to empty")
     target = args.target_mib * MIB
     inflates, deflates = [], []
     for _ in range(args.to_target_repeats):
-        t0 = time.monotonic()
-        set_balloon(target)
-        poll(lambda: reached(target), 600, "inflation")
-        inflates.append(time.monotonic() - t0)
-        t0 = time.monotonic()
-        set_balloon(0)
-        poll(lambda: reached(0), 600, "deflation")
-        deflates.append(time.monotonic() - t0)
+        inflates.append(reach(target, "inflation"))
+        deflates.append(reach(0, "deflation"))
     out: dict[str, Any] = {"inflate_s": statistics.median(inflates), "deflate_s": statistics.median(deflates),
                            "inflate_all": inflates, "deflate_all": deflates}
     if stock_driver is not None:
         # Once more, untimed, with the guest's tracer on the stock driver.
         def change() -> None:
-            set_balloon(target)
-            poll(lambda: reached(target), 600, "inflation (traced)")
-            set_balloon(0)
-            poll(lambda: reached(0), 600, "deflation (traced)")
+            reach(target, "inflation (traced)")
+            reach(0, "deflation (traced)")
 
         try:
             out["guest"] = trace_guest(stock_driver, change)
